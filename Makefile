@@ -1,0 +1,41 @@
+# The two commands of the README: `make demo` and `make test`.
+# Both create the virtual environment at .venv on first use (nothing to install by hand).
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+FMNIST := /usr/share/datasets/fashion-mnist
+# Benchmarks and long runs: keep glibc from unmapping large intermediates (see docs/sparse.md).
+export MALLOC_MMAP_THRESHOLD_ ?= 33554432
+export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
+export HF_HUB_OFFLINE := 1
+
+.PHONY: setup demo test bench data clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# The tested pins (the package itself only declares ranges).
+	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP) data
+
+# Real Fashion-MNIST from Debian (the demo's and the tests' data source).
+data:
+	@test -f $(FMNIST)/train-images-idx3-ubyte.gz || \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || \
+	  (echo "could not install dataset-fashion-mnist; pass --data-dir to sact" >&2; exit 1)
+
+demo: setup
+	$(BIN)/sact demo --out reports/demo
+
+test: setup
+	$(BIN)/python -m pytest -n 2 --dist loadgroup -q tests
+
+bench: setup
+	$(BIN)/python benchmarks/sparse_speed.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

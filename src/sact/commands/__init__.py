@@ -1,0 +1,1 @@
+"""Sub-commands of the ``sact`` CLI (see :mod:`sact.cli`)."""
