@@ -1,0 +1,74 @@
+"""Checkpoint round trip and clear errors for corrupt or mismatched files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import sact
+from sact.checkpoint import CheckpointError, read_checkpoint_meta
+
+
+def _model(mode="sact"):
+    return sact.create_model("resnet20_cifar", mode=mode, in_chans=1, base_channels=4, num_classes=3).eval()
+
+
+def test_round_trip(tmp_path):
+    m = _model()
+    for p in m.parameters():
+        p.data.normal_()
+    path = sact.save_checkpoint(m, tmp_path / "ck", meta={"tau": 0.01, "metrics": {"top1": 0.5}})
+    assert path.name == "ck.safetensors" and (tmp_path / "ck.json").exists()
+    for ref in (tmp_path / "ck", path, tmp_path / "ck.json"):
+        m2 = sact.load_checkpoint(ref)
+        x = torch.randn(2, 1, 16, 16)
+        assert torch.equal(m(x).logits, m2(x).logits)
+        assert m2.checkpoint_meta["tau"] == 0.01 and not m2.training
+    # the weights file alone is complete (the document is in its header)
+    (tmp_path / "ck.json").unlink()
+    assert read_checkpoint_meta(path)["model"]["name"] == "resnet20_cifar"
+    assert sact.load_checkpoint(path).sact_config["kwargs"]["num_classes"] == 3
+
+
+def test_folder_and_no_tmp_files_left(tmp_path):
+    sact.save_checkpoint(_model(), tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.json", "model.safetensors"]
+    assert sact.load_checkpoint(tmp_path).mode == "sact"
+
+
+def test_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        sact.load_checkpoint(tmp_path / "nothing")
+    with pytest.raises(CheckpointError, match="sact_config"):
+        sact.save_checkpoint(torch.nn.Linear(2, 2), tmp_path / "x")
+    path = sact.save_checkpoint(_model(), tmp_path / "ck")
+    # truncated weights
+    blob = path.read_bytes()
+    path.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(CheckpointError):
+        sact.load_checkpoint(path)
+    # a weights file from another save next to a stale sidecar
+    other = sact.save_checkpoint(_model("act"), tmp_path / "other")
+    path.write_bytes(other.read_bytes())
+    m = sact.load_checkpoint(path)  # the header is authoritative
+    assert m.mode == "act"
+    # weights that do not fit the described model
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "bad.safetensors"))
+    (tmp_path / "bad.json").write_text(json.dumps(
+        {"format": "sact-checkpoint", "version": 1, "model": {"name": "resnet20_cifar", "kwargs": {}}, "meta": {}}))
+    with pytest.raises(CheckpointError, match="does not fit model resnet20_cifar"):
+        sact.load_checkpoint(tmp_path / "bad")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        sact.load_checkpoint(tmp_path / "bad")
+    (tmp_path / "bad.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(CheckpointError, match="not an sact checkpoint"):
+        sact.load_checkpoint(tmp_path / "bad")
+    (tmp_path / "bad.json").write_text(json.dumps(
+        {"format": "sact-checkpoint", "version": 1, "model": {"name": "resnet9", "kwargs": {}}, "meta": {}}))
+    with pytest.raises(CheckpointError, match="unknown model 'resnet9'"):
+        sact.load_checkpoint(tmp_path / "bad")

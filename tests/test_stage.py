@@ -1,0 +1,117 @@
+"""The adaptive stage with a custom unit (the unit protocol) and edge cases."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sact import AdaptiveStage, adaptive_computation_time
+from sact.flops import conv_flops, mask_positions
+from sact.units import ResidualUnit
+
+
+class TinyUnit(nn.Module):
+    """A custom unit following the documented protocol (docs/custom_units.md)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.out_channels = channels
+        self.conv = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x, mask=None):
+        r = torch.tanh(self.conv(x))
+        return x + (r if mask is None else mask * r)
+
+    def flops(self, x, mask=None):
+        b, _, h, w = x.shape
+        return conv_flops(self.conv, mask_positions(mask, b, h, w, device=x.device))
+
+
+@pytest.mark.parametrize("mode", ["vanilla", "act", "sact"])
+def test_custom_unit_stage(mode):
+    torch.manual_seed(0)
+    units = [TinyUnit(6) for _ in range(4)]
+    assert all(isinstance(u, ResidualUnit) for u in units)
+    stage = AdaptiveStage(units, mode=mode).eval()
+    if mode != "vanilla":
+        for h in stage.halting:
+            (h.local_conv if mode == "sact" else h.global_conv).bias.data.fill_(-0.5)
+    x = torch.randn(2, 6, 5, 7)
+    y, out = stage(x)
+    assert y.shape == x.shape
+    if mode == "vanilla":
+        ref = x
+        for u in units:
+            ref = u(ref)
+        torch.testing.assert_close(y, ref)
+        assert (out.num_units == 4).all()
+        return
+    # Recompute with a literal transcription of the reference pseudo-code (spec 2.3).
+    xi = units[0](x)
+    cs = torch.zeros(2, 5, 7) if mode == "sact" else torch.zeros(2)
+    fin = torch.zeros_like(cs, dtype=torch.bool)
+    rem, pc, nu, acc = torch.ones_like(cs), torch.ones_like(cs), torch.zeros_like(cs), 0
+    spread = (lambda t: t.unsqueeze(1)) if mode == "sact" else (lambda t: t.view(2, 1, 1, 1))
+    for u in range(4):
+        if u > 0:
+            xi = units[u](xi, spread((~fin).float()).expand(2, 1, 5, 7))
+        h = stage.halting[u](xi) if u < 3 else torch.ones_like(cs)
+        cs = cs + h
+        cur = cs >= 0.99
+        h = torch.where(cur, torch.zeros_like(h), h)
+        just = cur & ~fin
+        d = torch.where(just, rem, h)
+        pc = pc + torch.where(cur, torch.where(just, rem, torch.zeros_like(h)), torch.ones_like(h))
+        nu = nu + (~fin).float()
+        acc = acc + spread(d) * xi
+        rem, fin = rem - h, cur
+    if mode == "act":
+        pc, nu = pc.view(2, 1, 1).expand(2, 5, 7), nu.view(2, 1, 1).expand(2, 5, 7)
+    torch.testing.assert_close(out.ponder_map, pc)
+    assert torch.equal(out.num_units.float(), nu)
+    torch.testing.assert_close(y, acc)
+    if mode == "sact":
+        assert len(set(out.num_units.flatten().tolist())) > 1, "halting should be non-trivial"
+    assert out.flops.shape == (2,)
+
+
+def test_sact_matches_unmasked_run_when_halting_is_late():
+    """With units whose states do not depend on neighbours (1x1), masking only freezes
+    halted positions, so the output equals the p-weighted sum of unmasked states."""
+    torch.manual_seed(1)
+    units = [TinyUnit(3) for _ in range(3)]
+    stage = AdaptiveStage(units, mode="sact").eval()
+    x = torch.randn(1, 3, 4, 4)
+    y, out = stage(x)
+    states, xi = [], x
+    for u in units:
+        xi = u(xi)
+        states.append(xi)
+    d = out.halting_distribution
+    torch.testing.assert_close(y, sum(d[:, n : n + 1] * states[n] for n in range(3)))
+
+
+def test_single_unit_stage():
+    stage = AdaptiveStage([TinyUnit(2)], mode="sact")
+    y, out = stage(torch.randn(2, 2, 3, 3))
+    assert (out.ponder_map == 2).all() and (out.num_units == 1).all()
+    assert stage.halting is not None and len(stage.halting) == 0
+
+
+def test_stage_errors():
+    with pytest.raises(ValueError, match="at least one unit"):
+        AdaptiveStage([], mode="sact")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        AdaptiveStage([TinyUnit(2)], mode="dense")
+    with pytest.raises(TypeError, match="lacks 'flops'"):
+        AdaptiveStage([nn.Conv2d(2, 2, 1)], mode="sact")
+    with pytest.raises(ValueError, match="eps"):
+        AdaptiveStage([TinyUnit(2)], eps=1.5)
+
+
+def test_parameter_names_follow_torchvision():
+    stage = AdaptiveStage([TinyUnit(2), TinyUnit(2)], mode="sact")
+    names = [n for n, _ in stage.named_parameters()]
+    assert "0.conv.weight" in names and "1.conv.weight" in names
+    assert any(n.startswith("halting.0.local_conv") for n in names)
