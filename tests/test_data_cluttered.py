@@ -199,6 +199,7 @@ def test_write_coco(blobs, tmp_path):
     assert again.read_text() == path.read_text()
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # inside pycocotools with numpy 2
 def test_coco_loads_in_pycocotools(blobs, tmp_path):
     coco_module = pytest.importorskip("pycocotools.coco")
     path = write_coco(tmp_path, split="train", num_images=4, seed=0, data_dir=blobs)
@@ -214,7 +215,10 @@ def test_coco_loads_in_pycocotools(blobs, tmp_path):
             assert ann["bbox"] == [x0, y0, x1 - x0, y1 - y0]
 
 
-@pytest.mark.skipif(not (fm.DEBIAN_DIR / "train-images-idx3-ubyte.gz").exists(), reason="dataset-fashion-mnist not installed")
+HAVE_REAL = (fm.DEBIAN_DIR / "train-images-idx3-ubyte.gz").exists()
+
+
+@pytest.mark.skipif(not HAVE_REAL, reason="dataset-fashion-mnist not installed")
 def test_real_data_defaults():
     torch.set_num_threads(1)
     ds = ClutteredFashionMNIST(split="test", num_samples=200, seed=0)
@@ -226,3 +230,10 @@ def test_real_data_defaults():
     assert len(batch["label"].unique()) == 10
     for i in range(0, 200, 20):
         assert batch["box"][i].tolist() == tight_box(batch["mask"][i])
+
+
+def test_same_samples_through_dataloader_workers(blobs):
+    ds = ClutteredFashionMNIST(num_samples=8, seed=9, data_dir=blobs)
+    loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=2, shuffle=False)
+    images = torch.cat([batch["image"] for batch in loader])
+    assert torch.equal(images, ds.stack()["image"])

@@ -102,7 +102,10 @@ def test_load_validation(tmp_path, no_debian):
         fm.load_fashion_mnist("test", folder)
 
 
-@pytest.mark.skipif(not (fm.DEBIAN_DIR / "train-images-idx3-ubyte.gz").exists(), reason="dataset-fashion-mnist not installed")
+HAVE_REAL = (fm.DEBIAN_DIR / "train-images-idx3-ubyte.gz").exists()
+
+
+@pytest.mark.skipif(not HAVE_REAL, reason="dataset-fashion-mnist not installed")
 def test_real_fashion_mnist():
     for split, n in (("train", 60000), ("test", 10000)):
         images, labels = fm.load_fashion_mnist(split)

@@ -1,0 +1,86 @@
+"""ImageNet-style class folders with the reference (Inception) preprocessing."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from torchvision import transforms as T
+from torchvision.datasets import ImageFolder
+
+from .transforms import Preprocess, imagenet_preprocess
+
+__all__ = ["ImageNetFolder", "imagenet_eval_transform", "imagenet_train_transform"]
+
+
+def imagenet_train_transform(image_size: int = 224) -> Callable:
+    """Inception training augmentation: PIL image -> float ``[3, S, S]`` in [-1, 1].
+
+    Stand-ins for the TF reference (``inception_preprocessing.py``):
+    ``RandomResizedCrop(S, scale=(0.05, 1), ratio=(0.75, 1.33))`` (bilinear) for
+    ``sample_distorted_bounding_box`` (area [0.05, 1], aspect [0.75, 1.33]; TF also
+    picks a random resize method); random horizontal flip; ``ColorJitter(
+    brightness=32/255, contrast=0.5, saturation=0.5, hue=0.2)`` in random order
+    (torchvision's brightness is a factor in [1 - 32/255, 1 + 32/255], TF's an
+    additive delta of the same size); then values mapped to [-1, 1].
+    """
+    return T.Compose([
+        T.RandomResizedCrop(image_size, scale=(0.05, 1.0), ratio=(0.75, 1.33),
+                            interpolation=T.InterpolationMode.BILINEAR),
+        T.RandomHorizontalFlip(),
+        T.ColorJitter(brightness=32 / 255, contrast=0.5, saturation=0.5, hue=0.2),
+        Preprocess(kind="inception", in_chans=3),
+    ])  # fmt: skip
+
+
+def imagenet_eval_transform(image_size: int = 224) -> Preprocess:
+    """Inception evaluation: TF ``central_crop(0.875)``, bilinear resize to S x S, [-1, 1]."""
+    return imagenet_preprocess(image_size)
+
+
+class ImageNetFolder(ImageFolder):
+    """``root/<split>/<wnid>/*.JPEG`` class folders (classes sorted by folder name).
+
+    Args:
+        root: folder holding ``train/`` and/or ``val/``.
+        split: ``"train"`` or ``"val"``.
+        transform: applied to the RGB PIL image; default the reference transform
+            of the split (:func:`imagenet_train_transform` / :func:`imagenet_eval_transform`).
+        label_offset: added to every label; 1 for the reference's 1001-class
+            convention (index 0 = background).
+        image_size: output side of the default transforms.
+
+    Items are ``(image [3, S, S] in [-1, 1], label)`` with the default transforms.
+
+    Raises:
+        ValueError: bad split, label_offset or image_size.
+        FileNotFoundError: ``root/<split>`` is missing.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        split: str = "train",
+        transform: Callable | None = None,
+        label_offset: int = 0,
+        image_size: int = 224,
+    ) -> None:
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        if not isinstance(label_offset, int) or label_offset < 0:
+            raise ValueError(f"label_offset must be a non-negative int, got {label_offset!r}")
+        if not isinstance(image_size, int) or image_size < 1:
+            raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+        folder = Path(root).expanduser() / split
+        if not folder.is_dir():
+            raise FileNotFoundError(f"ImageNet folder {folder} not found (expected {folder}/<wnid>/*.JPEG)")
+        if transform is None:
+            make = imagenet_train_transform if split == "train" else imagenet_eval_transform
+            transform = make(image_size)
+        super().__init__(str(folder), transform=transform)
+        self.split, self.label_offset = split, label_offset
+
+    def __getitem__(self, index: int):
+        image, label = super().__getitem__(index)
+        return image, label + self.label_offset
