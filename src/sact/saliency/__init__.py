@@ -1,0 +1,63 @@
+"""Saliency evaluation: MIT-benchmark fixation metrics, CAT2000, baselines.
+
+SACT's ponder-cost maps, never trained for saliency, are scored as saliency
+maps on eye-fixation data (Figurnov et al., CVPR 2017, Sec. 5). This package
+holds the model-independent parts:
+
+* :mod:`~sact.saliency.metrics`: AUC-Judd, AUC-Borji, shuffled AUC, NSS, CC,
+  KL, SIM (MIT saliency benchmark definitions) and :func:`evaluate_all`.
+* :mod:`~sact.saliency.cat2000`: the CAT2000 folder layout.
+* :mod:`~sact.saliency.baselines`: centre-bias and uniform maps,
+  :func:`postprocess` for coarse model maps.
+* :mod:`~sact.saliency.evaluate`: :func:`evaluate_dataset`, :func:`write_report`.
+* :mod:`~sact.saliency.synthetic`: a tiny CAT2000-layout folder for tests.
+"""
+
+from sact.saliency.baselines import DEFAULT_SIGMA_FRAC, center_bias, postprocess, uniform
+from sact.saliency.cat2000 import CAT2000, CAT2000Item, load_fixation_locs, load_fixation_map
+from sact.saliency.evaluate import evaluate_dataset, write_report
+from sact.saliency.metrics import (
+    MATLAB_EPS,
+    METRIC_INPUTS,
+    METRIC_LABELS,
+    METRICS,
+    auc_borji,
+    auc_judd,
+    auc_shuffled,
+    cc,
+    check_metric_names,
+    evaluate_all,
+    kl_divergence,
+    nss,
+    resize_bilinear,
+    similarity,
+)
+from sact.saliency.synthetic import make_synthetic_cat2000
+
+__all__ = [
+    "CAT2000",
+    "CAT2000Item",
+    "DEFAULT_SIGMA_FRAC",
+    "MATLAB_EPS",
+    "METRICS",
+    "METRIC_INPUTS",
+    "METRIC_LABELS",
+    "auc_borji",
+    "auc_judd",
+    "auc_shuffled",
+    "cc",
+    "center_bias",
+    "check_metric_names",
+    "evaluate_all",
+    "evaluate_dataset",
+    "kl_divergence",
+    "load_fixation_locs",
+    "load_fixation_map",
+    "make_synthetic_cat2000",
+    "nss",
+    "postprocess",
+    "resize_bilinear",
+    "similarity",
+    "uniform",
+    "write_report",
+]
