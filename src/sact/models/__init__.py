@@ -90,3 +90,10 @@ for _depth, _n in ((20, 3), (32, 5), (56, 9), (110, 18)):
     register_model(f"resnet{_depth}_cifar", _cifar(_n))
 for _depth, _layers in ((50, (3, 4, 6, 3)), (101, (3, 4, 23, 3)), (152, (3, 8, 36, 3))):
     register_model(f"resnet{_depth}", _imagenet(_layers))
+
+# Reference-faithful ImageNet pre-activation ResNet-v2 family (sact.models.resnet_v2).
+from .resnet_v2 import V2_LAYERS as _V2_LAYERS, PreActBottleneck, ResNetV2, build_resnet_v2 as _build_v2  # noqa: E402
+
+__all__ += ["ResNetV2", "PreActBottleneck"]
+for _depth, _layers in _V2_LAYERS.items():
+    register_model(f"resnet{_depth}_v2", _build_v2(_layers))
