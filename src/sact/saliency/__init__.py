@@ -11,6 +11,12 @@ holds the model-independent parts:
   :func:`postprocess` for coarse model maps.
 * :mod:`~sact.saliency.evaluate`: :func:`evaluate_dataset`, :func:`write_report`.
 * :mod:`~sact.saliency.synthetic`: a tiny CAT2000-layout folder for tests.
+* :mod:`~sact.saliency.model`: saliency maps from a model's ponder maps
+  (:func:`model_saliency`, :func:`model_saliency_batch`), the untrained-model
+  baseline (:func:`untrained_like`), :func:`evaluate_methods`,
+  :func:`write_comparison`.
+* :mod:`~sact.saliency.cluttered`: the same evaluation on Cluttered
+  Fashion-MNIST with object masks as ground truth (:func:`evaluate_cluttered`).
 """
 
 from sact.saliency.baselines import DEFAULT_SIGMA_FRAC, center_bias, postprocess, uniform
@@ -33,9 +39,33 @@ from sact.saliency.metrics import (
     similarity,
 )
 from sact.saliency.synthetic import make_synthetic_cat2000
+from sact.saliency.model import (
+    evaluate_methods,
+    model_saliency,
+    model_saliency_batch,
+    untrained_like,
+    write_comparison,
+)
+from sact.saliency.cluttered import (
+    GROUND_TRUTHS,
+    ClutteredSaliencyItem,
+    cluttered_items,
+    cluttered_methods,
+    evaluate_cluttered,
+)
 
 __all__ = [
+    "GROUND_TRUTHS",
     "CAT2000",
+    "ClutteredSaliencyItem",
+    "cluttered_items",
+    "cluttered_methods",
+    "evaluate_cluttered",
+    "evaluate_methods",
+    "model_saliency",
+    "model_saliency_batch",
+    "untrained_like",
+    "write_comparison",
     "CAT2000Item",
     "DEFAULT_SIGMA_FRAC",
     "MATLAB_EPS",
