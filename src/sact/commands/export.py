@@ -1,0 +1,74 @@
+"""``sact export``: write a checkpoint's dense masked model as ONNX or a torch.export program."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+_SUFFIX_FORMATS = {".onnx": "onnx", ".pt2": "torch-export"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a checkpoint to ONNX or torch.export (.pt2)",
+        description="Export the dense masked model of a checkpoint: images [B, C, H, W] -> (logits [B, K], "
+        "ponder_cost [B], ponder_map [B, H, W]), dynamic batch, fixed H and W. See docs/export.md.",
+    )
+    p.add_argument("--checkpoint", required=True, help="checkpoint NAME, NAME.safetensors or folder")
+    p.add_argument("--format", choices=("onnx", "torch-export"), default=None,
+                   help="output format (default: from the --out suffix, .onnx or .pt2)")
+    p.add_argument("--out", required=True, help="output file (.onnx or .pt2)")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="input side H = W (default: the checkpoint's preprocessing size, else 32 for *_cifar, 224)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: sact.export.DEFAULT_OPSET)")
+    p.add_argument("--verify", action="store_true",
+                   help="reload the export and compare it with the eager model on random batches of 1 and 3")
+    p.set_defaults(func=run)
+
+
+def _error(msg: str) -> int:
+    print(f"sact export: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+
+    from ..checkpoint import CheckpointError, load_checkpoint
+    from ..export import DEFAULT_OPSET, ExportableModel, export_model, load_exported
+
+    fmt = args.format or _SUFFIX_FORMATS.get(Path(args.out).suffix.lower())
+    if fmt is None:
+        return _error(f"cannot infer the format from --out {args.out!r}; pass --format onnx|torch-export")
+    if args.image_size is not None and args.image_size < 1:
+        return _error(f"--image-size must be positive, got {args.image_size}")
+    try:
+        model = load_checkpoint(args.checkpoint)
+    except CheckpointError as e:
+        return _error(str(e))
+    try:
+        out = export_model(model, args.out, format=fmt, image_size=args.image_size, opset=args.opset or DEFAULT_OPSET)
+    except ValueError as e:
+        return _error(str(e))
+    run_exported, doc = load_exported(out)
+    c, h, w = doc["input_size"]
+    print(f"wrote {out} ({fmt}, {out.stat().st_size / 1e6:.1f} MB): {doc['model']['name']} mode={doc['mode']}, "
+          f"input [batch, {c}, {h}, {w}] -> logits, ponder_cost, ponder_map")
+    if not args.verify:
+        return 0
+    wrapper = ExportableModel(model).eval()
+    worst = 0.0
+    for batch in (1, 3):
+        x = torch.randn(batch, c, h, w)
+        with torch.no_grad():
+            ref = wrapper(x)
+        got = run_exported(x)
+        diffs = {name: (r - g).abs().max().item() for name, r, g in zip(("logits", "ponder_cost", "ponder_map"), ref, got)}
+        worst = max(worst, *diffs.values())
+        print(f"verify batch {batch}: max abs difference " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
+    if worst > 1e-3:
+        return _error(f"the export differs from the eager model by {worst:.3g}")
+    return 0
