@@ -1,0 +1,40 @@
+"""Object detection with an adaptive (vanilla / ACT / SACT) ResNet backbone.
+
+* :mod:`~sact.detection.backbone` -- :class:`SACTBackbone`: a registered model + FPN as a
+  torchvision detection backbone, returning named maps, ponder maps and FLOPs;
+* :mod:`~sact.detection.detector` -- :class:`SACTFasterRCNN` (forward returns losses or
+  detections plus ponder cost and backbone FLOPs), :func:`build_detector`, checkpoints;
+* :mod:`~sact.detection.coco` -- validated COCO-format dataset, pycocotools evaluation;
+* :mod:`~sact.detection.engine` -- the training epoch and the evaluation loop.
+"""
+
+from .backbone import BackboneOutput, SACTBackbone, freeze_batchnorm, load_backbone_weights
+from .coco import AP_NAMES, CocoDetection, CocoFormatError, coco_evaluate, collate, load_coco_json, to_coco_results
+from .detector import DetectorOutput, SACTFasterRCNN, build_detector, detection_loss, load_detector, save_detector
+from .engine import evaluate, predict, train_one_epoch
+from .sparse import sparse_backbone, unfreeze_batchnorm
+
+__all__ = [
+    "AP_NAMES",
+    "BackboneOutput",
+    "CocoDetection",
+    "CocoFormatError",
+    "DetectorOutput",
+    "SACTBackbone",
+    "SACTFasterRCNN",
+    "build_detector",
+    "coco_evaluate",
+    "collate",
+    "detection_loss",
+    "evaluate",
+    "freeze_batchnorm",
+    "load_backbone_weights",
+    "load_coco_json",
+    "load_detector",
+    "predict",
+    "save_detector",
+    "sparse_backbone",
+    "to_coco_results",
+    "train_one_epoch",
+    "unfreeze_batchnorm",
+]
