@@ -24,3 +24,11 @@ __all__ = [
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
 
 __all__ += ["load_checkpoint", "save_checkpoint", "CheckpointError"]
+
+from .ponder import PonderMap, ponder_map  # noqa: E402
+
+__all__ += ["ponder_map", "PonderMap"]
+
+from .sparse import to_sparse  # noqa: E402
+
+__all__ += ["to_sparse"]

@@ -18,7 +18,18 @@ from torch import Tensor
 
 from .stage import StageOutput
 
-__all__ = ["summed_map", "colorize", "overlay", "to_display", "ponder_overlay_grid"]
+__all__ = [
+    "summed_map",
+    "colorize",
+    "overlay",
+    "to_display",
+    "ponder_overlay_grid",
+    "value_counts",
+    "percentile_range",
+    "png_bytes",
+    "map_figure_png",
+    "stages_figure_png",
+]
 
 
 def summed_map(stages: Sequence[StageOutput], size: tuple[int, int], *, field: str = "ponder_map") -> Tensor:
@@ -113,3 +124,137 @@ def ponder_overlay_grid(
         rows.append(np.concatenate([panels[0], sep, panels[1], sep, panels[2]], axis=1))
         rows.append(np.zeros((border, rows[-1].shape[1], 3), np.uint8))
     return np.concatenate(rows[:-1], axis=0)
+
+
+# ---------------------------------------------------------------------------
+# Colour ranges and files (``sact ponder-map``); the pictures still go through colorize.
+
+
+def value_counts(values: np.ndarray | Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct values of a map and how often each occurs (sorted ascending).
+
+    A summed map is piecewise constant (nearest upsampling), so this is a lossless and
+    much smaller summary from which :func:`percentile_range` gets exact percentiles.
+    """
+    if isinstance(values, Tensor):
+        values = values.detach().cpu().numpy()
+    return np.unique(np.asarray(values, dtype=np.float64).ravel(), return_counts=True)
+
+
+def percentile_range(
+    summaries: Sequence[tuple[np.ndarray, np.ndarray]], *, low: float = 0.1, high: float = 99.9
+) -> tuple[float, float]:
+    """The ``low``-th and ``high``-th percentiles over all maps together.
+
+    Equals ``np.percentile(np.concatenate([m.ravel() for m in maps]), [low, high])``
+    (linear interpolation) without holding every map in memory (reference
+    ``draw_ponder_maps.py``: 0.1..99.9 over all maps, shared colour range).
+
+    Args:
+        summaries: :func:`value_counts` of each map.
+        low: lower percentile in [0, 100].
+        high: upper percentile in [low, 100].
+
+    Raises:
+        ValueError: no values, or bad percentiles.
+    """
+    if not 0.0 <= low <= high <= 100.0:
+        raise ValueError(f"need 0 <= low <= high <= 100, got low={low}, high={high}")
+    if not summaries:
+        raise ValueError("no maps to take percentiles of")
+    vals, counts = value_counts(np.concatenate([v for v, _ in summaries]))  # merge duplicates
+    counts = np.zeros(len(vals), np.int64)
+    for v, c in summaries:
+        np.add.at(counts, np.searchsorted(vals, v), c)
+    cum = np.cumsum(counts)
+    n = int(cum[-1])
+    if n == 0:
+        raise ValueError("no values in the maps")
+
+    def at(q: float) -> float:  # numpy's default "linear" method on the expanded array
+        pos = q / 100.0 * (n - 1)
+        lo = int(np.floor(pos))
+        hi = min(lo + 1, n - 1)
+        a, b = vals[np.searchsorted(cum, lo, side="right")], vals[np.searchsorted(cum, hi, side="right")]
+        return float(a + (pos - lo) * (b - a))
+
+    return at(low), at(high)
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """``[H, W]`` or ``[H, W, 3]`` uint8 -> PNG file contents."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _figure_png(fig) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def map_figure_png(
+    values: np.ndarray, *, vmin: float, vmax: float, title: str | None = None, label: str = "ponder cost",
+    cmap: str = "viridis",
+) -> bytes:
+    """A map drawn with :func:`colorize` next to a colour bar over ``[vmin, vmax]`` (PNG bytes).
+
+    Args:
+        values: ``[H, W]`` map.
+        vmin, vmax: colour range (values outside are clipped to the ends).
+        title: optional title above the map.
+        label: colour bar label.
+    """
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    values = np.asarray(values)
+    h, w = values.shape
+    # Why: show small maps (CIFAR, 32-64 px) enlarged and photos near native size.
+    scale = min(max(320 / max(h, w), 1.0), 800 / max(h, w)) if max(h, w) < 320 else min(1.0, 800 / max(h, w))
+    fig = Figure(figsize=(w * scale / 100 + 1.4, h * scale / 100 + (0.5 if title else 0.2)), dpi=100,
+                 layout="constrained")
+    ax = fig.add_subplot()
+    ax.imshow(colorize(values, vmin=vmin, vmax=vmax, cmap=cmap), interpolation="nearest")
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=9)
+    bar = fig.colorbar(ScalarMappable(norm=Normalize(vmin=vmin, vmax=vmax), cmap=cmap), ax=ax, shrink=0.9)
+    bar.set_label(label)
+    return _figure_png(fig)
+
+
+def stages_figure_png(
+    stage_maps: Sequence[np.ndarray | Tensor], *, vmin: float | None = None, vmax: float | None = None,
+    cmap: str = "viridis",
+) -> bytes:
+    """Each stage's ``[h_s, w_s]`` map side by side at its own resolution, one shared
+    colour range (default: min..max over the stages) and one colour bar (PNG bytes)."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
+    maps = [m.detach().cpu().numpy() if isinstance(m, Tensor) else np.asarray(m) for m in stage_maps]
+    if not maps:
+        raise ValueError("no stage maps to draw")
+    lo = min(float(m.min()) for m in maps) if vmin is None else vmin
+    hi = max(float(m.max()) for m in maps) if vmax is None else vmax
+    h0, w0 = maps[0].shape
+    panel = 2.6
+    fig = Figure(figsize=(panel * len(maps) + 1.2, panel * h0 / w0 + 0.6), dpi=100, layout="constrained")
+    axes = fig.subplots(1, len(maps), squeeze=False)[0]
+    for i, (ax, m) in enumerate(zip(axes, maps)):
+        ax.imshow(colorize(m, vmin=lo, vmax=hi, cmap=cmap), interpolation="nearest")
+        ax.set_title(f"stage {i + 1} ({m.shape[0]}x{m.shape[1]})", fontsize=9)
+        ax.set_axis_off()
+    bar = fig.colorbar(ScalarMappable(norm=Normalize(vmin=lo, vmax=hi), cmap=cmap), ax=list(axes), shrink=0.9)
+    bar.set_label("ponder cost")
+    return _figure_png(fig)
