@@ -1,0 +1,607 @@
+"""Row kernels: residual units and SACT halting branches evaluated on sets of rows.
+
+Every kernel works on the stage's row buffer ``X`` ``(N + 1, C)`` (see
+:mod:`sact.sparse.rows`) in place and returns the FLOPs it spent per image, counted from
+the row sets it used (the convention of :mod:`sact.flops`). Units update ``X`` at the
+active rows only and keep the per-image channel sums ``S`` ``[B, C]`` (for the halting
+branches' global term) up to date.
+
+Known units (:class:`~sact.units.Bottleneck`, :class:`~sact.units.PreActBasicUnit`) get
+a gather-GEMM-scatter path with batch norm folded into the convolutions, and a dense path
+on a zero-copy channels-last view of ``X`` used when the active fraction is above
+``dense_above`` (the break-even point). Any other unit runs as ``unit(x, mask)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..halting import SACTHalting
+from ..units import Bottleneck, PreActBasicUnit
+from .fold import bn_scale_shift, conv_as_matrix, fold_conv_bn, foldable_bn
+from .rows import dilate_rows, rows_view
+
+__all__ = [
+    "Geometry",
+    "RowSet",
+    "SparseBottleneck",
+    "SparsePreActBasic",
+    "DenseMaskedUnit",
+    "SparseSACTHalting",
+    "DenseHalting",
+    "make_unit_kernel",
+    "make_halting_kernel",
+    "DEFAULT_DENSE_ABOVE",
+]
+
+#: Active fraction above which a unit runs densely on the buffer view: the measured
+#: break-even points (docs/sparse.md). Bottlenecks on small maps (at most
+#: ``SMALL_MAP`` positions per image, e.g. 14x14) gain even at full activity because
+#: the dense convolution is less efficient there.
+DEFAULT_DENSE_ABOVE = {"SparseBottleneck": 0.6, "SparseBottleneck@small": 0.85, "SparsePreActBasic": 0.25}
+SMALL_MAP = 256
+
+
+@dataclass
+class Geometry:
+    """Shape and shared tables of one stage evaluation.
+
+    Attributes:
+        batch, height, width, channels: feature-map shape; ``n = batch*height*width`` rows.
+        nbr: ``(n, 9)`` neighbour rows (pad row ``n`` outside the image).
+        img: ``(n,)`` image of each row.
+        chunk: rows per chunk of the fused loops.
+        poison: fill scratch buffers with NaN before use (debugging).
+    """
+
+    batch: int
+    height: int
+    width: int
+    channels: int
+    nbr: Tensor
+    img: Tensor
+    chunk: int = 768
+    poison: bool = False
+
+    @property
+    def n(self) -> int:
+        return self.batch * self.height * self.width
+
+    @property
+    def hw(self) -> int:
+        return self.height * self.width
+
+    def scratch(self, rows: int, cols: int, like: Tensor, *, pad_row: bool = False) -> Tensor:
+        """``(rows, cols)`` scratch of ``like``'s dtype; NaN-filled when poisoning; last row zero if ``pad_row``."""
+        buf = like.new_empty(rows, cols)
+        if self.poison:
+            buf.fill_(float("nan"))
+        if pad_row:
+            buf[-1].zero_()
+        return buf
+
+
+@dataclass
+class RowSet:
+    """The rows a unit (and the halting branch after it) must update.
+
+    Attributes:
+        idx: ``(na,)`` sorted active rows.
+        geo: the :class:`Geometry`.
+        all_active: every row is active (unit 0, or nothing halted yet).
+    """
+
+    idx: Tensor
+    geo: Geometry
+    all_active: bool
+    _cache: dict = field(default_factory=dict)
+
+    @classmethod
+    def everything(cls, geo: Geometry, device) -> "RowSet":
+        return cls(torch.arange(geo.n, device=device), geo, True)
+
+    @property
+    def fraction(self) -> float:
+        return self.idx.numel() / self.geo.n
+
+    @property
+    def active(self) -> Tensor:
+        """``(N,)`` bool."""
+        if "active" not in self._cache:
+            a = torch.zeros(self.geo.n, dtype=torch.bool, device=self.idx.device)
+            a[self.idx] = True
+            self._cache["active"] = a
+        return self._cache["active"]
+
+    @property
+    def dilated(self) -> Tensor:
+        """``(nd,)`` sorted rows of the 3x3-dilated active set."""
+        if "dil" not in self._cache:
+            if self.all_active:
+                self._cache["dil"] = self.idx
+            else:
+                g = self.geo
+                self._cache["dil"] = dilate_rows(self.active, g.batch, g.height, g.width).nonzero().view(-1)
+        return self._cache["dil"]
+
+    @property
+    def nbr(self) -> Tensor:
+        """``(na, 9)`` neighbour rows of the active rows."""
+        if "nbr" not in self._cache:
+            self._cache["nbr"] = self.geo.nbr if self.all_active else self.geo.nbr.index_select(0, self.idx)
+        return self._cache["nbr"]
+
+    def count(self, rows: Tensor) -> Tensor:
+        """``[B]`` int64 number of ``rows`` per image."""
+        g = self.geo
+        if rows.numel() == g.n:
+            return torch.full((g.batch,), g.hw, dtype=torch.long, device=rows.device)
+        return torch.bincount(g.img.index_select(0, rows), minlength=g.batch)
+
+    def mask(self, dtype) -> Tensor:
+        """``[B, 1, H, W]`` 0/1 mask of the active rows."""
+        g = self.geo
+        if self.all_active:
+            return torch.ones(g.batch, 1, g.height, g.width, dtype=dtype, device=self.idx.device)
+        return self.active.view(g.batch, 1, g.height, g.width).to(dtype)
+
+
+def _ref(module: nn.Module, name: str, value: nn.Module) -> None:
+    # Keep a reference to a module of the wrapped model without registering it twice.
+    object.__setattr__(module, name, value)
+
+
+def _refresh_sums(X: Tensor, S: Tensor, geo: Geometry) -> None:
+    S.copy_(X[: geo.n].view(geo.batch, geo.hw, geo.channels).sum(1, dtype=S.dtype))
+
+
+def _chunks(total: int, size: int):
+    for s in range(0, total, size):
+        yield s, min(s + size, total)
+
+
+class _UnitKernel(nn.Module):
+    """Base: ``run(X, S, rows) -> flops [B]`` chooses the sparse or the dense path."""
+
+    dense_above: float = 1.0
+    dense_above_small: float = 1.0
+
+    def run(self, X: Tensor, S: Tensor, rows: RowSet) -> Tensor:
+        if rows.idx.numel() == 0:
+            return self.empty_flops(X, rows)
+        thr = self.dense_above_small if rows.geo.hw <= SMALL_MAP else self.dense_above
+        if rows.all_active or rows.fraction > thr:
+            return self.run_dense(X, S, rows)
+        return self.run_sparse(X, S, rows)
+
+    def empty_flops(self, X: Tensor, rows: RowSet) -> Tensor:
+        return torch.zeros(rows.geo.batch, dtype=torch.long, device=X.device)
+
+
+class SparseBottleneck(_UnitKernel):
+    """:class:`~sact.units.Bottleneck` (stride 1, identity shortcut) on rows, BN folded.
+
+    Sparse path: ``conv1`` on the dilated rows (one ``addmm``, written into a scratch
+    buffer with a zero pad row), then per chunk of active rows: gather the 3x3 neighbour
+    rows -> ``addmm`` (conv2) -> ``addmm`` (conv3) -> residual + ReLU -> write back.
+    """
+
+    def __init__(self, unit: Bottleneck, *, dense_above: float) -> None:
+        super().__init__()
+        _ref(self, "unit", unit)
+        self.dense_above = dense_above
+        c, width = unit.in_channels, unit.conv1.out_channels
+        self.macs1 = c * width
+        self.macs23 = 9 * width * width + width * c
+        for name in ("w1", "b1", "w2", "b2", "w3", "b3", "m1", "m2", "m3"):
+            self.register_buffer(name, torch.empty(0), persistent=False)
+        self.refresh()
+
+    @staticmethod
+    def supports(unit: nn.Module) -> bool:
+        return (
+            isinstance(unit, Bottleneck)
+            and unit.stride == 1
+            and unit.downsample is None
+            and all(foldable_bn(b) for b in (unit.bn1, unit.bn2, unit.bn3))
+            and unit.conv2.kernel_size == (3, 3)
+            and unit.conv2.padding == (1, 1)
+            and unit.conv2.dilation == (1, 1)
+            and unit.conv2.groups == 1
+        )
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Re-fold the unit's current weights (call after changing them)."""
+        u = self.unit
+        dt = u.conv1.weight.dtype
+        for i, (conv, bn) in enumerate(((u.conv1, u.bn1), (u.conv2, u.bn2), (u.conv3, u.bn3)), start=1):
+            w, b = fold_conv_bn(conv, bn)
+            setattr(self, f"w{i}", w.to(dt))
+            setattr(self, f"b{i}", b.to(dt))
+            setattr(self, f"m{i}", conv_as_matrix(w).to(dt))
+
+    def run_dense(self, X: Tensor, S: Tensor, rows: RowSet) -> Tensor:
+        # 1x1 convolutions as GEMMs on the rows, the 3x3 one on a channels-last view (no layout copies).
+        g = rows.geo
+        width = self.w1.shape[0]
+        xr = X[: g.n]
+        t = torch.addmm(self.b1, xr, self.m1).relu_()  # (N, width)
+        t = F.conv2d(t.view(g.batch, g.height, g.width, width).permute(0, 3, 1, 2), self.w2, self.b2, padding=1)
+        t = t.relu_().permute(0, 2, 3, 1).reshape(g.n, width)
+        if rows.all_active:
+            xr.addmm_(t, self.m3).add_(self.b3).relu_()  # residual accumulated inside the GEMM
+        else:
+            r = torch.addmm(self.b3, t, self.m3)
+            xr.addcmul_(r, rows.active.to(r.dtype).unsqueeze(1)).relu_()
+        _refresh_sums(X, S, g)
+        return self.flops(rows)
+
+    def flops(self, rows: RowSet) -> Tensor:
+        return 2 * self.macs1 * rows.count(rows.dilated) + 2 * self.macs23 * rows.count(rows.idx)
+
+    def run_sparse(self, X: Tensor, S: Tensor, rows: RowSet) -> Tensor:
+        g = rows.geo
+        width = self.w1.shape[0]
+        dil = rows.dilated
+        t1 = g.scratch(g.n + 1, width, X, pad_row=True)  # conv1 output rows; pad row = conv2's zero padding
+        t = torch.addmm(self.b1, X.index_select(0, dil), self.m1).relu_()
+        t1.index_copy_(0, dil, t)
+        del t
+        idx, nbr = rows.idx, rows.nbr
+        resum = rows.fraction > 0.5  # one pass over X is cheaper than per-chunk deltas then
+        for s, e in _chunks(idx.numel(), g.chunk):
+            ic = idx[s:e]
+            gathered = t1.index_select(0, nbr[s:e].reshape(-1)).view(e - s, 9 * width)  # restricted im2col
+            r = torch.addmm(self.b2, gathered, self.m2).relu_()
+            r = torch.addmm(self.b3, r, self.m3)
+            old = X.index_select(0, ic)
+            r.add_(old).relu_()  # new rows
+            if not resum:
+                img = g.img.index_select(0, ic)
+                S.index_add_(0, img, r.to(S.dtype))
+                S.index_add_(0, img, old.to(S.dtype), alpha=-1)
+            X.index_copy_(0, ic, r)
+        if resum:
+            _refresh_sums(X, S, g)
+        return self.flops(rows)
+
+
+class SparsePreActBasic(_UnitKernel):
+    """:class:`~sact.units.PreActBasicUnit` (stride 1, same channels) on rows, ``bn2`` folded into ``conv1``.
+
+    ``bn1`` + leaky ReLU are applied to the gathered neighbour rows and the out-of-image
+    ones are zeroed afterwards (TF SAME zero padding comes after the activation).
+    """
+
+    def __init__(self, unit: PreActBasicUnit, *, dense_above: float) -> None:
+        super().__init__()
+        _ref(self, "unit", unit)
+        self.dense_above = dense_above
+        c = unit.in_channels
+        self.macs1 = 9 * c * c
+        self.macs2 = 9 * c * c
+        self.slope1 = float(unit.act1.negative_slope)
+        self.slope2 = float(unit.act2.negative_slope)
+        for name in ("s1", "t1", "w1", "b1", "w2", "b2", "m1", "m2"):
+            self.register_buffer(name, torch.empty(0), persistent=False)
+        self.refresh()
+
+    @staticmethod
+    def supports(unit: nn.Module) -> bool:
+        return (
+            isinstance(unit, PreActBasicUnit)
+            and unit.stride == 1
+            and unit.in_channels == unit.out_channels
+            and not unit.activate_before_residual
+            and foldable_bn(unit.bn1)
+            and foldable_bn(unit.bn2)
+            and isinstance(unit.act1, nn.LeakyReLU)
+            and isinstance(unit.act2, nn.LeakyReLU)
+            and unit.conv1.kernel_size == (3, 3)
+            and unit.conv2.kernel_size == (3, 3)
+            and unit.conv2.padding == (1, 1)
+            and unit.conv1.groups == unit.conv2.groups == 1
+            and unit.conv1.dilation == unit.conv2.dilation == (1, 1)
+        )
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Re-fold the unit's current weights."""
+        u = self.unit
+        dt = u.conv1.weight.dtype
+        s1, t1 = bn_scale_shift(u.bn1)
+        w1, b1 = fold_conv_bn(u.conv1, u.bn2)
+        w2, b2 = fold_conv_bn(u.conv2, None)
+        for name, val in (("s1", s1), ("t1", t1), ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
+            setattr(self, name, val.to(dt))
+        self.m1 = conv_as_matrix(w1).to(dt)
+        self.m2 = conv_as_matrix(w2).to(dt)
+
+    def flops(self, rows: RowSet) -> Tensor:
+        return 2 * self.macs1 * rows.count(rows.dilated) + 2 * self.macs2 * rows.count(rows.idx)
+
+    def run_dense(self, X: Tensor, S: Tensor, rows: RowSet) -> Tensor:
+        g = rows.geo
+        v = rows_view(X, g.batch, g.height, g.width)
+        p = F.leaky_relu_(v * self.s1.view(1, -1, 1, 1) + self.t1.view(1, -1, 1, 1), self.slope1)
+        r = F.leaky_relu_(F.conv2d(p, self.w1, self.b1, padding=1), self.slope2)
+        r = F.conv2d(r, self.w2, self.b2, padding=1)
+        if not rows.all_active:
+            r.mul_(rows.mask(r.dtype))
+        v.add_(r)
+        _refresh_sums(X, S, g)
+        return self.flops(rows)
+
+    def run_sparse(self, X: Tensor, S: Tensor, rows: RowSet) -> Tensor:
+        g = rows.geo
+        c = g.channels
+        pad = g.n
+        dil = rows.dilated
+        t1 = g.scratch(g.n + 1, c, X, pad_row=True)
+        for s, e in _chunks(dil.numel(), g.chunk):
+            nb = g.nbr.index_select(0, dil[s:e])  # (m, 9)
+            p = X.index_select(0, nb.view(-1)).view(e - s, 9, c)
+            p.mul_(self.s1).add_(self.t1)
+            F.leaky_relu_(p, self.slope1)
+            p.masked_fill_((nb == pad).unsqueeze(-1), 0.0)  # zero padding after BN + activation
+            t = F.leaky_relu_(torch.addmm(self.b1, p.view(e - s, 9 * c), self.m1), self.slope2)
+            t1.index_copy_(0, dil[s:e], t)
+        idx, nbr = rows.idx, rows.nbr
+        for s, e in _chunks(idx.numel(), g.chunk):
+            ic = idx[s:e]
+            r = torch.addmm(self.b2, t1.index_select(0, nbr[s:e].reshape(-1)).view(e - s, 9 * c), self.m2)
+            S.index_add_(0, g.img.index_select(0, ic), r.to(S.dtype))
+            X.index_copy_(0, ic, X.index_select(0, ic).add_(r))
+        return self.flops(rows)
+
+
+class DenseMaskedUnit(_UnitKernel):
+    """Any unit of the protocol: ``unit(x, mask)`` on the buffer's view, copied back."""
+
+    def __init__(self, unit: nn.Module) -> None:
+        super().__init__()
+        _ref(self, "unit", unit)
+
+    def refresh(self) -> None:
+        """Nothing is folded."""
+
+    def run(self, X: Tensor, S: Tensor, rows: RowSet) -> Tensor:
+        g = rows.geo
+        v = rows_view(X, g.batch, g.height, g.width)
+        mask = rows.mask(X.dtype)
+        flops = self.unit.flops(v, mask)
+        out = self.unit(v, mask)
+        v.copy_(out)
+        _refresh_sums(X, S, g)
+        return flops
+
+    def empty_flops(self, X: Tensor, rows: RowSet) -> Tensor:
+        g = rows.geo
+        return self.unit.flops(rows_view(X, g.batch, g.height, g.width), rows.mask(X.dtype))
+
+
+class SparseSACTHalting(nn.Module):
+    """:class:`~sact.halting.SACTHalting` (3x3 local conv) evaluated at the active rows.
+
+    The local term is computed as nine per-row projections ``Z[q, k] = w_k . act(bn(x_q))``
+    on the dilated rows (one ``addmm`` ``(rows, C) x (C, 9)``), then
+    ``local[p] = sum_k Z[nbr[p, k], k]`` with ``Z[pad] = 0`` (zero padding after BN and
+    activation, like the dense branch). With an identity activation BN is folded into the
+    projections. The global term uses the per-image channel sums ``S``.
+    """
+
+    def __init__(self, branch: SACTHalting) -> None:
+        super().__init__()
+        _ref(self, "branch", branch)
+        act = branch.local_act
+        self.identity = isinstance(act, nn.Identity)
+        self.slope = float(act.negative_slope) if isinstance(act, nn.LeakyReLU) else 0.0
+        self.channels = branch.local_conv.in_channels
+        for name in ("wz", "cz", "s", "t", "bias"):
+            self.register_buffer(name, torch.empty(0), persistent=False)
+        self.refresh()
+
+    @staticmethod
+    def supports(branch: nn.Module) -> bool:
+        if not isinstance(branch, SACTHalting):
+            return False
+        conv = branch.local_conv
+        return (
+            foldable_bn(branch.local_bn)
+            and isinstance(branch.local_act, (nn.Identity, nn.LeakyReLU, nn.ReLU))
+            and conv.kernel_size == (3, 3)
+            and conv.padding == (1, 1)
+            and conv.stride == (1, 1)
+            and conv.dilation == (1, 1)
+            and conv.groups == 1
+        )
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Re-fold the branch's current weights."""
+        br = self.branch
+        dt = br.local_conv.weight.dtype
+        w = br.local_conv.weight.detach().double()[0].reshape(self.channels, 9)  # (C, 9), k = 3*ky + kx
+        s, t = bn_scale_shift(br.local_bn)
+        if self.identity:
+            self.wz = (w * s[:, None]).to(dt)
+            self.cz = (t @ w).to(dt)
+        else:
+            self.wz = w.to(dt)
+            self.cz = torch.zeros(9, dtype=dt, device=w.device)
+            self.s, self.t = s.to(dt), t.to(dt)
+        b = br.local_conv.bias
+        self.bias = (b.detach() if b is not None else torch.zeros(1, device=w.device)).to(dt).reshape(1)
+
+    def _project(self, x: Tensor) -> Tensor:
+        if self.identity:
+            return torch.addmm(self.cz, x, self.wz)
+        p = x * self.s + self.t
+        p = F.leaky_relu_(p, self.slope) if self.slope else p.relu_()
+        return p @ self.wz
+
+    def run(self, X: Tensor, S: Tensor, rows: RowSet) -> tuple[Tensor, Tensor]:
+        """``(h (na,), flops [B])``: halting probabilities at the active rows."""
+        g = rows.geo
+        z = g.scratch(g.n + 1, 9, X, pad_row=True)
+        dil = rows.dilated
+        if dil.numel() == g.n:
+            if self.identity:
+                torch.addmm(self.cz, X[: g.n], self.wz, out=z[: g.n])
+            else:
+                z[: g.n] = self._project(X[: g.n])
+        else:
+            z.index_copy_(0, dil, self._project(X.index_select(0, dil)))
+        cols = torch.arange(9, device=X.device)
+        local = z.view(-1).index_select(0, (rows.nbr * 9 + cols).view(-1)).view(-1, 9).sum(1) + self.bias
+        br = self.branch
+        mean = (S / g.hw).to(X.dtype).view(g.batch, g.channels, 1, 1)
+        glob = br.global_conv(br.global_act(br.global_bn(mean))).view(g.batch)  # [B]
+        if not rows.all_active:
+            glob = glob.index_select(0, g.img.index_select(0, rows.idx))
+        else:
+            glob = glob.repeat_interleave(g.hw)
+        h = torch.sigmoid(local + glob)
+        return h, self.flops(rows)
+
+    def flops(self, rows: RowSet) -> Tensor:
+        return 2 * 9 * self.channels * rows.count(rows.idx) + 2 * self.channels
+
+    def empty_flops(self, X: Tensor, rows: RowSet) -> Tensor:
+        return torch.full((rows.geo.batch,), 2 * self.channels, dtype=torch.long, device=X.device)
+
+
+class DenseHalting(nn.Module):
+    """Any halting branch: ``branch(x)`` on the buffer's view, read at the active rows."""
+
+    def __init__(self, branch: nn.Module) -> None:
+        super().__init__()
+        _ref(self, "branch", branch)
+
+    def refresh(self) -> None:
+        """Nothing is folded."""
+
+    def run(self, X: Tensor, S: Tensor, rows: RowSet) -> tuple[Tensor, Tensor]:
+        g = rows.geo
+        v = rows_view(X, g.batch, g.height, g.width)
+        proba = self.branch(v).reshape(-1)
+        flops = self.branch.flops(v, None if rows.all_active else rows.mask(X.dtype))
+        return proba.index_select(0, rows.idx), flops
+
+    def empty_flops(self, X: Tensor, rows: RowSet) -> Tensor:
+        g = rows.geo
+        return self.branch.flops(rows_view(X, g.batch, g.height, g.width), rows.mask(X.dtype))
+
+
+def make_unit_kernel(unit: nn.Module, *, dense_above: float | dict | None = None) -> nn.Module:
+    """The fastest kernel that computes ``unit`` exactly (falls back to :class:`DenseMaskedUnit`)."""
+    for cls in (SparseBottleneck, SparsePreActBasic):
+        if cls.supports(unit):
+            name = cls.__name__
+            table = dict(DEFAULT_DENSE_ABOVE)
+            if isinstance(dense_above, dict):
+                table.update(dense_above)
+            elif dense_above is not None:
+                table = {name: float(dense_above), name + "@small": float(dense_above)}
+            kernel = cls(unit, dense_above=table[name])
+            kernel.dense_above_small = table.get(name + "@small", table[name])
+            return kernel
+    return DenseMaskedUnit(unit)
+
+
+def make_halting_kernel(branch: nn.Module) -> nn.Module:
+    """Row kernel of a SACT halting branch (falls back to :class:`DenseHalting`)."""
+    return SparseSACTHalting(branch) if SparseSACTHalting.supports(branch) else DenseHalting(branch)
+
+
+class RowBottleneck0(nn.Module):
+    """Unit 0 of a bottleneck stage (strided, projection shortcut) written straight into a row buffer.
+
+    Dense at every position, BN folded: the 1x1 convolutions are GEMMs on channels-last
+    rows, the (strided) 3x3 one a convolution on a channels-last view; the result lands in
+    a fresh ``(N + 1, C)`` buffer with a zero pad row, so no layout copy is needed.
+    """
+
+    def __init__(self, unit: Bottleneck) -> None:
+        super().__init__()
+        _ref(self, "unit", unit)
+        self.stride = unit.stride
+        for name in ("w2", "b2", "m1", "b1", "m3", "b3", "md", "bd"):
+            self.register_buffer(name, torch.empty(0), persistent=False)
+        self.refresh()
+
+    @staticmethod
+    def supports(unit: nn.Module) -> bool:
+        if not isinstance(unit, Bottleneck):
+            return False
+        ds = unit.downsample
+        ds_ok = ds is None or (
+            isinstance(ds, nn.Sequential)
+            and len(ds) == 2
+            and isinstance(ds[0], nn.Conv2d)
+            and ds[0].kernel_size == (1, 1)
+            and ds[0].padding == (0, 0)
+            and ds[0].groups == 1
+            and foldable_bn(ds[1])
+        )
+        c1, c2, c3 = unit.conv1, unit.conv2, unit.conv3
+        return (
+            ds_ok
+            and all(foldable_bn(b) for b in (unit.bn1, unit.bn2, unit.bn3))
+            and c1.kernel_size == c3.kernel_size == (1, 1)
+            and c1.stride == c3.stride == (1, 1)
+            and c1.groups == c3.groups == 1
+            and c2.kernel_size == (3, 3)
+            and c2.padding == (1, 1)
+            and c2.dilation == (1, 1)
+            and c2.groups == 1
+        )
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Re-fold the unit's current weights."""
+        u = self.unit
+        dt = u.conv1.weight.dtype
+        w1, b1 = fold_conv_bn(u.conv1, u.bn1)
+        w2, b2 = fold_conv_bn(u.conv2, u.bn2)
+        w3, b3 = fold_conv_bn(u.conv3, u.bn3)
+        self.m1, self.b1 = conv_as_matrix(w1).to(dt), b1.to(dt)
+        self.w2, self.b2 = w2.to(dt).contiguous(memory_format=torch.channels_last), b2.to(dt)
+        self.m3, self.b3 = conv_as_matrix(w3).to(dt), b3.to(dt)
+        if u.downsample is not None:
+            wd, bd = fold_conv_bn(u.downsample[0], u.downsample[1])
+            self.md, self.bd = conv_as_matrix(wd).to(dt), bd.to(dt)
+
+    def forward(self, x: Tensor, *, poison: bool = False) -> Tensor:
+        """``x`` ``[B, C_in, H, W]`` -> rows ``(B*H'*W' + 1, C)`` (last row zero)."""
+        u = self.unit
+        b, cin, h, w = x.shape
+        x = x.contiguous(memory_format=torch.channels_last)
+        rows_in = x.permute(0, 2, 3, 1).reshape(b * h * w, cin)
+        width = self.m1.shape[1]
+        t = torch.addmm(self.b1, rows_in, self.m1).relu_()
+        t = F.conv2d(t.view(b, h, w, width).permute(0, 3, 1, 2), self.w2, self.b2, stride=self.stride, padding=1)
+        ho, wo = t.shape[-2:]
+        n = b * ho * wo
+        t = t.relu_().permute(0, 2, 3, 1).reshape(n, width)
+        out = x.new_empty(n + 1, u.out_channels)
+        if poison:
+            out.fill_(float("nan"))
+        out[n].zero_()
+        o = out[:n]
+        if u.downsample is not None:
+            s = u.downsample[0].stride[0]
+            xs = x[:, :, ::s, ::s] if s > 1 else x
+            sc_rows = xs.permute(0, 2, 3, 1).reshape(n, cin)
+            torch.addmm(self.b3 + self.bd, t, self.m3, out=o)
+            o.addmm_(sc_rows, self.md)
+        else:
+            torch.addmm(self.b3, t, self.m3, out=o)
+            o.add_(rows_in)
+        o.relu_()
+        return out

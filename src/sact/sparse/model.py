@@ -1,0 +1,107 @@
+"""``to_sparse``: the inference module that skips halted positions."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..output import ModelOutput
+from ..stage import AdaptiveStage
+from .stage import SparseStage
+
+__all__ = ["SparseModel", "to_sparse"]
+
+
+class SparseModel(nn.Module):
+    """Sparse inference wrapper of an adaptive ResNet (see :func:`to_sparse`).
+
+    The wrapped model is the submodule ``model`` (weights shared). The stem and the head
+    run as in the model; every stage runs through a :class:`~sact.sparse.stage.SparseStage`.
+    Always in eval mode; calls run under ``torch.no_grad()``.
+    """
+
+    def __init__(self, model: nn.Module, *, dense_above=None, chunk_rows: int = 768, poison: bool = False) -> None:
+        super().__init__()
+        for attr in ("forward_stem", "forward_head", "stages"):
+            if not hasattr(model, attr):
+                raise ValueError(f"to_sparse needs an adaptive ResNet (with {attr!r}); got {type(model).__name__}")
+        self.model = model.eval()
+        self.sparse_stages = nn.ModuleList(
+            SparseStage(s, dense_above=dense_above, chunk_rows=chunk_rows, poison=poison) for s in model.stages
+        )
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "SparseModel":
+        """Inference only: stays in eval mode whatever ``mode`` is."""
+        return super().train(False)
+
+    @property
+    def poison(self) -> bool:
+        """Fill scratch buffers with NaN before use (debugging aid)."""
+        return self.sparse_stages[0].poison if len(self.sparse_stages) else False
+
+    @poison.setter
+    def poison(self, value: bool) -> None:
+        for s in self.sparse_stages:
+            s.poison = bool(value)
+
+    def refresh(self) -> None:
+        """Re-fold batch norms after the wrapped model's weights or statistics changed."""
+        for s in self.sparse_stages:
+            s.refresh()
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> ModelOutput:
+        """``x`` ``[B, C_in, H, W]`` -> :class:`~sact.ModelOutput` equal to ``model.eval()(x)``."""
+        if x.dim() != 4:
+            raise ValueError(f"expected an image batch [B, C, H, W], got shape {tuple(x.shape)}")
+        m = self.model
+        x, flops = m.forward_stem(x)
+        stages = []
+        for sparse_stage in self.sparse_stages:
+            x, out = sparse_stage(x)
+            stages.append(out)
+            flops = flops + out.flops
+        logits, head_flops = m.forward_head(x)
+        ponder = sum(s.ponder_cost for s in stages)
+        return ModelOutput(logits=logits, ponder_cost=ponder, flops=flops + head_flops, stages=stages)
+
+
+def to_sparse(
+    model: nn.Module,
+    *,
+    dense_above: float | dict | None = None,
+    chunk_rows: int = 768,
+    poison: bool = False,
+) -> SparseModel:
+    """Sparse inference module computing the same :class:`~sact.ModelOutput` as ``model.eval()(x)``.
+
+    SACT stages run unit 0 densely and every later unit only at the positions still
+    active (its first convolution at the 3x3-dilated active set), on a flat channels-last
+    row buffer with batch norm folded into the convolutions; the halting branches are
+    evaluated at the active positions. ACT stages run later units only on the images
+    still running; vanilla stages run as usual. Units of unknown types run as
+    ``unit(x, mask)`` (dense masked) so any :class:`~sact.AdaptiveStage` works. The
+    reported ``flops`` are counted from the position sets the engine used and equal the
+    dense model's count.
+
+    Args:
+        model: an adaptive ResNet (``sact.create_model`` or a subclass of
+            :class:`sact.models.AdaptiveResNet`); put in eval mode, weights shared.
+        dense_above: active fraction above which a unit runs densely on a view of the
+            same buffer (float, dict ``{"SparseBottleneck": f, "SparsePreActBasic": f}``,
+            or ``None`` for the measured break-even defaults). ``1.0`` = always sparse,
+            ``-1.0`` = always dense.
+        chunk_rows: rows per chunk of the fused gather-GEMM-scatter loops.
+        poison: NaN-fill scratch buffers before use (debugging; slower).
+
+    Returns:
+        A :class:`SparseModel`. Call ``.refresh()`` after changing the model's weights.
+    """
+    if not isinstance(chunk_rows, int) or chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be a positive int, got {chunk_rows!r}")
+    if dense_above is not None and not isinstance(dense_above, (int, float, dict)):
+        raise ValueError(f"dense_above must be a float, a dict or None, got {dense_above!r}")
+    if not all(isinstance(s, AdaptiveStage) for s in getattr(model, "stages", [None])):
+        raise ValueError(f"to_sparse needs a model whose stages are AdaptiveStage; got {type(model).__name__}")
+    return SparseModel(model, dense_above=dense_above, chunk_rows=chunk_rows, poison=poison)
