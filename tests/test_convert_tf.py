@@ -460,8 +460,6 @@ def test_cifar_preprocess_matches_tf():
     np.testing.assert_allclose(sact.data.cifar_preprocess()(img).numpy(), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, reason="TF1 resize_bilinear(align_corners=False) has no half-pixel centres; "
-                   "Preprocess uses PyTorch's half-pixel bilinear (reported to the data owner)")
 def test_imagenet_preprocess_matches_tf():
     img = np.random.default_rng(0).integers(0, 256, (300, 400, 3), dtype=np.uint8)
     t = tf.image.convert_image_dtype(tf.constant(img), tf.float32)

@@ -152,8 +152,9 @@ class Preprocess:
         central_crop: fraction of height and width kept around the centre, or None.
         mean: per-channel mean, only (and required) for ``kind="normalize"``.
         std: per-channel std, only (and required) for ``kind="normalize"``.
-        resize: ``"square"`` (TF/reference): TF ``central_crop`` then bilinear resize
-            to ``image_size`` x ``image_size`` (aspect not kept, no antialiasing);
+        resize: ``"square"`` (TF/reference): TF ``central_crop`` then TF1's bilinear
+            resize (:func:`tf1_resize_bilinear`) to ``image_size`` x ``image_size``
+            (aspect not kept, no antialiasing);
             ``"shorter"`` (torchvision): antialiased bilinear resize of the shorter
             side to ``round(image_size / central_crop)``, then centre crop
             ``image_size`` x ``image_size``.
@@ -223,8 +224,7 @@ class Preprocess:
             top, left, ch, cw = central_crop_box(h, w, self.central_crop)
             x = x[:, top : top + ch, left : left + cw]
         if self.image_size is not None:
-            s = self.image_size
-            x = F.interpolate(x[None], size=(s, s), mode="bilinear", align_corners=False, antialias=False)[0]
+            x = tf1_resize_bilinear(x, (self.image_size, self.image_size))
         return x
 
     def to_dict(self) -> dict:
@@ -248,6 +248,28 @@ class Preprocess:
         if unknown:
             raise ValueError(f"unknown Preprocess keys {sorted(unknown)}")
         return cls(**d)
+
+
+def tf1_resize_bilinear(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """TF1 ``tf.image.resize_bilinear(align_corners=False)``, which the reference used.
+
+    Unlike PyTorch's bilinear resize it has no half-pixel offset: output pixel ``i`` samples
+    the input at ``i * in / out``. ``x`` ``[C, H, W]`` -> ``[C, size[0], size[1]]``.
+    """
+    h, w = x.shape[-2:]
+    oh, ow = size
+
+    def axis(n_in: int, n_out: int):
+        src = torch.arange(n_out, dtype=torch.float64) * (n_in / n_out)
+        i0 = src.floor().long().clamp(max=n_in - 1)
+        i1 = (i0 + 1).clamp(max=n_in - 1)
+        return i0, i1, (src - i0).to(x.dtype)
+
+    y0, y1, fy = axis(h, oh)
+    x0, x1, fx = axis(w, ow)
+    top = x[:, y0][:, :, x0] * (1 - fx) + x[:, y0][:, :, x1] * fx
+    bottom = x[:, y1][:, :, x0] * (1 - fx) + x[:, y1][:, :, x1] * fx
+    return top * (1 - fy)[:, None] + bottom * fy[:, None]
 
 
 def cluttered_preprocess(image_size: int | None = None) -> Preprocess:
