@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "atomic_write_bytes", "CheckpointError"]
+__all__ = ["checkpoint_paths", "save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "atomic_write_bytes", "CheckpointError"]
 
 FORMAT = "sact-checkpoint"
 VERSION = 1
@@ -55,10 +55,11 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
 
 
-def _paths(path: str | Path) -> tuple[Path, Path]:
+def checkpoint_paths(path: str | Path, default_name: str = "model") -> tuple[Path, Path]:
+    """``(NAME.safetensors, NAME.json)`` for ``NAME``, either file, or a folder (``folder/default_name``)."""
     p = Path(path)
     if p.is_dir():
-        p = p / "model"
+        p = p / default_name
     if p.suffix in (".safetensors", ".json"):
         p = p.with_suffix("")
     return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
@@ -83,7 +84,7 @@ def save_checkpoint(model: nn.Module, path: str | Path, *, meta: dict[str, Any] 
     config = getattr(model, "sact_config", None)
     if config is None:
         raise CheckpointError("model has no sact_config; build it with sact.create_model(...)")
-    weights, sidecar = _paths(path)
+    weights, sidecar = checkpoint_paths(path)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     doc = {"format": FORMAT, "version": VERSION, "model": config, "meta": meta or {}}
     header = json.dumps(doc, sort_keys=True, default=_json_default)
@@ -123,7 +124,7 @@ def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
 
     Read from the safetensors header; from the JSON sidecar for files without one.
     """
-    weights, sidecar = _paths(path)
+    weights, sidecar = checkpoint_paths(path)
     doc = _header_doc(weights) if weights.exists() else None
     if doc is None:
         if not sidecar.exists():
@@ -161,7 +162,7 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
     from .models import create_model
 
     doc = read_checkpoint_meta(path)
-    weights, sidecar = _paths(path)
+    weights, sidecar = checkpoint_paths(path)
     if not weights.exists():
         raise CheckpointError(f"checkpoint weights not found: {weights}")
     blob = weights.read_bytes()

@@ -225,12 +225,9 @@ def build_detector(
 
 
 def _paths(path: str | Path) -> tuple[Path, Path]:
-    p = Path(path)
-    if p.is_dir():
-        p = p / "detector"
-    if p.suffix in (".safetensors", ".json"):
-        p = p.with_suffix("")
-    return p.with_name(p.name + ".safetensors"), p.with_name(p.name + ".json")
+    from ..checkpoint import checkpoint_paths
+
+    return checkpoint_paths(path, default_name="detector")
 
 
 def save_detector(detector: SACTFasterRCNN, path: str | Path, *, meta: dict[str, Any] | None = None) -> Path:
