@@ -1,0 +1,95 @@
+"""``sact train``: train a vanilla / ACT / SACT ResNet (single process or ``torchrun``)."""
+
+from __future__ import annotations
+
+import argparse
+
+# flag -> config key; every flag defaults to None so that only given flags override the YAML
+_FLAGS = {
+    "--model": ("model", str, "registered model name (sact models)"),
+    "--mode": ("mode", str, "vanilla | act | sact"),
+    "--tau": ("tau", float, "ponder cost weight"),
+    "--dataset": ("dataset", str, "cluttered | cifar10 | imagenet"),
+    "--data-dir": ("data_dir", str, "dataset folder"),
+    "--steps": ("steps", int, "optimisation steps (0: use --epochs)"),
+    "--epochs": ("epochs", int, "epochs when --steps is 0"),
+    "--batch-size": ("batch_size", int, "images per step and process"),
+    "--lr": ("lr", float, "base learning rate"),
+    "--weight-decay": ("weight_decay", float, "L2 on kernels"),
+    "--label-smoothing": ("label_smoothing", float, "cross-entropy label smoothing"),
+    "--schedule": ("schedule", str, "piecewise | staircase | cosine | constant"),
+    "--init": ("init", str, "warm start: torchvision .pth or sact checkpoint"),
+    "--out": ("out_dir", str, "run folder"),
+    "--amp": ("amp", str, "auto | none | bf16 | fp16"),
+    "--device": ("device", str, "auto | cpu | cuda | cuda:N"),
+    "--workers": ("workers", int, "DataLoader workers"),
+    "--threads": ("threads", int, "torch threads (0: default)"),
+    "--seed": ("seed", int, "seed"),
+}
+
+
+def add_config_arguments(p: argparse.ArgumentParser) -> None:
+    """``--config``, ``--set key=value`` and the common flags of :class:`TrainConfig`."""
+    p.add_argument("--config", default=None, help="YAML file of TrainConfig keys (see configs/)")
+    for flag, (_, typ, help_) in _FLAGS.items():
+        p.add_argument(flag, type=typ, default=None, help=help_)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, value parsed as YAML (repeatable), e.g. --set model_kwargs='{base_channels: 8}'")
+
+
+def config_from_args(args: argparse.Namespace):
+    """defaults < ``--config`` YAML < ``--set`` < explicit flags."""
+    from ..engine.config import load_config, parse_overrides
+
+    overrides = parse_overrides(args.set)
+    for flag, (key, _, _) in _FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            overrides[key] = value
+    if getattr(args, "resume", False):
+        overrides["resume"] = True
+    if getattr(args, "no_tensorboard", False):
+        overrides["tensorboard"] = False
+    if getattr(args, "download", False):
+        overrides["download"] = True
+    return load_config(args.config, overrides)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a vanilla / ACT / SACT ResNet (works under torchrun)",
+                       description="Train with CE + tau * ponder cost. Settings: defaults < --config YAML < --set < flags.")
+    add_config_arguments(p)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt if present")
+    p.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
+    p.add_argument("--download", action="store_true", help="download Fashion-MNIST with torchvision if missing")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    import sys
+
+    import yaml
+
+    from ..checkpoint import CheckpointError
+    from ..engine import NonFiniteLossError, main
+
+    try:
+        config = config_from_args(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"sact train: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        return 0
+    try:
+        metrics = main(config)
+    except (NonFiniteLossError, CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"sact train: {e}", file=sys.stderr)
+        return 1
+    import os
+
+    if os.environ.get("RANK", "0") == "0":  # one summary under torchrun
+        print(json.dumps({k: v for k, v in metrics.items() if k != "stages"}, indent=2))
+    return 0

@@ -1,0 +1,165 @@
+"""Datasets of a :class:`~sact.engine.config.TrainConfig`, batching and data order.
+
+All datasets are turned into ``(images [B, C, H, W], labels [B])`` batches by
+:func:`collate`, whatever their items look like (Cluttered Fashion-MNIST dicts,
+``(image, label)`` tuples). The training order comes from a ``DistributedSampler``
+(also with one process) seeded with ``config.seed`` and the epoch, so an epoch's
+order is reproducible and a resumed run can skip exactly the batches already seen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data.distributed import DistributedSampler
+
+__all__ = ["DataSpec", "build_datasets", "spec_from_sets", "default_preprocess", "collate", "SkipSampler", "train_loader", "eval_loader", "steps_per_epoch"]
+
+
+@dataclass
+class DataSpec:
+    """The datasets of a run and what the model and checkpoint need to know about them."""
+
+    train: Dataset | None
+    eval: Dataset
+    classes: list[str]
+    in_chans: int
+    preprocess: dict  # sact.data.Preprocess.to_dict() of the evaluation input
+
+
+def build_datasets(config, *, train: bool = True) -> DataSpec:
+    """Builds the training (if ``train``) and evaluation sets named by ``config.dataset``.
+
+    * ``cluttered``: :class:`sact.data.ClutteredFashionMNIST`, train canvases from
+      ``data_seed``, evaluation canvases from the test split with ``data_seed + 1``;
+    * ``cifar10``: :class:`sact.data.CIFAR10` with the reference augmentation;
+    * ``imagenet``: :class:`sact.data.ImageNetFolder` (``train/``, ``val/``).
+    """
+    from .. import data as D
+
+    if config.dataset == "cluttered":
+        clutter = D.ClutterConfig(**config.clutter)
+        common = dict(config=clutter, data_dir=config.data_dir)
+        if config.download:
+            D.find_fashion_mnist(config.data_dir, download=True)
+        tr = D.ClutteredFashionMNIST(split="train", num_samples=config.train_samples, seed=config.data_seed, **common) if train else None
+        ev = D.ClutteredFashionMNIST(split="test", num_samples=config.eval_samples, seed=config.data_seed + 1, **common)
+        return DataSpec(tr, ev, list(D.FASHION_MNIST_CLASSES), 1, D.cluttered_preprocess().to_dict())
+    if config.dataset == "cifar10":
+        if config.data_dir is None:
+            raise ValueError("dataset='cifar10' needs data_dir (the folder holding cifar-10-batches-py)")
+        tr = D.CIFAR10(config.data_dir, train=True, transform=D.cifar_train_transform()) if train else None
+        ev = D.CIFAR10(config.data_dir, train=False, transform=D.cifar_eval_transform())
+        return DataSpec(tr, ev, list(ev.classes), 3, D.cifar_preprocess().to_dict())
+    if config.data_dir is None:
+        raise ValueError("dataset='imagenet' needs data_dir (the folder holding train/ and val/)")
+    tr = D.ImageNetFolder(config.data_dir, split="train", image_size=config.image_size) if train else None
+    ev = D.ImageNetFolder(config.data_dir, split="val", image_size=config.image_size)
+    return DataSpec(tr, ev, list(ev.classes), 3, D.imagenet_preprocess(config.image_size).to_dict())
+
+
+def default_preprocess(config) -> dict:
+    """The evaluation preprocessing of ``config.dataset`` (``Preprocess.to_dict()``)."""
+    from .. import data as D
+
+    if config.dataset == "cluttered":
+        return D.cluttered_preprocess().to_dict()
+    if config.dataset == "cifar10":
+        return D.cifar_preprocess().to_dict()
+    return D.imagenet_preprocess(config.image_size).to_dict()
+
+
+def spec_from_sets(train: Dataset, eval: Dataset, config) -> DataSpec:
+    """A :class:`DataSpec` for datasets passed in directly.
+
+    Class names come from ``eval.classes`` (else ``model_kwargs["num_classes"]`` numbered
+    names), input channels from the first evaluation image, preprocessing from
+    ``eval.preprocess`` (a ``Preprocess`` or its dict) else the default of ``config.dataset``.
+    """
+    classes = getattr(eval, "classes", None)
+    if classes is None:
+        k = config.model_kwargs.get("num_classes")
+        if k is None:
+            raise ValueError("datasets without a .classes attribute need model_kwargs['num_classes']")
+        classes = [str(i) for i in range(k)]
+    first = collate([eval[0]])[0]
+    pre = getattr(eval, "preprocess", None)
+    pre = pre.to_dict() if hasattr(pre, "to_dict") else (pre or default_preprocess(config))
+    return DataSpec(train, eval, list(classes), int(first.shape[1]), pre)
+
+
+def collate(items: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Items (dicts with ``image``/``label`` or ``(image, label)`` pairs) -> ``(images, labels)``."""
+    if isinstance(items[0], dict):
+        images = [it["image"] for it in items]
+        labels = [int(it["label"]) for it in items]
+    else:
+        images = [it[0] for it in items]
+        labels = [int(it[1]) for it in items]
+    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+
+
+class SkipSampler(Sampler[int]):
+    """A seeded ``DistributedSampler`` epoch with its first ``skip`` indices dropped.
+
+    Args:
+        sampler: the epoch's sampler (``set_epoch`` already called).
+        skip: indices to drop (``batches already trained * batch_size`` on resume).
+    """
+
+    def __init__(self, sampler: DistributedSampler, skip: int = 0) -> None:
+        self.indices = list(sampler)[skip:]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def train_loader(dataset: Dataset, config, *, rank: int, world_size: int, epoch: int, skip_batches: int = 0) -> DataLoader:
+    """One epoch of full training batches for this rank, in the seeded order.
+
+    ``skip_batches`` leaves out the batches a resumed run already trained on.
+    """
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=config.seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    return DataLoader(
+        dataset,
+        batch_size=config.batch_size,
+        sampler=SkipSampler(sampler, skip_batches * config.batch_size),
+        drop_last=True,
+        num_workers=config.workers,
+        collate_fn=collate,
+        # worker seeds come from this generator, not the global RNG, so creating the
+        # loader on resume does not shift the augmentation random stream
+        generator=torch.Generator().manual_seed(config.seed * 100003 + epoch),
+    )
+
+
+def steps_per_epoch(dataset: Dataset, config, world_size: int) -> int:
+    """Full batches per epoch and rank.
+
+    Raises:
+        ValueError: the dataset holds less than one batch per rank.
+    """
+    per_rank = len(DistributedSampler(dataset, num_replicas=world_size, rank=0, shuffle=False, drop_last=True))
+    if per_rank < config.batch_size:
+        raise ValueError(
+            f"batch_size={config.batch_size} is larger than the {per_rank} training images per process "
+            f"({len(dataset)} images, {world_size} processes)"
+        )
+    return per_rank // config.batch_size
+
+
+def eval_loader(dataset: Dataset, batch_size: int, *, rank: int = 0, world_size: int = 1, workers: int = 0) -> DataLoader:
+    """This rank's share ``rank::world_size`` of the evaluation set, in order (no padding,
+    so every image is counted exactly once over the ranks)."""
+    indices = list(range(rank, len(dataset), world_size))
+    return DataLoader(
+        torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=workers,
+        collate_fn=collate,
+    )

@@ -1,0 +1,132 @@
+"""Evaluation: accuracy, loss, FLOPs and ponder statistics over a dataset.
+
+Statistics are accumulated as per-image sums and sums of squares (float64) and summed
+over ranks, so the result does not depend on the batch size or the number of
+processes. Standard deviations are population std over images (as the reference's
+streaming covariance, up to the ``n / (n - 1)`` factor).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .amp import autocast
+from .distributed import DistInfo, all_reduce_sum
+
+__all__ = ["evaluate"]
+
+
+class _Moments:
+    """Running count / sum / sum of squares of several named per-image quantities."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, list[float]] = {}
+
+    def add(self, name: str, values: torch.Tensor) -> None:
+        v = values.detach().double().cpu()
+        s = self.sums.setdefault(name, [0.0, 0.0])
+        s[0] += float(v.sum())
+        s[1] += float((v * v).sum())
+
+    def reduce(self, info: DistInfo, device: torch.device) -> dict[str, tuple[float, float]]:
+        names = sorted(self.sums)
+        t = torch.tensor([x for n in names for x in self.sums[n]], dtype=torch.float64)
+        if info.enabled:
+            t = all_reduce_sum(t.to(device), info).cpu()
+        return {n: (float(t[2 * i]), float(t[2 * i + 1])) for i, n in enumerate(names)}
+
+
+def _mean_std(sums: tuple[float, float], n: int) -> tuple[float, float]:
+    mean = sums[0] / n
+    return mean, math.sqrt(max(0.0, sums[1] / n - mean * mean))
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    device: torch.device | str = "cpu",
+    tau: float = 0.0,
+    amp_dtype: torch.dtype | None = None,
+    info: DistInfo = DistInfo(),
+    progress: bool = False,
+) -> dict:
+    """Evaluates ``model`` on ``(images [B, C, H, W], labels [B])`` batches.
+
+    Args:
+        model: an sact model (its mode decides whether ponder cost enters the total loss).
+        loader: batches; with several processes each rank passes its own shard.
+        device: where to run.
+        tau: ponder weight for ``total_loss``.
+        amp_dtype: autocast dtype or None.
+        info: the process group (sums are all-reduced over ranks).
+        progress: show a tqdm bar (rank 0 only).
+
+    Returns:
+        ``{"num_images", "top1", "top5" (only with more than 5 classes), "loss" (mean
+        cross entropy), "total_loss" (+ tau * ponder cost unless vanilla),
+        "ponder_cost_mean", "ponder_cost_std", "flops_mean", "flops_std",
+        "stages": [{"ponder_cost_mean", "ponder_cost_std", "num_units_mean",
+        "num_units_std"}], "images_per_s", "wall_time_s"}``; accuracies are fractions.
+    """
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    mode = getattr(getattr(model, "module", model), "mode", "sact")
+    moments = _Moments()
+    count = 0
+    start = time.perf_counter()
+    for images, labels in tqdm(loader, desc="eval", leave=False, disable=not (progress and info.is_main)):
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        with autocast(device, amp_dtype):
+            out = model(images)
+        logits = out.logits.float()
+        moments.add("ce", F.cross_entropy(logits, labels, reduction="none"))
+        moments.add("top1", (logits.argmax(1) == labels).float())
+        if logits.shape[1] > 5:
+            top5 = logits.topk(5, dim=1).indices
+            moments.add("top5", (top5 == labels[:, None]).any(1).float())
+        moments.add("flops", out.flops.double())
+        moments.add("ponder", out.ponder_cost.float())
+        for i, s in enumerate(out.stages):
+            moments.add(f"stage{i}_ponder", s.ponder_cost.float())
+            moments.add(f"stage{i}_units", s.num_units_mean.float())
+        count += images.shape[0]
+    n = int(all_reduce_sum(torch.tensor([float(count)], dtype=torch.float64, device=device), info).item())
+    if n == 0:
+        raise ValueError("evaluation set is empty")
+    sums = moments.reduce(info, device)
+    wall = time.perf_counter() - start
+    model.train(was_training)
+    ce, _ = _mean_std(sums["ce"], n)
+    ponder, ponder_std = _mean_std(sums["ponder"], n)
+    flops, flops_std = _mean_std(sums["flops"], n)
+    metrics = {"num_images": n, "top1": sums["top1"][0] / n}
+    if "top5" in sums:
+        metrics["top5"] = sums["top5"][0] / n
+    metrics.update({
+        "loss": ce,
+        "total_loss": ce + (tau * ponder if mode != "vanilla" else 0.0),
+        "ponder_cost_mean": ponder,
+        "ponder_cost_std": ponder_std,
+        "flops_mean": flops,
+        "flops_std": flops_std,
+        "stages": [],
+    })
+    stage_ids = sorted({int(k[5:].split("_")[0]) for k in sums if k.startswith("stage")})
+    for i in stage_ids:
+        pm, ps = _mean_std(sums[f"stage{i}_ponder"], n)
+        um, us = _mean_std(sums[f"stage{i}_units"], n)
+        metrics["stages"].append({"ponder_cost_mean": pm, "ponder_cost_std": ps, "num_units_mean": um, "num_units_std": us})
+    metrics["wall_time_s"] = wall
+    metrics["images_per_s"] = n / wall if wall > 0 else float("nan")
+    return metrics

@@ -1,0 +1,75 @@
+"""Warm start ("fine-tuning init"): a torchvision ResNet file or an sact checkpoint.
+
+As the reference's ``finetuning_init_fn``, every tensor of the network is restored
+except the halting branches (``*.halting.*``), which keep their fresh initialisation
+whenever the source has none or was trained in another mode.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint import CheckpointError, load_checkpoint
+
+__all__ = ["warm_start"]
+
+_TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".tar", ".ckpt")
+
+
+def _torchvision_state(path: Path) -> dict:
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # corrupt or foreign pickles raise several types
+        raise CheckpointError(f"cannot read {path} as a torch state dict: {e}") from e
+    for key in ("model", "state_dict"):  # torchvision references / Lightning wrappers
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise CheckpointError(f"{path} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
+
+
+def warm_start(model: nn.Module, path: str | Path) -> str:
+    """Loads the weights of ``path`` into ``model`` (halting branches fresh where needed).
+
+    Args:
+        model: built with :func:`sact.create_model`.
+        path: a torchvision ResNet state dict (``.pth``/``.pt``; ImageNet ResNets only;
+            a classifier of another size is skipped) or an sact checkpoint (same
+            architecture; any mode).
+
+    Returns:
+        A one-line description of what was loaded.
+
+    Raises:
+        CheckpointError: unreadable file, or tensors that do not fit the model.
+    """
+    from ..models import ResNet, load_torchvision_weights
+
+    path = Path(path)
+    if path.suffix in _TORCH_SUFFIXES:
+        if not isinstance(model, ResNet):
+            raise CheckpointError(f"{path}: torchvision ResNet weights fit only resnet50/101/152, not {type(model).__name__}")
+        try:
+            load_torchvision_weights(model, _torchvision_state(path), strict_head=False)
+        except ValueError as e:
+            raise CheckpointError(f"{path} does not fit {model.sact_config['name']}: {e}") from e
+        return f"torchvision weights from {path} (halting branches fresh)"
+    source = load_checkpoint(path)
+    src, own = source.state_dict(), model.state_dict()
+    same_mode = source.mode == model.mode
+    keep = {k: v for k, v in src.items() if same_mode or ".halting." not in k}
+    missing = sorted(k for k in own if k not in keep and (same_mode or ".halting." not in k))
+    unexpected = sorted(k for k in keep if k not in own)
+    shapes = sorted(f"{k}: {tuple(keep[k].shape)} vs {tuple(own[k].shape)}" for k in keep if k in own and keep[k].shape != own[k].shape)
+    if missing or unexpected or shapes:
+        raise CheckpointError(
+            f"{path} ({source.sact_config['name']}, {source.mode}) does not fit {model.sact_config['name']} "
+            f"({model.mode}): missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {shapes[:5]}"
+        )
+    model.load_state_dict(keep, strict=False)
+    fresh = "" if same_mode else " (halting branches fresh)"
+    return f"sact checkpoint {path} ({source.mode}){fresh}"
