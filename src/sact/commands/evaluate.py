@@ -44,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
         known = set(TrainConfig().to_dict())
         config = TrainConfig.from_dict({k: v for k, v in saved.items() if k in known})
         changes = {"dataset": args.dataset, "data_dir": args.data_dir, "eval_samples": args.num_samples}
+        if "label_offset" in meta:  # converted 1001-class reference models: index 0 is background
+            changes["label_offset"] = int(meta["label_offset"])
         config = config.replace(**{k: v for k, v in changes.items() if v is not None})
         data = build_datasets(config, train=False)
         tau = args.tau if args.tau is not None else float(meta.get("tau", config.tau))
@@ -53,8 +55,8 @@ def run(args: argparse.Namespace) -> int:
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"sact eval: {e}", file=sys.stderr)
         return 1
-    metrics = {"checkpoint": str(args.checkpoint), "model": model.sact_config, "dataset": config.dataset,
-               "tau": tau, "device": str(device), **metrics}
+    metrics = {"checkpoint": str(args.checkpoint), "model": model.sact_config["name"],
+               "mode": model.mode, "model_config": model.sact_config, "dataset": config.dataset, "tau": tau, "device": str(device), **metrics}
     atomic_write_bytes(Path(args.out), json.dumps(metrics, indent=2).encode())
     top5 = f", top-5 {metrics['top5']:.2%}" if "top5" in metrics else ""
     print(f"top-1 {metrics['top1']:.2%}{top5}, loss {metrics['loss']:.4f}, FLOPs {metrics['flops_mean'] / 1e6:.2f}M "

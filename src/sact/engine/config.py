@@ -40,6 +40,8 @@ class TrainConfig:
         data_seed: cluttered only, seed of the canvases (test canvases use ``data_seed + 1``).
         clutter: cluttered only, :class:`sact.data.ClutterConfig` fields.
         image_size: ImageNet input side.
+        label_offset: ImageNet: added to the folder labels (1 for the reference's 1001-class models,
+            whose index 0 is background).
         batch_size: images per optimisation step per process.
         eval_batch_size: images per evaluation batch.
         workers: DataLoader worker processes (0: load in the training process).
@@ -90,6 +92,7 @@ class TrainConfig:
     data_seed: int = 0
     clutter: dict[str, Any] = field(default_factory=dict)
     image_size: int = 224
+    label_offset: int = 0
     batch_size: int = 128
     eval_batch_size: int = 100
     workers: int = 0

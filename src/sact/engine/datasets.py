@@ -56,8 +56,8 @@ def build_datasets(config, *, train: bool = True) -> DataSpec:
         return DataSpec(tr, ev, list(ev.classes), 3, D.cifar_preprocess().to_dict())
     if config.data_dir is None:
         raise ValueError("dataset='imagenet' needs data_dir (the folder holding train/ and val/)")
-    tr = D.ImageNetFolder(config.data_dir, split="train", image_size=config.image_size) if train else None
-    ev = D.ImageNetFolder(config.data_dir, split="val", image_size=config.image_size)
+    tr = D.ImageNetFolder(config.data_dir, split="train", image_size=config.image_size, label_offset=config.label_offset) if train else None
+    ev = D.ImageNetFolder(config.data_dir, split="val", image_size=config.image_size, label_offset=config.label_offset)
     return DataSpec(tr, ev, list(ev.classes), 3, D.imagenet_preprocess(config.image_size).to_dict())
 
 

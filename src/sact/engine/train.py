@@ -292,9 +292,9 @@ def main(
 
             ckpt.atomic_write_bytes(run.out_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
             if config.tensorboard:
-                from torch.utils.tensorboard import SummaryWriter
+                from ..tb import summary_writer
 
-                run.writer = SummaryWriter(str(run.out_dir / "tb"))
+                run.writer = summary_writer(run.out_dir / "tb")
         pbar = tqdm(total=total, initial=run.step, desc=f"train {config.model} {config.mode}",
                     disable=not (config.progress and info.is_main))
         while run.step < total:
