@@ -36,6 +36,8 @@ def _no_network(monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_grad_mode():
     torch.manual_seed(0)
     yield
+    # in-process CLI tests must not leak global autograd state into later tests
+    assert torch.is_grad_enabled(), "a test (or the code it ran) left autograd disabled"

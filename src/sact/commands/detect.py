@@ -286,9 +286,9 @@ def _eval(args) -> int:
         if args.use_sparse:
             detector = _sparse(detector)
         loader = _loader(dataset, args.batch_size, shuffle=False, workers=args.workers, world=world)
-        torch.set_grad_enabled(False)
-        metrics, results = evaluate(detector, loader, dataset, device=device, progress=rank == 0,
-                                    max_batches=args.max_batches)
+        with torch.no_grad():
+            metrics, results = evaluate(detector, loader, dataset, device=device, progress=rank == 0,
+                                        max_batches=args.max_batches)
         out = {"metrics": metrics, "checkpoint": str(args.checkpoint), "annotations": str(val_ann),
                "use_sparse": bool(args.use_sparse), "world_size": world}
     if rank == 0:
