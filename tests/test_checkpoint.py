@@ -49,6 +49,15 @@ def test_errors(tmp_path):
     path.write_bytes(blob[: len(blob) // 2])
     with pytest.raises(CheckpointError):
         sact.load_checkpoint(path)
+    # flipped bytes inside the tensor data (header intact) are caught from the file alone
+    path = sact.save_checkpoint(_model(), tmp_path / "ck")
+    (tmp_path / "ck.json").unlink()
+    blob = bytearray(path.read_bytes())
+    blob[-5] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    with pytest.raises(CheckpointError, match="corrupt"):
+        sact.load_checkpoint(path)
+    path = sact.save_checkpoint(_model(), tmp_path / "ck")
     # a weights file from another save next to a stale sidecar
     other = sact.save_checkpoint(_model("act"), tmp_path / "other")
     path.write_bytes(other.read_bytes())

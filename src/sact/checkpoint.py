@@ -86,7 +86,11 @@ def save_checkpoint(model: nn.Module, path: str | Path, *, meta: dict[str, Any] 
         raise CheckpointError("model has no sact_config; build it with sact.create_model(...)")
     weights, sidecar = checkpoint_paths(path)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    doc = {"format": FORMAT, "version": VERSION, "model": config, "meta": meta or {}}
+    # The header also carries the hash of the tensor bytes, so corruption of the data
+    # section is caught from the weights file alone (the data section does not depend on
+    # the metadata, so serialising without it first gives the same bytes).
+    data_sha = hashlib.sha256(_data_section(save(state))).hexdigest()
+    doc = {"format": FORMAT, "version": VERSION, "model": config, "meta": meta or {}, "data_sha256": data_sha}
     header = json.dumps(doc, sort_keys=True, default=_json_default)
     blob = save(state, metadata={"sact": header})
     doc = {**json.loads(header), "weights_file": weights.name, "weights_sha256": hashlib.sha256(blob).hexdigest()}
@@ -94,6 +98,12 @@ def save_checkpoint(model: nn.Module, path: str | Path, *, meta: dict[str, Any] 
     atomic_write_bytes(weights, blob)
     atomic_write_bytes(sidecar, text.encode())
     return weights
+
+
+def _data_section(blob: bytes) -> bytes:
+    """The tensor bytes of a serialised safetensors file (after the length and the JSON header)."""
+    n = int.from_bytes(blob[:8], "little")
+    return blob[8 + n :]
 
 
 def _json_default(obj):
@@ -168,6 +178,8 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
     blob = weights.read_bytes()
     if "weights_sha256" in doc and doc["weights_sha256"] != hashlib.sha256(blob).hexdigest():
         raise CheckpointError(f"{weights} does not match its sidecar {sidecar}: the pair is from different saves")
+    if "data_sha256" in doc and len(blob) >= 8 and doc["data_sha256"] != hashlib.sha256(_data_section(blob)).hexdigest():
+        raise CheckpointError(f"{weights} is corrupt: its tensor data does not match the hash in its header")
     try:
         state = load(blob)
     except Exception as e:  # safetensors raises several types on corrupt data
