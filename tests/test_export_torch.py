@@ -66,7 +66,10 @@ def check_matches(model: torch.nn.Module, run, size: int) -> None:
         got = tuple(torch.as_tensor(t) for t in run(x))
         assert [tuple(t.shape) for t in got] == [(batch, 10), (batch,), (batch, size, size)]
         for name, r, g in zip(("logits", "ponder_cost", "ponder_map"), ref, got):
-            torch.testing.assert_close(g, r, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}, batch {batch}: {m}")
+            # float32 through 100+ layers: ONNX Runtime's kernels round differently, and
+            # random deep models have logits in the tens, so the tolerance scales with them.
+            scale = max(1.0, float(r.abs().max()))
+            torch.testing.assert_close(g, r, atol=1e-4 * scale, rtol=1e-3, msg=lambda m: f"{name}, batch {batch}: {m}")
         torch.testing.assert_close(ref[1], out.ponder_cost)
         if model.mode == "vanilla":
             total_units = sum(len(s) for s in model.stages)
