@@ -122,26 +122,13 @@ def _make_data(args) -> int:
     return 0
 
 
-def _dist_setup(device: str):
-    """Initialise torch.distributed under torchrun (gloo on CPU, nccl on CUDA)."""
-    import torch
-    import torch.distributed as dist
+def _dist_setup(device_name: str):
+    """Device and process group under torchrun (the same setup as ``sact train``)."""
+    from ..engine.distributed import resolve_device, setup_distributed
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-        if device.startswith("cuda"):
-            local = int(os.environ.get("LOCAL_RANK", "0"))
-            torch.cuda.set_device(local)
-            device = f"cuda:{local}"
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return device, rank, (dist.get_world_size() if dist.is_initialized() else 1)
-
-
-def _dist_cleanup() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    device = resolve_device(device_name, int(os.environ.get("LOCAL_RANK", "0")))
+    info = setup_distributed(device)
+    return device, info
 
 
 def _loader(dataset, batch_size: int, *, shuffle: bool, workers: int, world: int, seed: int = 0):
@@ -164,7 +151,10 @@ def _train(args) -> int:
     from ..tb import summary_writer
     from ..detection import CocoDetection, build_detector, evaluate, load_backbone_weights, save_detector, train_one_epoch
 
-    device, rank, world = _dist_setup(args.device)
+    from ..engine.distributed import cleanup_distributed
+
+    device, info = _dist_setup(args.device)
+    rank, world = info.rank, info.world_size
     torch.manual_seed(args.seed + rank)
     train_images, train_ann = _split_paths(args, "train")
     val_images, val_ann = _split_paths(args, "val")
@@ -192,7 +182,7 @@ def _train(args) -> int:
     ).to(device)
     ddp = detector
     if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(detector, device_ids=[device] if device.startswith("cuda") else None)
+        ddp = torch.nn.parallel.DistributedDataParallel(detector, device_ids=[device] if device.type == "cuda" else None)
     train_loader = _loader(train_set, args.batch_size, shuffle=True, workers=args.workers, world=world, seed=args.seed)
     val_loader = _loader(val_set, args.batch_size, shuffle=False, workers=args.workers, world=world)
     params = [p for p in detector.parameters() if p.requires_grad]
@@ -239,7 +229,7 @@ def _train(args) -> int:
             atomic_write_bytes(args.out / "metrics.json", json.dumps(doc, indent=2).encode())
     if writer is not None:
         writer.close()
-    _dist_cleanup()
+    cleanup_distributed(info)
     return 0
 
 
@@ -264,7 +254,10 @@ def _eval(args) -> int:
 
     if (args.checkpoint is None) == (args.detections is None):
         raise SystemExit("sact detect eval: give exactly one of --checkpoint and --detections")
-    device, rank, world = _dist_setup(args.device)
+    from ..engine.distributed import cleanup_distributed
+
+    device, info = _dist_setup(args.device)
+    rank, world = info.rank, info.world_size
     val_images, val_ann = _split_paths(args, "val")
     if args.detections is not None:
         dataset = CocoDetection(val_images, val_ann, in_chans=args.in_chans or 1)
@@ -297,7 +290,7 @@ def _eval(args) -> int:
             atomic_write_bytes(args.out / "metrics.json", json.dumps(out, indent=2).encode())
             if args.checkpoint is not None:
                 atomic_write_bytes(args.out / "detections.json", json.dumps(results).encode())
-    _dist_cleanup()
+    cleanup_distributed(info)
     return 0
 
 

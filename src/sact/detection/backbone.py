@@ -121,27 +121,25 @@ def load_backbone_weights(model: AdaptiveResNet, path: str | Path) -> AdaptiveRe
     Loading follows :func:`sact.load_torchvision_weights`: the classifier is skipped
     when its size differs, a 3-channel stem is summed for ``in_chans=1``, halting
     branches missing from the file keep their initialisation, and halting branches in
-    the file are dropped if ``model`` is vanilla.
+    the file are dropped if it was trained in another mode (as :func:`sact.engine.warm_start`).
 
     Raises:
         ValueError: architecture mismatch (the tensors are listed).
     """
     from ..checkpoint import load_checkpoint
+    from ..engine.warm_start import read_torch_state_dict
     from ..models import load_torchvision_weights
 
     p = Path(path)
     if p.suffix in (".pth", ".pt", ".bin"):
-        state = torch.load(p, map_location="cpu", weights_only=True)
-        for key in ("model", "state_dict"):
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
+        state, source_mode = read_torch_state_dict(p), "vanilla"
     else:
         src = load_checkpoint(p)
         want, got = model.sact_config.get("name"), src.sact_config.get("name")
         if want != got:
             raise ValueError(f"checkpoint {path} holds a {got}, the backbone is a {want}")
-        state = src.state_dict()
-    if model.mode == "vanilla":
+        state, source_mode = src.state_dict(), src.mode
+    if source_mode != model.mode:  # halting branches of another mode do not fit: keep ours fresh
         state = {k: v for k, v in state.items() if ".halting." not in k}
     return load_torchvision_weights(model, state, strict_head=False)
 

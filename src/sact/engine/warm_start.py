@@ -14,12 +14,13 @@ from torch import nn
 
 from ..checkpoint import CheckpointError, load_checkpoint
 
-__all__ = ["warm_start"]
+__all__ = ["warm_start", "read_torch_state_dict"]
 
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".tar", ".ckpt")
 
 
-def _torchvision_state(path: Path) -> dict:
+def read_torch_state_dict(path: str | Path) -> dict:
+    """A ``torch.save``d state dict (``{"model"|"state_dict": ...}`` wrappers and ``module.`` prefixes removed)."""
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # corrupt or foreign pickles raise several types
@@ -54,7 +55,7 @@ def warm_start(model: nn.Module, path: str | Path) -> str:
         if not isinstance(model, ResNet):
             raise CheckpointError(f"{path}: torchvision ResNet weights fit only resnet50/101/152, not {type(model).__name__}")
         try:
-            load_torchvision_weights(model, _torchvision_state(path), strict_head=False)
+            load_torchvision_weights(model, read_torch_state_dict(path), strict_head=False)
         except ValueError as e:
             raise CheckpointError(f"{path} does not fit {model.sact_config['name']}: {e}") from e
         return f"torchvision weights from {path} (halting branches fresh)"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from ..act import HaltingState, halting_step
 from ..stage import AdaptiveStage, StageOutput
 from .kernels import Geometry, RowBottleneck0, RowSet, make_halting_kernel, make_unit_kernel
 from .rows import image_index, neighbour_table, rows_view
@@ -81,7 +82,6 @@ class SparseStage(nn.Module):
         nunits = torch.zeros(b, dtype=torch.long, device=x.device)
         dist = x.new_zeros(b, num_u)
         out = None
-        thr = 1.0 - stage.eps
         for n in range(num_u):
             all_run = running.numel() == b
             if n > 0:
@@ -97,30 +97,21 @@ class SparseStage(nn.Module):
                     flops = flops.index_add(0, running, f.to(flops.dtype))
             else:
                 xs = x
+            p = None  # the last unit always halts
             if n < num_u - 1:
                 branch = stage.halting[n]
                 p = branch(xs)  # [b_running]
                 f = branch.flops(xs, None)
                 flops = flops + f if all_run else flops.index_add(0, running, f.to(flops.dtype))
-            else:
-                p = xs.new_ones(xs.shape[0])
-            r_cs, r_rem = cs[running], rem[running]
-            r_cs = r_cs + p
-            cur = r_cs >= thr
-            wgt = torch.where(cur, r_rem, p)
-            inc = torch.where(cur, r_rem, torch.ones_like(p))
-            r_rem = r_rem - torch.where(cur, torch.zeros_like(p), p)
+            new, wgt = _step(cs[running], rem[running], ponder[running], nunits[running], p, stage.eps)
             wx = wgt.view(-1, 1, 1, 1) * xs
             if out is None:
                 out = wx
             else:
                 out = out.index_add(0, running, wx) if not all_run else out + wx
-            ponder[running] = ponder[running] + inc
-            nunits[running] += 1
-            dist[running, n] = wgt
-            cs[running], rem[running] = r_cs, r_rem
-            keep = ~cur
-            running = running[keep]
+            ponder[running], nunits[running], dist[running, n] = new.ponder_cost, new.num_units, wgt
+            cs[running], rem[running] = new.cumsum, new.remainder
+            running = running[~new.finished]
         dist = dist[:, :, None, None].expand(b, num_u, h, w)
         return out, StageOutput(
             ponder.view(b, 1, 1).expand(b, h, w), nunits.view(b, 1, 1).expand(b, h, w), dist, flops
@@ -154,32 +145,27 @@ class SparseStage(nn.Module):
         ponder = X.new_ones(n_rows)
         nunits = torch.zeros(n_rows, dtype=torch.long, device=dev)
         dist = X.new_zeros(num_u, n_rows)
-        thr = 1.0 - stage.eps
         for n in range(num_u):
             idx = rows.idx
             if n > 0:
                 flops = flops + self.unit_kernels[n - 1].run(X, S, rows)
+            p = None  # the last unit always halts
             if n < num_u - 1:
                 p, f = self.halting_kernels[n].run(X, S, rows)
                 flops = flops + f
-            else:
-                p = X.new_ones(idx.numel())
-            cs = cs + p
-            cur = cs >= thr
-            wgt = torch.where(cur, rem, p)
-            inc = torch.where(cur, rem, torch.ones_like(p))
             if rows.all_active:
+                new, wgt = _step(cs, rem, ponder, nunits, p, stage.eps)
                 torch.mul(X[:n_rows], wgt.unsqueeze(1), out=O) if n == 0 else O.addcmul_(X[:n_rows], wgt.unsqueeze(1))
-                ponder = ponder + inc
-                nunits += 1
+                ponder, nunits = new.ponder_cost, new.num_units
                 dist[n] = wgt
             else:
+                new, wgt = _step(cs, rem, ponder.index_select(0, idx), nunits.index_select(0, idx), p, stage.eps)
                 O.index_add_(0, idx, X.index_select(0, idx).mul_(wgt.unsqueeze(1)))
-                ponder.index_put_((idx,), ponder.index_select(0, idx) + inc)
-                nunits.index_put_((idx,), nunits.index_select(0, idx) + 1)
+                ponder.index_copy_(0, idx, new.ponder_cost)
+                nunits.index_copy_(0, idx, new.num_units)
                 dist[n].index_copy_(0, idx, wgt)
-            rem = rem - torch.where(cur, torch.zeros_like(p), p)
-            keep = ~cur
+            cs, rem = new.cumsum, new.remainder
+            keep = ~new.finished
             n_keep = int(keep.sum())
             if n_keep < idx.numel():
                 keep_idx = keep.nonzero().view(-1)
@@ -199,6 +185,15 @@ class SparseStage(nn.Module):
         return out, StageOutput(
             ponder.view(b, h, w), nunits.view(b, h, w), dist.view(num_u, b, h, w).transpose(0, 1).contiguous(), flops
         )
+
+
+def _step(cumsum: Tensor, remainder: Tensor, ponder: Tensor, num_units: Tensor, proba: Tensor | None, eps: float):
+    """:func:`sact.act.halting_step` on the positions still running (none of them finished).
+
+    All arguments are ``[S_active]``; returns ``(new_state, weight)``.
+    """
+    state = HaltingState(cumsum, torch.zeros_like(cumsum, dtype=torch.bool), remainder, ponder, num_units)
+    return halting_step(state, proba, eps=eps)
 
 
 def _out_hw(unit: nn.Module, x: Tensor) -> tuple[int, int]:
