@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from ..halting import SACTHalting
 from ..units import Bottleneck, PreActBasicUnit
+from . import native
 from .fold import bn_scale_shift, conv_as_matrix, fold_conv_bn, foldable_bn
 from .rows import dilate_rows, rows_view
 
@@ -44,6 +45,10 @@ __all__ = [
 #: the dense convolution is less efficient there.
 DEFAULT_DENSE_ABOVE = {"SparseBottleneck": 0.6, "SparseBottleneck@small": 0.85, "SparsePreActBasic": 0.25}
 SMALL_MAP = 256
+#: The native kernels split a row set across threads (one chunk each, single-threaded
+#: GEMMs) when it has at least this many rows per thread; smaller sets run as one chunk
+#: with multi-threaded GEMMs.
+NATIVE_MIN_ROWS = 64
 
 
 @dataclass
@@ -56,6 +61,7 @@ class Geometry:
         img: ``(n,)`` image of each row.
         chunk: rows per chunk of the fused loops.
         poison: fill scratch buffers with NaN before use (debugging).
+        native: use the C++ kernels of :mod:`sact.sparse.native` (decided once per stage call).
     """
 
     batch: int
@@ -66,6 +72,7 @@ class Geometry:
     img: Tensor
     chunk: int = 768
     poison: bool = False
+    native: bool = False
 
     @property
     def n(self) -> int:
@@ -123,6 +130,8 @@ class RowSet:
         if "dil" not in self._cache:
             if self.all_active:
                 self._cache["dil"] = self.idx
+            elif self.geo.native:
+                self._cache["dil"] = native.dilate_rows(self.idx, self.geo.nbr)
             else:
                 g = self.geo
                 self._cache["dil"] = dilate_rows(self.active, g.batch, g.height, g.width).nonzero().view(-1)
@@ -249,6 +258,10 @@ class SparseBottleneck(_UnitKernel):
         width = self.w1.shape[0]
         dil = rows.dilated
         t1 = g.scratch(g.n + 1, width, X, pad_row=True)  # conv1 output rows; pad row = conv2's zero padding
+        if g.native:
+            native.bottleneck_rows(X, S, t1, rows.idx, dil, g.nbr, self.m1, self.b1, self.m2, self.b2, self.m3,
+                                   self.b3, g.hw, g.chunk, NATIVE_MIN_ROWS)
+            return self.flops(rows)
         t = torch.addmm(self.b1, X.index_select(0, dil), self.m1).relu_()
         t1.index_copy_(0, dil, t)
         del t
@@ -448,6 +461,14 @@ class SparseSACTHalting(nn.Module):
     def run(self, X: Tensor, S: Tensor, rows: RowSet) -> tuple[Tensor, Tensor]:
         """``(h (na,), flops [B])``: halting probabilities at the active rows."""
         g = rows.geo
+        br = self.branch
+        mean = (S / g.hw).to(X.dtype).view(g.batch, g.channels, 1, 1)
+        glob = br.global_conv(br.global_act(br.global_bn(mean))).view(g.batch)  # [B]
+        if g.native:
+            s, t = (self.s, self.t) if not self.identity else (self.cz, self.cz)
+            h = native.halting_rows(X, rows.idx, rows.dilated, g.nbr, self.wz, self.cz, s, t, self.slope,
+                                    self.identity, glob.to(S.dtype) + self.bias.to(S.dtype), g.hw)
+            return h, self.flops(rows)
         z = g.scratch(g.n + 1, 9, X, pad_row=True)
         dil = rows.dilated
         if dil.numel() == g.n:
@@ -459,9 +480,6 @@ class SparseSACTHalting(nn.Module):
             z.index_copy_(0, dil, self._project(X.index_select(0, dil)))
         cols = torch.arange(9, device=X.device)
         local = z.view(-1).index_select(0, (rows.nbr * 9 + cols).view(-1)).view(-1, 9).sum(1) + self.bias
-        br = self.branch
-        mean = (S / g.hw).to(X.dtype).view(g.batch, g.channels, 1, 1)
-        glob = br.global_conv(br.global_act(br.global_bn(mean))).view(g.batch)  # [B]
         if not rows.all_active:
             glob = glob.index_select(0, g.img.index_select(0, rows.idx))
         else:

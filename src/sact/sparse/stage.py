@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ..act import HaltingState, halting_step
 from ..stage import AdaptiveStage, StageOutput
+from . import native
 from .kernels import Geometry, RowBottleneck0, RowSet, make_halting_kernel, make_unit_kernel
 from .rows import image_index, neighbour_table, rows_view
 
@@ -134,7 +135,8 @@ class SparseStage(nn.Module):
             rows_view(X, b, h, w).copy_(x0)
             del x0
         dev, dt = X.device, X.dtype
-        geo = Geometry(b, h, w, c, neighbour_table(b, h, w, dev), image_index(b, h, w, dev), self.chunk_rows, self.poison)
+        geo = Geometry(b, h, w, c, neighbour_table(b, h, w, dev), image_index(b, h, w, dev), self.chunk_rows, self.poison,
+                       native.use_for(X))
         n_rows = geo.n
         acc = torch.float32 if dt in (torch.float16, torch.bfloat16) else dt
         S = X[:n_rows].view(b, h * w, c).sum(1, dtype=acc)  # [B, C] running sums for the global halting term
@@ -160,7 +162,10 @@ class SparseStage(nn.Module):
                 dist[n] = wgt
             else:
                 new, wgt = _step(cs, rem, ponder.index_select(0, idx), nunits.index_select(0, idx), p, stage.eps)
-                O.index_add_(0, idx, X.index_select(0, idx).mul_(wgt.unsqueeze(1)))
+                if geo.native:
+                    native.accumulate_rows(O, X, idx, wgt)
+                else:
+                    O.index_add_(0, idx, X.index_select(0, idx).mul_(wgt.unsqueeze(1)))
                 ponder.index_copy_(0, idx, new.ponder_cost)
                 nunits.index_copy_(0, idx, new.num_units)
                 dist[n].index_copy_(0, idx, wgt)

@@ -1,0 +1,389 @@
+// Native CPU row kernels of the sact sparse engine (see sact/sparse/native.py).
+//
+// The row layout is the one of sact/sparse/rows.py: a stage's features are the rows of a
+// contiguous (N + 1, C) matrix X, row p = (b*H + y)*W + x, the last row (index N) all zeros;
+// nbr (N, 9) holds the rows of the 3x3 neighbours (N outside the image).
+//
+// Each kernel fuses gather -> GEMM -> epilogue -> scatter per chunk of rows. With enough rows
+// the chunks run in parallel (one thread per chunk, single-threaded GEMMs, everything of a
+// chunk stays in cache); with few rows there is one chunk whose GEMMs use every thread and
+// whose gathers and epilogues are split across threads. GEMMs are ATen's (MKL / oneDNN /
+// OpenBLAS, whatever torch was built with); everything else is plain loops.
+//
+// These kernels must compute what the pure-PyTorch kernels of sact/sparse/kernels.py
+// compute (tests/test_sparse_native.py compares them on random rows).
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <mutex>
+#include <vector>
+
+using at::Tensor;
+
+namespace {
+
+void check_rows_buffer(const Tensor& X, const char* name) {
+  TORCH_CHECK(X.device().is_cpu(), name, " must be on the CPU");
+  TORCH_CHECK(X.dim() == 2 && X.is_contiguous(), name, " must be a contiguous (rows, channels) matrix");
+}
+
+void check_index(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.is_contiguous(), name,
+              " must be a contiguous int64 CPU tensor");
+}
+
+// Chunks of `total` rows: enough to give every thread work when there are at least
+// `min_rows` rows per thread, else one chunk (whose GEMMs are multi-threaded).
+std::vector<std::pair<int64_t, int64_t>> plan_chunks(int64_t total, int64_t chunk, int64_t min_rows) {
+  std::vector<std::pair<int64_t, int64_t>> out;
+  if (total <= 0) return out;
+  const int64_t threads = at::get_num_threads();
+  int64_t n = (total + chunk - 1) / chunk;
+  if (threads > 1 && total >= threads * min_rows) {
+    n = std::max(n, threads);
+    n = ((n + threads - 1) / threads) * threads;  // a multiple of the thread count
+  } else if (total < threads * min_rows) {
+    n = 1;
+  }
+  const int64_t base = total / n, extra = total % n;
+  int64_t s = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t e = s + base + (i < extra ? 1 : 0);
+    out.emplace_back(s, e);
+    s = e;
+  }
+  return out;
+}
+
+// Runs f(begin, end) over chunks: in parallel (nested work inside runs serially) when there
+// is more than one chunk, else directly (nested at::parallel_for then uses every thread).
+template <typename F>
+void for_each_chunk(const std::vector<std::pair<int64_t, int64_t>>& chunks, const F& f) {
+  if (chunks.size() == 1) {
+    f(chunks[0].first, chunks[0].second);
+    return;
+  }
+  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) f(chunks[i].first, chunks[i].second);
+  });
+}
+
+// Per-image channel sums accumulated locally and flushed under a lock when the image changes.
+template <typename acc_t>
+struct SumAccumulator {
+  acc_t* S;
+  int64_t C;
+  std::mutex* lock;
+  std::vector<acc_t> local;
+  int64_t image = -1;
+  SumAccumulator(acc_t* S_, int64_t C_, std::mutex* lock_) : S(S_), C(C_), lock(lock_), local(C_, acc_t(0)) {}
+  acc_t* at_image(int64_t img) {
+    if (img != image) {
+      flush();
+      image = img;
+    }
+    return local.data();
+  }
+  void flush() {
+    if (image < 0) return;
+    std::lock_guard<std::mutex> g(*lock);
+    acc_t* dst = S + image * C;
+    for (int64_t j = 0; j < C; ++j) {
+      dst[j] += local[j];
+      local[j] = acc_t(0);
+    }
+    image = -1;
+  }
+};
+
+template <typename scalar_t>
+void bottleneck_rows_impl(Tensor& X, Tensor& S, Tensor& t1, const Tensor& idx, const Tensor& dil,
+                          const Tensor& nbr, const Tensor& m1, const Tensor& b1, const Tensor& m2,
+                          const Tensor& b2, const Tensor& m3, const Tensor& b3, int64_t hw, int64_t chunk,
+                          int64_t min_rows) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = X.size(1), W = m1.size(1), N = nbr.size(0);
+  const int64_t na = idx.numel(), nd = dil.numel();
+  scalar_t* Xp = X.data_ptr<scalar_t>();
+  scalar_t* Tp = t1.data_ptr<scalar_t>();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  const int64_t* dp = dil.data_ptr<int64_t>();
+  const int64_t* np = nbr.data_ptr<int64_t>();
+  const scalar_t* b1p = b1.data_ptr<scalar_t>();
+  const scalar_t* b2p = b2.data_ptr<scalar_t>();
+  const scalar_t* b3p = b3.data_ptr<scalar_t>();
+  acc_t* Sp = S.data_ptr<acc_t>();
+  const auto opts = X.options();
+  const bool all_dil = nd == N;
+
+  // conv1 (1x1) + bias + ReLU at the dilated rows, into t1.
+  for_each_chunk(plan_chunks(nd, chunk, min_rows), [&](int64_t s, int64_t e) {
+    const int64_t m = e - s;
+    Tensor A;
+    if (all_dil) {
+      A = X.narrow(0, s, m);  // rows s..e are contiguous
+    } else {
+      A = at::empty({m, C}, opts);
+      scalar_t* Ap = A.data_ptr<scalar_t>();
+      at::parallel_for(0, m, 64, [&](int64_t b, int64_t f) {
+        for (int64_t i = b; i < f; ++i) std::memcpy(Ap + i * C, Xp + dp[s + i] * C, C * sizeof(scalar_t));
+      });
+    }
+    Tensor R = all_dil ? t1.narrow(0, s, m) : at::empty({m, W}, opts);
+    at::mm_out(R, A, m1);
+    scalar_t* Rp = R.data_ptr<scalar_t>();
+    at::parallel_for(0, m, 64, [&](int64_t b, int64_t f) {
+      for (int64_t i = b; i < f; ++i) {
+        const scalar_t* r = Rp + i * W;
+        scalar_t* dst = Tp + (all_dil ? s + i : dp[s + i]) * W;
+        for (int64_t j = 0; j < W; ++j) {
+          const acc_t v = static_cast<acc_t>(r[j]) + static_cast<acc_t>(b1p[j]);
+          dst[j] = static_cast<scalar_t>(v > acc_t(0) ? v : acc_t(0));
+        }
+      }
+    });
+  });
+
+  // conv2 (3x3 on gathered neighbours) + ReLU -> conv3 (1x1) + residual + ReLU at the active rows.
+  std::mutex lock;
+  for_each_chunk(plan_chunks(na, chunk, min_rows), [&](int64_t s, int64_t e) {
+    const int64_t m = e - s;
+    Tensor G = at::empty({m, 9 * W}, opts);
+    scalar_t* Gp = G.data_ptr<scalar_t>();
+    at::parallel_for(0, m, 32, [&](int64_t b, int64_t f) {
+      for (int64_t i = b; i < f; ++i) {
+        const int64_t* nb = np + ip[s + i] * 9;
+        for (int64_t k = 0; k < 9; ++k) std::memcpy(Gp + (i * 9 + k) * W, Tp + nb[k] * W, W * sizeof(scalar_t));
+      }
+    });
+    Tensor R = at::empty({m, W}, opts);
+    at::mm_out(R, G, m2);
+    scalar_t* Rp = R.data_ptr<scalar_t>();
+    at::parallel_for(0, m * W, 4096, [&](int64_t b, int64_t f) {
+      for (int64_t i = b; i < f; ++i) {
+        const acc_t v = static_cast<acc_t>(Rp[i]) + static_cast<acc_t>(b2p[i % W]);
+        Rp[i] = static_cast<scalar_t>(v > acc_t(0) ? v : acc_t(0));
+      }
+    });
+    Tensor Y = at::empty({m, C}, opts);
+    at::mm_out(Y, R, m3);
+    const scalar_t* Yp = Y.data_ptr<scalar_t>();
+    at::parallel_for(0, m, 16, [&](int64_t b, int64_t f) {
+      SumAccumulator<acc_t> sums(Sp, C, &lock);
+      for (int64_t i = b; i < f; ++i) {
+        const int64_t row = ip[s + i];
+        acc_t* loc = sums.at_image(row / hw);
+        scalar_t* x = Xp + row * C;
+        const scalar_t* y = Yp + i * C;
+        for (int64_t j = 0; j < C; ++j) {
+          // (conv3 + bias) + residual, then ReLU: the order of the pure-PyTorch kernel.
+          const scalar_t r = static_cast<scalar_t>(static_cast<acc_t>(y[j]) + static_cast<acc_t>(b3p[j]));
+          acc_t v = static_cast<acc_t>(r) + static_cast<acc_t>(x[j]);
+          v = v > acc_t(0) ? v : acc_t(0);
+          const scalar_t nv = static_cast<scalar_t>(v);
+          loc[j] += static_cast<acc_t>(nv) - static_cast<acc_t>(x[j]);
+          x[j] = nv;
+        }
+      }
+      sums.flush();
+    });
+  });
+}
+
+// X (N+1, C) rows, updated in place at the rows idx; S (B, C) per-image channel sums kept up
+// to date; t1 (N+1, W) scratch whose last row is zero (conv2's padding).
+void bottleneck_rows(Tensor X, Tensor S, Tensor t1, Tensor idx, Tensor dil, Tensor nbr, Tensor m1, Tensor b1,
+                     Tensor m2, Tensor b2, Tensor m3, Tensor b3, int64_t hw, int64_t chunk, int64_t min_rows) {
+  check_rows_buffer(X, "X");
+  check_rows_buffer(t1, "t1");
+  check_index(idx, "idx");
+  check_index(dil, "dil");
+  check_index(nbr, "nbr");
+  const int64_t C = X.size(1), W = m1.size(1), N = nbr.size(0);
+  TORCH_CHECK(X.size(0) == N + 1 && t1.size(0) == N + 1 && t1.size(1) == W, "buffer shapes do not match nbr");
+  TORCH_CHECK(nbr.dim() == 2 && nbr.size(1) == 9, "nbr must be (N, 9)");
+  TORCH_CHECK(m1.size(0) == C && m2.size(0) == 9 * W && m2.size(1) == W && m3.size(0) == W && m3.size(1) == C,
+              "weight matrices do not match the buffers");
+  TORCH_CHECK(S.is_contiguous() && S.dim() == 2 && S.size(1) == C && S.size(0) * hw == N, "S must be (B, C)");
+  TORCH_CHECK(S.scalar_type() == at::toOpMathType(X.scalar_type()), "S must have X's accumulation dtype");
+  TORCH_CHECK(chunk > 0 && min_rows > 0, "chunk and min_rows must be positive");
+  for (const Tensor* t : {&t1, &m1, &b1, &m2, &b2, &m3, &b3}) {
+    TORCH_CHECK(t->scalar_type() == X.scalar_type() && t->is_contiguous() && t->device().is_cpu(),
+                "weights and scratch must be contiguous CPU tensors of X's dtype");
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, X.scalar_type(), "bottleneck_rows", [&] {
+    bottleneck_rows_impl<scalar_t>(X, S, t1, idx, dil, nbr, m1, b1, m2, b2, m3, b3, hw, chunk, min_rows);
+  });
+}
+
+template <typename scalar_t>
+Tensor halting_rows_impl(const Tensor& X, const Tensor& idx, const Tensor& dil, const Tensor& nbr, const Tensor& wz,
+                         const Tensor& cz, const Tensor& scale, const Tensor& shift, double slope, bool identity,
+                         const Tensor& glob, int64_t hw) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const auto acc_type = at::toOpMathType(X.scalar_type());
+  const int64_t C = X.size(1), N = nbr.size(0), na = idx.numel(), nd = dil.numel();
+  const bool all_dil = nd == N;
+  const scalar_t* Xp = X.data_ptr<scalar_t>();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  const int64_t* dp = dil.data_ptr<int64_t>();
+  const int64_t* np = nbr.data_ptr<int64_t>();
+  // The dilated rows, after BN + activation unless those are folded into wz (identity).
+  Tensor A;
+  if (identity && all_dil) {
+    A = X.narrow(0, 0, N);
+  } else {
+    A = at::empty({nd, C}, X.options());
+    scalar_t* Ap = A.data_ptr<scalar_t>();
+    const Tensor sc = identity ? Tensor() : scale.to(acc_type).contiguous();
+    const Tensor tc = identity ? Tensor() : shift.to(acc_type).contiguous();
+    const acc_t* sp = identity ? nullptr : sc.data_ptr<acc_t>();
+    const acc_t* tp = identity ? nullptr : tc.data_ptr<acc_t>();
+    const acc_t sl = static_cast<acc_t>(slope);
+    at::parallel_for(0, nd, 64, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const scalar_t* x = Xp + dp[i] * C;
+        scalar_t* a = Ap + i * C;
+        if (identity) {
+          std::memcpy(a, x, C * sizeof(scalar_t));
+          continue;
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          // act(bn(x)) rounded to the row dtype, as the pure-PyTorch kernel computes it
+          const scalar_t p = static_cast<scalar_t>(sp[c] * static_cast<acc_t>(x[c]) + tp[c]);
+          const acc_t v = static_cast<acc_t>(p);
+          a[c] = static_cast<scalar_t>(v > acc_t(0) ? v : v * sl);
+        }
+      }
+    });
+  }
+  // Z (nd, 9): the nine per-tap projections of the dilated rows (one GEMM).
+  const Tensor Zm = at::mm(A, wz.to(X.scalar_type()).contiguous());
+  const scalar_t* Zmp = Zm.data_ptr<scalar_t>();
+  const Tensor czc = cz.to(acc_type).contiguous();
+  const acc_t* czp = czc.data_ptr<acc_t>();
+  // Scatter into a row-indexed table whose pad row (N) is zero: Z[row, k] (rounded like the pure kernel).
+  std::vector<scalar_t> Z((N + 1) * 9);
+  for (int k = 0; k < 9; ++k) Z[N * 9 + k] = scalar_t(0);
+  at::parallel_for(0, nd, 512, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      scalar_t* z = Z.data() + (all_dil ? i : dp[i]) * 9;
+      for (int k = 0; k < 9; ++k) z[k] = static_cast<scalar_t>(static_cast<acc_t>(Zmp[i * 9 + k]) + czp[k]);
+    }
+  });
+  // h = sigmoid(sum_k Z[nbr[p, k], k] + glob[image]) at the active rows.
+  Tensor h = at::empty({na}, X.options());
+  scalar_t* hp = h.data_ptr<scalar_t>();
+  const Tensor gc = glob.to(acc_type).contiguous();
+  const acc_t* gp = gc.data_ptr<acc_t>();
+  const scalar_t* Zp = Z.data();
+  at::parallel_for(0, na, 256, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t row = ip[i];
+      const int64_t* nb = np + row * 9;
+      acc_t local = 0;
+      for (int k = 0; k < 9; ++k) local += static_cast<acc_t>(Zp[nb[k] * 9 + k]);
+      const acc_t logit = local + gp[row / hw];
+      hp[i] = static_cast<scalar_t>(acc_t(1) / (acc_t(1) + std::exp(-logit)));
+    }
+  });
+  return h;
+}
+
+// Halting probabilities of a SACT branch at the rows idx: the 3x3 local term from the
+// dilated rows (activation act(scale*x + shift) unless identity, whose BN is folded into
+// wz (C, 9) and cz (9)), plus glob (B) = the global term and the local conv's bias.
+Tensor halting_rows(Tensor X, Tensor idx, Tensor dil, Tensor nbr, Tensor wz, Tensor cz, Tensor scale, Tensor shift,
+                    double slope, bool identity, Tensor glob, int64_t hw) {
+  check_rows_buffer(X, "X");
+  check_index(idx, "idx");
+  check_index(dil, "dil");
+  check_index(nbr, "nbr");
+  const int64_t C = X.size(1), N = nbr.size(0);
+  TORCH_CHECK(X.size(0) == N + 1, "X must have N + 1 rows");
+  TORCH_CHECK(wz.dim() == 2 && wz.size(0) == C && wz.size(1) == 9 && cz.numel() == 9, "wz must be (C, 9), cz (9,)");
+  TORCH_CHECK(identity || (scale.numel() == C && shift.numel() == C), "scale and shift must have C entries");
+  TORCH_CHECK(hw > 0 && N % hw == 0 && glob.numel() == N / hw, "glob must have one entry per image");
+  Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, X.scalar_type(), "halting_rows", [&] {
+    out = halting_rows_impl<scalar_t>(X, idx, dil, nbr, wz, cz, scale, shift, slope, identity, glob, hw);
+  });
+  return out;
+}
+
+// Sorted rows whose 3x3 neighbourhood contains a row of idx (the dilated set).
+Tensor dilate_rows(Tensor idx, Tensor nbr) {
+  check_index(idx, "idx");
+  check_index(nbr, "nbr");
+  const int64_t N = nbr.size(0), na = idx.numel();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  const int64_t* np = nbr.data_ptr<int64_t>();
+  std::vector<uint8_t> mark(N + 1, 0);
+  for (int64_t i = 0; i < na; ++i) {
+    const int64_t row = ip[i];
+    TORCH_CHECK(row >= 0 && row < N, "row index out of range");
+    const int64_t* nb = np + row * 9;
+    for (int k = 0; k < 9; ++k) mark[nb[k]] = 1;  // 3x3 is symmetric: neighbours of p see p
+  }
+  int64_t count = 0;
+  for (int64_t r = 0; r < N; ++r) count += mark[r];
+  Tensor out = at::empty({count}, idx.options());
+  int64_t* op = out.data_ptr<int64_t>();
+  for (int64_t r = 0, j = 0; r < N; ++r)
+    if (mark[r]) op[j++] = r;
+  return out;
+}
+
+// out[idx[i]] += w[i] * X[idx[i]] (rows), the stage output accumulation.
+void accumulate_rows(Tensor out, Tensor X, Tensor idx, Tensor w) {
+  check_rows_buffer(X, "X");
+  check_rows_buffer(out, "out");
+  check_index(idx, "idx");
+  TORCH_CHECK(out.size(1) == X.size(1) && out.size(0) <= X.size(0), "out must be (N, C)");
+  TORCH_CHECK(w.numel() == idx.numel() && w.scalar_type() == X.scalar_type() && w.is_contiguous(),
+              "w must have one entry per row, X's dtype");
+  TORCH_CHECK(out.scalar_type() == X.scalar_type(), "out must have X's dtype");
+  const int64_t C = X.size(1), na = idx.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, X.scalar_type(), "accumulate_rows", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const scalar_t* xp = X.data_ptr<scalar_t>();
+    const scalar_t* wp = w.data_ptr<scalar_t>();
+    const int64_t* ip = idx.data_ptr<int64_t>();
+    at::parallel_for(0, na, 64, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        const int64_t row = ip[i];
+        const acc_t wi = static_cast<acc_t>(wp[i]);
+        scalar_t* o = op + row * C;
+        const scalar_t* x = xp + row * C;
+        for (int64_t j = 0; j < C; ++j)
+          o[j] = static_cast<scalar_t>(static_cast<acc_t>(o[j]) + static_cast<acc_t>(static_cast<scalar_t>(wi * static_cast<acc_t>(x[j]))));
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(sact_native, m) {
+  m.def("bottleneck_rows(Tensor(a!) X, Tensor(b!) S, Tensor(c!) t1, Tensor idx, Tensor dil, Tensor nbr, Tensor m1, "
+        "Tensor b1, Tensor m2, Tensor b2, Tensor m3, Tensor b3, int hw, int chunk, int min_rows) -> ()");
+  m.def("halting_rows(Tensor X, Tensor idx, Tensor dil, Tensor nbr, Tensor wz, Tensor cz, Tensor scale, "
+        "Tensor shift, float slope, bool identity, Tensor glob, int hw) -> Tensor");
+  m.def("dilate_rows(Tensor idx, Tensor nbr) -> Tensor");
+  m.def("accumulate_rows(Tensor(a!) out, Tensor X, Tensor idx, Tensor w) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(sact_native, CPU, m) {
+  m.impl("bottleneck_rows", &bottleneck_rows);
+  m.impl("halting_rows", &halting_rows);
+  m.impl("dilate_rows", &dilate_rows);
+  m.impl("accumulate_rows", &accumulate_rows);
+}
