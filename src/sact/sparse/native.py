@@ -17,6 +17,7 @@ the engine warns once and uses the pure-PyTorch kernels.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import platform
 import threading
@@ -57,7 +58,15 @@ def _build_name() -> str:
 
 def build(*, verbose: bool = False) -> None:
     """Compile (or load the cached build of) the native kernels; raises on failure."""
-    from torch.utils.cpp_extension import load
+    # Importing cpp_extension logs "No CUDA runtime is found" on CPU-only machines; these
+    # kernels are CPU-only, so the line is noise.
+    log = logging.getLogger("torch.utils.cpp_extension")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        from torch.utils.cpp_extension import load
+    finally:
+        log.setLevel(level)
 
     flags = ["-O3", "-fopenmp"]
     if platform.machine() in ("x86_64", "AMD64"):
