@@ -465,8 +465,8 @@ class SparseSACTHalting(nn.Module):
         mean = (S / g.hw).to(X.dtype).view(g.batch, g.channels, 1, 1)
         glob = br.global_conv(br.global_act(br.global_bn(mean))).view(g.batch)  # [B]
         if g.native:
-            s, t = (self.s, self.t) if not self.identity else (self.cz, self.cz)
-            h = native.halting_rows(X, rows.idx, rows.dilated, g.nbr, self.wz, self.cz, s, t, self.slope,
+            # s, t are empty when BN is folded into wz (identity activation); the kernel ignores them then.
+            h = native.halting_rows(X, rows.idx, rows.dilated, g.nbr, self.wz, self.cz, self.s, self.t, self.slope,
                                     self.identity, glob.to(S.dtype) + self.bias.to(S.dtype), g.hw)
             return h, self.flops(rows)
         z = g.scratch(g.n + 1, 9, X, pad_row=True)
