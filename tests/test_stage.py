@@ -115,3 +115,26 @@ def test_parameter_names_follow_torchvision():
     names = [n for n, _ in stage.named_parameters()]
     assert "0.conv.weight" in names and "1.conv.weight" in names
     assert any(n.startswith("halting.0.local_conv") for n in names)
+
+
+def test_act_training_runs_every_unit_on_every_image():
+    """Reference 'act' (``adaptive_computation_time_wrapper``): all units run on all images,
+    halting only weights the outputs, so BatchNorm batch statistics are those of the plain chain."""
+    from sact.units import PreActBasicUnit
+
+    torch.manual_seed(0)
+    units = [PreActBasicUnit(4, 4) for _ in range(3)]
+    stage = AdaptiveStage(units, mode="act").train()
+    stage.halting[0].global_conv.bias.data.fill_(10.0)  # every image halts after unit 0
+    plain = [PreActBasicUnit(4, 4) for _ in range(3)]
+    for p, u in zip(plain, units):
+        p.load_state_dict(u.state_dict())
+    x = torch.randn(5, 4, 6, 6)
+    y, out = stage(x)
+    assert (out.num_units == 1).all()
+    ref = x
+    for p in plain:
+        ref = p(ref)
+    for p, u in zip(plain, units):  # later units saw the evolving (not frozen) features
+        torch.testing.assert_close(u.bn1.running_mean, p.bn1.running_mean)
+        torch.testing.assert_close(u.bn2.running_var, p.bn2.running_var)

@@ -151,7 +151,9 @@ class AdaptiveStage(nn.Module):
             if n > 0:
                 mask = _as_mask(state.active, x)  # [B, 1, H, W]: 1 where still running
                 flops = flops + unit.flops(x, mask)
-                x = unit(x, mask)
+                # ACT runs every unit on every image, as the reference's wrapper does (halted
+                # images get weight 0; BatchNorm batch statistics then match the reference's).
+                x = unit(x, mask if spatial else None)
             if n < num_u - 1:
                 branch = self.halting[n]
                 proba = branch(x)  # [B, H, W] (SACT) or [B] (ACT)
