@@ -237,3 +237,28 @@ def test_halting_branch_init():
     assert ((s(x) > 0) & (s(x) < 1)).all()
     with pytest.raises(ValueError, match="channels must be positive, got 0"):
         SACTHalting(0)
+
+
+@pytest.mark.parametrize("mode", ["act", "sact"])
+@pytest.mark.parametrize("name", ["resnet20_cifar", "resnet50", "resnet50_v2"])
+def test_stage_flops_from_counts_equal_the_loop(name, mode):
+    """The vectorised counts-based FLOPs (for whole-stage executors) equal the loop's count."""
+    from sact.flops import dilate_mask
+
+    model = small(name, mode).eval()
+    set_halting_bias(model, 0.0)
+    x = small_input(name, batch=3)
+    with torch.no_grad():
+        x_in, _ = model.forward_stem(x)
+        for stage in model.stages:
+            y, so = stage(x_in)
+            b, h, w = so.num_units.shape
+            if mode == "sact":
+                masks = [so.num_units.unsqueeze(1) > n for n in range(stage.num_units)]
+                active = torch.stack([m.flatten(1).sum(1) for m in masks])
+                dilated = torch.stack([dilate_mask(m).flatten(1).sum(1) for m in masks])
+                got = stage.flops_from_counts(x_in, active, dilated)
+            else:
+                got = stage.flops_from_num_units(x_in, so.num_units[:, 0, 0], h * w)
+            assert torch.equal(got, so.flops)
+            x_in = y

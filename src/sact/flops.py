@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["conv_flops", "linear_flops", "dilate_mask", "mask_positions", "count_model_flops"]
+__all__ = ["conv_flops", "linear_flops", "dilate_mask", "mask_positions", "masked_flops", "count_model_flops"]
 
 
 def _macs_per_position(conv: nn.Conv2d) -> int:
@@ -67,6 +67,23 @@ def mask_positions(mask: Tensor | None, batch: int, height: int, width: int, dev
     if mask is None:
         return torch.full((batch,), height * width, dtype=torch.long, device=device)
     return (mask != 0).flatten(1).sum(1)
+
+
+def masked_flops(rates: tuple[int, int, int], mask: Tensor) -> Tensor:
+    """``[B]`` FLOPs of a stride-1 unit run under ``mask`` from its ``masked_flop_rates()``.
+
+    Args:
+        rates: ``(per dilated position, per active position, per position of the map)``:
+            the unit's first convolution runs on the 3x3-dilated mask, the rest on the mask,
+            and parts that ignore the mask (a projection shortcut) everywhere.
+        mask: ``[B, 1, H, W]`` 0/1 (or bool).
+    """
+    per_dilated, per_active, everywhere = rates
+    b, _, h, w = mask.shape
+    total = per_active * mask_positions(mask, b, h, w)
+    if per_dilated:
+        total = total + per_dilated * mask_positions(dilate_mask(mask), b, h, w)
+    return total + everywhere * h * w
 
 
 def count_model_flops(model: nn.Module, x: Tensor) -> int:

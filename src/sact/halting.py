@@ -74,7 +74,11 @@ class ACTHalting(nn.Module):
         """``[B]`` FLOPs: the 1x1 conv, for images that still run this unit."""
         b = x.shape[0]
         active = torch.ones(b, dtype=torch.long, device=x.device) if mask is None else (mask.flatten(1) != 0).any(1).long()
-        return conv_flops(self.global_conv, active)
+        return self.flop_rates()[1] * active
+
+    def flop_rates(self) -> tuple[int, int]:
+        """``(per active position, per image)`` FLOPs: the 1x1 conv once per running image."""
+        return 0, conv_flops(self.global_conv, 1)
 
 
 class SACTHalting(nn.Module):
@@ -131,8 +135,13 @@ class SACTHalting(nn.Module):
     def flops(self, x: Tensor, mask: Tensor | None) -> Tensor:
         """``[B]`` FLOPs: local conv over the active positions, global 1x1 conv always."""
         b, _, h, w = x.shape
-        positions = mask_positions(mask, b, h, w, device=x.device)
-        return conv_flops(self.local_conv, positions) + conv_flops(self.global_conv, 1)
+        per_position, per_image = self.flop_rates()
+        return per_position * mask_positions(mask, b, h, w, device=x.device) + per_image
+
+    def flop_rates(self) -> tuple[int, int]:
+        """``(per active position, per image)`` FLOPs: the local conv where the branch is
+        evaluated, the global 1x1 conv once per image (always, as the reference counts it)."""
+        return conv_flops(self.local_conv, 1), conv_flops(self.global_conv, 1)
 
 
 def make_halting(mode: str, channels: int, **kwargs) -> nn.Module:

@@ -174,6 +174,59 @@ class AdaptiveStage(nn.Module):
         return out, StageOutput(ponder, num_units, dist, flops)
 
 
+    # ---- FLOPs from the halting outcome (for executors that do not run the Python loop) ----
+
+    def _flop_rates(self) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
+        """Per unit ``n``: masked rates of unit ``n`` (0 for unit 0) and rates of halting branch ``n``."""
+        if getattr(self, "_rates_cache", None) is None:
+            for i, u in enumerate(self.units[1:], start=1):
+                if not hasattr(u, "masked_flop_rates"):
+                    raise TypeError(f"unit {i} ({type(u).__name__}) has no masked_flop_rates(); use its flops()")
+            unit_rates = [(0, 0, 0)] + [u.masked_flop_rates() for u in self.units[1:]]
+            halt_rates = [b.flop_rates() for b in self.halting] + [(0, 0)] if self.halting is not None else []
+            object.__setattr__(self, "_rates_cache", (
+                [r[0] for r in unit_rates], [r[1] for r in unit_rates], [r[2] for r in unit_rates],
+                [r[0] for r in halt_rates], [r[1] for r in halt_rates],
+            ))
+        return self._rates_cache
+
+    def flops_from_counts(self, x: Tensor, active: Tensor, dilated: Tensor) -> Tensor:
+        """``[B]`` FLOPs of a SACT stage from its per-unit position counts.
+
+        The same formulas as the units' and branches' ``flops`` (their ``masked_flop_rates`` /
+        ``flop_rates``), vectorised: for executors that know the counts without masks.
+
+        Args:
+            x: the stage input ``[B, C_in, H_in, W_in]`` (its shape gives unit 0's FLOPs).
+            active: ``[U, B]`` int64, positions unit ``n`` (and halting branch ``n``) ran at;
+                row 0 is every position of the stage's map.
+            dilated: ``[U, B]`` int64, positions of the 3x3-dilated active set (row 0 unused).
+        """
+        rd, ra, re, hr, hi = self._flop_rates()
+        hw = int(active[0, 0]) if active.shape[1] else 0
+        coef_a = torch.tensor([a + h for a, h in zip(ra, hr)], dtype=active.dtype, device=active.device)
+        coef_d = torch.tensor(rd, dtype=active.dtype, device=active.device)
+        total = (coef_a[:, None] * active).sum(0) + (coef_d[:, None] * dilated).sum(0)
+        return self.units[0].flops(x, None) + total + (sum(hi) + sum(re) * hw)
+
+    def flops_from_num_units(self, x: Tensor, num_units: Tensor, hw: int) -> Tensor:
+        """``[B]`` FLOPs of an ACT stage whose images ran ``num_units`` ``[B]`` units each.
+
+        Args:
+            x: the stage input (its shape gives unit 0's FLOPs).
+            num_units: ``[B]`` int64 in ``1..U``.
+            hw: positions of the stage's feature map.
+        """
+        rd, ra, re, hr, hi = self._flop_rates()
+        # cum[k]: FLOPs of units 1..k and halting branches 0..k (an image that ran k + 1 units)
+        cum, acc = [], 0
+        for n in range(self.num_units):
+            acc += (rd[n] + ra[n] + re[n] + hr[n]) * hw + hi[n]
+            cum.append(acc)
+        table = torch.tensor(cum, dtype=torch.long, device=num_units.device)
+        return self.units[0].flops(x, None) + table.index_select(0, num_units - 1)
+
+
 def _as_mask(active: Tensor, x: Tensor) -> Tensor:
     """``active`` ``[B, H, W]`` or ``[B]`` -> ``[B, 1, H, W]`` 0/1 mask of ``x``'s dtype."""
     b, _, h, w = x.shape

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .flops import conv_flops, dilate_mask, mask_positions
+from .flops import conv_flops, masked_flops, mask_positions
 
 __all__ = ["ResidualUnit", "Bottleneck", "PreActBasicUnit", "Conv2dSame", "apply_mask"]
 
@@ -154,9 +154,12 @@ class Bottleneck(nn.Module):
             return total
         if self.stride != 1:
             raise ValueError("a masked unit must have stride 1")
-        n_dilated = _positions(x, dilate_mask(mask))
-        n_active = _positions(x, mask)
-        return conv_flops(self.conv1, n_dilated) + conv_flops(self.conv2, n_active) + conv_flops(self.conv3, n_active)
+        return masked_flops(self.masked_flop_rates(), mask)
+
+    def masked_flop_rates(self) -> tuple[int, int, int]:
+        """FLOPs under a mask: per dilated position (``conv1``), per active position
+        (``conv2``, ``conv3``), per position of the map (none)."""
+        return conv_flops(self.conv1, 1), conv_flops(self.conv2, 1) + conv_flops(self.conv3, 1), 0
 
 
 class PreActBasicUnit(nn.Module):
@@ -221,4 +224,9 @@ class PreActBasicUnit(nn.Module):
             return conv_flops(self.conv1, n_out) + conv_flops(self.conv2, n_out)
         if self.stride != 1:
             raise ValueError("a masked unit must have stride 1")
-        return conv_flops(self.conv1, _positions(x, dilate_mask(mask))) + conv_flops(self.conv2, _positions(x, mask))
+        return masked_flops(self.masked_flop_rates(), mask)
+
+    def masked_flop_rates(self) -> tuple[int, int, int]:
+        """FLOPs under a mask: per dilated position (``conv1``), per active position (``conv2``),
+        per position of the map (none)."""
+        return conv_flops(self.conv1, 1), conv_flops(self.conv2, 1), 0

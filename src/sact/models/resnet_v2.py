@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..flops import conv_flops, dilate_mask, linear_flops, mask_positions
+from ..flops import conv_flops, linear_flops, mask_positions, masked_flops
 from ..halting import make_halting
 from ..stage import AdaptiveStage
 from ..units import Conv2dSame, NormFactory, apply_mask
@@ -142,13 +142,16 @@ class PreActBottleneck(nn.Module):
             return total + conv_flops(self.conv1, n_in) + conv_flops(self.conv2, n_out) + conv_flops(self.conv3, n_out)
         if self.stride != 1:
             raise ValueError("a masked unit must have stride 1")
-        n_active = _positions(x, mask)
-        return (
-            total
-            + conv_flops(self.conv1, _positions(x, dilate_mask(mask)))
-            + conv_flops(self.conv2, n_active)
-            + conv_flops(self.conv3, n_active)
-        )
+        return masked_flops(self.masked_flop_rates(), mask)
+
+    def masked_flop_rates(self) -> tuple[int, int, int]:
+        """FLOPs under a mask (stride 1): per dilated position (``conv1``), per active
+        position (``conv2``, ``conv3``), per position of the map (the projection shortcut,
+        if any, ignores the mask)."""
+        if self.stride != 1:
+            raise ValueError("a masked unit must have stride 1")
+        everywhere = conv_flops(self.shortcut, 1) if self.shortcut is not None else 0
+        return conv_flops(self.conv1, 1), conv_flops(self.conv2, 1) + conv_flops(self.conv3, 1), everywhere
 
 
 def _slim_init_(w: Tensor) -> None:
