@@ -2,7 +2,7 @@
 
 Times, side by side in one process (warm-up, interleaved repeats, medians), the backbone's
 stem + stages and the whole detector on fixed validation batches, dense and through
-``sact.detection.sparse_backbone``; checks the detections agree and writes
+``sact.detection.sparse_detector``; checks the detections agree and writes
 ``benchmarks/results/detection_sparse.json``.
 
 Usage::
@@ -39,7 +39,7 @@ def _time(fn, repeats: int) -> list[float]:
 
 
 def main() -> int:
-    from sact.detection import CocoDetection, load_detector, sparse_backbone
+    from sact.detection import CocoDetection, load_detector, sparse_detector
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, action="append", required=True)
@@ -56,13 +56,14 @@ def main() -> int:
     rows = []
     for ckpt in args.checkpoint:
         dense = load_detector(ckpt)
-        sparse = sparse_backbone(copy.deepcopy(dense))
+        sparse = sparse_detector(copy.deepcopy(dense))
         tensors = [dense.transform(b)[0].tensors for b in batches]  # normalised, padded [B, 1, H, W]
 
         def run_backbone(det):
+            executors, det = (det.stage_executors(), det.detector) if hasattr(det, "stage_executors") else (None, det)
             with torch.no_grad():
                 for t in tensors:
-                    det.backbone.forward_with_ponder(t)
+                    det.backbone.forward_with_ponder(t, executors=executors)
 
         def run_detector(det):
             with torch.no_grad():

@@ -9,7 +9,9 @@ from torch import nn
 
 import sact
 from sact.sparse import to_sparse
-from sact.sparse.kernels import DenseHalting, DenseMaskedUnit, Geometry
+from sact.sparse.halting_kernels import DenseHalting
+from sact.sparse.rowset import Geometry
+from sact.sparse.unit_kernels import DenseMaskedUnit
 from sact.sparse.rows import dilate_rows, neighbour_table
 
 torch.set_num_threads(1)
@@ -152,7 +154,7 @@ def test_custom_units_and_halting_fall_back_to_dense_masked():
     with torch.no_grad():
         stage.halting[1].local_conv.bias.fill_(0.0)
     sparse_model = to_sparse(model, poison=True)
-    kernels = sparse_model.sparse_stages[1]
+    kernels = sparse_model.executors[1]
     assert isinstance(kernels.unit_kernels[0], DenseMaskedUnit)
     assert isinstance(kernels.halting_kernels[1], DenseHalting)
     x = torch.randn(3, 3, 15, 15, dtype=torch.float64)

@@ -138,3 +138,48 @@ def test_act_training_runs_every_unit_on_every_image():
     for p, u in zip(plain, units):  # later units saw the evolving (not frozen) features
         torch.testing.assert_close(u.bn1.running_mean, p.bn1.running_mean)
         torch.testing.assert_close(u.bn2.running_var, p.bn2.running_var)
+
+
+class ZeroResidualUnit(nn.Module):
+    """Keeps its input exactly (a bf16 conv whose output is 0): features stay float32 under autocast."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.out_channels = channels
+        self.conv = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.conv.weight)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x, mask=None):
+        r = self.conv(x)
+        return x + (r if mask is None else mask * r)
+
+    def flops(self, x, mask=None):
+        b, _, h, w = x.shape
+        return conv_flops(self.conv, mask_positions(mask, b, h, w, device=x.device))
+
+
+@pytest.mark.parametrize("mode", ["act", "sact"])
+def test_halting_stays_float32_under_bf16_autocast(mode):
+    """Near the threshold, bf16 rounding of the halting probabilities or of the cumulative
+    sum would move ``>= 0.99``: under CPU bf16 autocast the halting units and ponder maps
+    must equal the float32 run exactly."""
+    torch.manual_seed(0)
+    stage = AdaptiveStage([ZeroResidualUnit(8) for _ in range(4)], mode=mode).eval()
+    with torch.no_grad():
+        for branch in stage.halting:
+            conv = branch.local_conv if mode == "sact" else branch.global_conv
+            conv.weight.mul_(0.02)
+            conv.bias.fill_(-0.0203)  # sigmoid ~ 0.495: two units sum to ~0.99, the threshold
+    x = torch.randn(16, 8, 6, 6)
+    with torch.no_grad():
+        y32, ref = stage(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ybf, got = stage(x)
+    cum = torch.stack([b(x) for b in stage.halting[:2]]).sum(0)
+    assert ((cum - 0.99).abs() < 2e-3).any(), "inputs are not near the threshold"
+    assert (ref.num_units == 2).any() and (ref.num_units == 3).any()
+    assert got.ponder_map.dtype == torch.float32
+    assert torch.equal(got.num_units, ref.num_units)
+    assert torch.equal(got.ponder_map, ref.ponder_map)
+    torch.testing.assert_close(got.halting_distribution.float(), ref.halting_distribution, rtol=0, atol=0)

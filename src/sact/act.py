@@ -55,20 +55,59 @@ class HaltingState:
 
     @classmethod
     def initial(cls, like: Tensor) -> "HaltingState":
-        """State before the first unit, shaped and placed like ``like`` (``[S]``)."""
-        zeros = torch.zeros_like(like)
+        """State before the first unit, shaped and placed like ``like`` (``[S]``).
+
+        The state is kept in at least float32 (``like``'s dtype if it is float32 or float64):
+        under bfloat16 / float16 autocast the threshold ``>= 1 - eps`` and the cumulative sum
+        must not be rounded to 8 or 11 bits.
+        """
+        dtype = like.dtype if like.dtype in (torch.float32, torch.float64) else torch.float32
+        return cls.zeros(like.shape, dtype=dtype, device=like.device)
+
+    @classmethod
+    def zeros(cls, shape: tuple[int, ...], *, dtype: torch.dtype = torch.float32, device=None) -> "HaltingState":
+        """State before the first unit for positions of ``shape`` (``[S]``)."""
         return cls(
-            cumsum=zeros,
-            finished=torch.zeros(like.shape, dtype=torch.bool, device=like.device),
-            remainder=torch.ones_like(like),
-            ponder_cost=torch.ones_like(like),
-            num_units=torch.zeros(like.shape, dtype=torch.long, device=like.device),
+            cumsum=torch.zeros(shape, dtype=dtype, device=device),
+            finished=torch.zeros(shape, dtype=torch.bool, device=device),
+            remainder=torch.ones(shape, dtype=dtype, device=device),
+            ponder_cost=torch.ones(shape, dtype=dtype, device=device),
+            num_units=torch.zeros(shape, dtype=torch.long, device=device),
         )
 
     @property
     def active(self) -> Tensor:
         """``[S]`` bool: positions that the next unit must still update."""
         return ~self.finished
+
+    def select(self, idx: Tensor) -> "HaltingState":
+        """The state of the positions ``idx`` only (for executors that compute only there).
+
+        Args:
+            idx: ``[n]`` int64 indices into the flattened positions ``S``.
+
+        Returns:
+            A state whose fields are ``[n]``.
+        """
+        return HaltingState(*(f.reshape(-1).index_select(0, idx) for f in self._fields()))
+
+    def merge(self, idx: Tensor, sub: "HaltingState") -> "HaltingState":
+        """This state with the positions ``idx`` replaced by ``sub`` (the inverse of :meth:`select`).
+
+        Args:
+            idx: ``[n]`` int64 indices into the flattened positions ``S``.
+            sub: state of those positions, fields ``[n]``.
+
+        Returns:
+            A new state of shape ``S`` (``self`` is not modified).
+        """
+        return HaltingState(*(
+            full.reshape(-1).index_copy(0, idx, part.to(full.dtype)).view(full.shape)
+            for full, part in zip(self._fields(), sub._fields())
+        ))
+
+    def _fields(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        return self.cumsum, self.finished, self.remainder, self.ponder_cost, self.num_units
 
 
 def halting_step(
@@ -93,6 +132,8 @@ def halting_step(
         halting_proba = torch.ones_like(state.cumsum)
     if state is None:
         state = HaltingState.initial(halting_proba)
+    # The recurrence runs in the state's dtype (at least float32), whatever the branch returned.
+    halting_proba = halting_proba.to(state.cumsum.dtype)
     if halting_proba.shape != state.cumsum.shape:
         raise ValueError(
             f"halting_proba has shape {tuple(halting_proba.shape)}, expected {tuple(state.cumsum.shape)}"

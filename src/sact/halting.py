@@ -14,6 +14,7 @@ CIFAR models, as the reference's arg scopes make it.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -26,6 +27,20 @@ __all__ = ["ACTHalting", "SACTHalting", "INIT_BIAS", "make_halting"]
 INIT_BIAS = -3.0  # sigmoid(-3) = 0.047: units are rarely skipped at initialisation
 
 NormFactory = Callable[[int], nn.Module]
+
+
+def full_precision(x: Tensor, weight: Tensor) -> tuple[contextlib.AbstractContextManager, Tensor]:
+    """``(context, x)`` for running a halting branch outside autocast in its weights' dtype.
+
+    Under bfloat16 / float16 autocast the features arrive in low precision; the branch (about
+    1-2% of the FLOPs) runs in its parameters' dtype (float32 unless the user cast the model),
+    so the halting probabilities, and the recurrence after them, are not rounded to 8 bits.
+    """
+    try:
+        ctx = torch.autocast(x.device.type, enabled=False)
+    except RuntimeError:  # a device type without autocast
+        ctx = contextlib.nullcontext()
+    return ctx, (x if x.dtype == weight.dtype else x.to(weight.dtype))
 
 
 def _init_conv(conv: nn.Conv2d) -> None:
@@ -65,10 +80,12 @@ class ACTHalting(nn.Module):
         nn.init.constant_(self.global_conv.bias, init_bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        """``x`` ``[B, C, H, W]`` -> halting probability ``[B]``."""
-        g = x.mean(dim=(2, 3), keepdim=True)  # [B, C, 1, 1]
-        logit = self.global_conv(self.global_act(self.global_bn(g)))  # [B, 1, 1, 1]
-        return torch.sigmoid(logit).flatten()
+        """``x`` ``[B, C, H, W]`` -> halting probability ``[B]`` (in the branch's weight dtype)."""
+        ctx, x = full_precision(x, self.global_conv.weight)
+        with ctx:
+            g = x.mean(dim=(2, 3), keepdim=True)  # [B, C, 1, 1]
+            logit = self.global_conv(self.global_act(self.global_bn(g)))  # [B, 1, 1, 1]
+            return torch.sigmoid(logit).flatten()
 
     def flops(self, x: Tensor, mask: Tensor | None) -> Tensor:
         """``[B]`` FLOPs: the 1x1 conv, for images that still run this unit."""
@@ -121,11 +138,14 @@ class SACTHalting(nn.Module):
         nn.init.constant_(self.local_conv.bias, init_bias)
 
     def logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``(local [B, 1, H, W], global [B, 1, 1, 1])`` halting logits."""
-        local = self.local_conv(self.local_act(self.local_bn(x)))
-        g = x.mean(dim=(2, 3), keepdim=True)  # raw features, not the BN'd ones
-        glob = self.global_conv(self.global_act(self.global_bn(g)))
-        return local, glob
+        """``(local [B, 1, H, W], global [B, 1, 1, 1])`` halting logits (outside autocast, in
+        the branch's weight dtype)."""
+        ctx, x = full_precision(x, self.local_conv.weight)
+        with ctx:
+            local = self.local_conv(self.local_act(self.local_bn(x)))
+            g = x.mean(dim=(2, 3), keepdim=True)  # raw features, not the BN'd ones
+            glob = self.global_conv(self.global_act(self.global_bn(g)))
+            return local, glob
 
     def forward(self, x: Tensor) -> Tensor:
         """``x`` ``[B, C, H, W]`` -> halting probability ``[B, H, W]``."""

@@ -1,4 +1,4 @@
-"""An adaptive stage: a list of residual units run with ACT / SACT halting.
+"""An adaptive stage: residual units run with ACT / SACT halting, in one loop.
 
 Semantics (reference ``act.py:spatially_adaptive_computation_time`` and
 ``resnet_act.py``; paper Alg. 2):
@@ -11,24 +11,35 @@ Semantics (reference ``act.py:spatially_adaptive_computation_time`` and
   position keeps its features in all later units;
 * the stage output is ``sum_n p^n x^n`` with the halting distribution ``p`` (eq. (4)).
 
-ACT is the same loop with one position per image (mask ``[B, 1, 1, 1]`` broadcast over
-the image). ``vanilla`` runs every unit everywhere and returns the last output.
+ACT is the same loop with one position per image; like the reference's ``act`` wrapper it
+runs every unit on every image and lets the halting distribution weight the outputs
+(halted images get weight 0). ``vanilla`` runs every unit everywhere and returns the last
+output.
+
+:func:`run_stage` is the one loop that owns these semantics. *Where* a unit, a halting
+branch and the accumulation run is decided by a :class:`StageExecutor`: the
+:class:`DenseExecutor` here (training and the reference: every position, masks), or the
+sparse engine's executors (:mod:`sact.sparse`: row sets, image subsets), which compute
+the same values. FLOPs always come from the units' and branches' own ``flops`` methods
+on the masks the loop builds, so every executor reports the same count.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .act import DEFAULT_EPS, halting_step
+from .act import DEFAULT_EPS, HaltingState, halting_step
 from .halting import make_halting
 
-__all__ = ["StageOutput", "AdaptiveStage", "MODES"]
+__all__ = ["StageOutput", "AdaptiveStage", "MODES", "Mode", "Where", "StageExecutor", "StageRun", "DenseExecutor",
+           "run_stage"]
 
-MODES = ("vanilla", "act", "sact")
+Mode = Literal["vanilla", "act", "sact"]
+MODES: tuple[str, ...] = ("vanilla", "act", "sact")
 
 
 @dataclass
@@ -40,7 +51,7 @@ class StageOutput:
             through ``R``). ACT: constant over ``H, W``. vanilla: ``U`` everywhere.
         num_units: ``[B, H, W]`` int64, units executed per position (``N + 1``).
         halting_distribution: ``[B, U, H, W]`` weights of the unit outputs (sum to 1 over U).
-        flops: ``[B]`` FLOPs this stage spent on each image (units + halting branches).
+        flops: ``[B]`` int64 FLOPs this stage spent on each image (units + halting branches).
     """
 
     ponder_map: Tensor
@@ -63,6 +74,201 @@ def _check_mode(mode: str) -> str:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     return mode
+
+
+# ---------------------------------------------------------------------------------------
+# Executors: where the loop's steps run
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Where:
+    """The positions a unit (and the halting branch after it) must update.
+
+    Attributes:
+        mask: ``[B, 1, H, W]`` 0/1 in the features' dtype, or ``None`` for every position
+            (unit 0, and vanilla stages). ACT: the image's flag broadcast over ``H, W``.
+        idx: ``[n]`` int64 indices of the still-running positions into the flattened
+            position grid (``B*H*W`` for SACT, ``B`` for ACT), sorted; ``None`` when every
+            position runs or the executor does not compact (:attr:`StageRun.compact`).
+    """
+
+    mask: Tensor | None = None
+    idx: Tensor | None = None
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def everywhere(self) -> bool:
+        """True when every position runs (no mask)."""
+        return self.mask is None
+
+
+class StageRun(Protocol):
+    """One call of a stage under an executor: holds the features in the executor's layout.
+
+    ``compact`` executors take halting probabilities and weights only at ``where.idx``
+    (``[n]``); the others at every position (``[B, H, W]`` or ``[B]``), halted ones ignored.
+    """
+
+    compact: bool
+
+    @property
+    def features(self) -> Tensor:
+        """``[B, C, H, W]`` the current features (a view is fine; used for FLOPs and shapes)."""
+        ...
+
+    def unit(self, n: int, where: Where) -> None:
+        """Run unit ``n >= 1`` where it must run (features elsewhere stay as they are)."""
+        ...
+
+    def halting(self, n: int, where: Where) -> Tensor:
+        """Halting probabilities of branch ``n`` at ``where`` (``[n]`` if compact, else all positions)."""
+        ...
+
+    def accumulate(self, n: int, weight: Tensor, where: Where) -> None:
+        """Add ``weight * features`` of unit ``n`` to the stage output (``weight`` as for :meth:`halting`)."""
+        ...
+
+    def output(self) -> Tensor:
+        """``[B, C, H, W]`` the stage output ``sum_n p^n x^n`` (vanilla: the last unit's output)."""
+        ...
+
+
+class StageExecutor(Protocol):
+    """Decides where a stage runs: ``start(stage, x)`` runs unit 0 everywhere and returns a :class:`StageRun`."""
+
+    def start(self, stage: "AdaptiveStage", x: Tensor) -> StageRun: ...
+
+
+class _DenseRun:
+    """Every unit at every position with masks (training, the reference)."""
+
+    compact = False
+
+    def __init__(self, stage: "AdaptiveStage", x: Tensor) -> None:
+        self.stage = stage
+        self.x = stage.units[0](x)  # [B, C, H, W]
+        self.out: Tensor | None = None
+
+    @property
+    def features(self) -> Tensor:
+        return self.x
+
+    def unit(self, n: int, where: Where) -> None:
+        # SACT masks the residual; ACT runs every unit on every image like the reference
+        # (masks only weight the outputs), so BatchNorm batch statistics match it in training.
+        self.x = self.stage.units[n](self.x, where.mask if self.stage.mode == "sact" else None)
+
+    def halting(self, n: int, where: Where) -> Tensor:
+        return self.stage.halting[n](self.x)  # [B, H, W] (SACT) or [B] (ACT)
+
+    def accumulate(self, n: int, weight: Tensor, where: Where) -> None:
+        w = weight.to(self.x.dtype)
+        wx = (w.unsqueeze(1) if w.dim() == 3 else w.view(-1, 1, 1, 1)) * self.x
+        self.out = wx if self.out is None else self.out + wx
+
+    def output(self) -> Tensor:
+        return self.x if self.out is None else self.out
+
+
+class DenseExecutor:
+    """The reference execution: every unit everywhere, halted positions masked."""
+
+    def start(self, stage: "AdaptiveStage", x: Tensor) -> StageRun:
+        return _DenseRun(stage, x)
+
+
+DENSE = DenseExecutor()
+
+
+# ---------------------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------------------
+
+
+def run_stage(stage: "AdaptiveStage", x: Tensor, executor: StageExecutor | None = None) -> tuple[Tensor, StageOutput]:
+    """Run ``stage`` on ``x`` under ``executor`` (default: dense): the one stage loop.
+
+    Args:
+        stage: the stage.
+        x: ``[B, C_in, H_in, W_in]``.
+        executor: where units, halting branches and the accumulation run.
+
+    Returns:
+        ``(features [B, C, H, W], StageOutput)``.
+    """
+    units = stage.units
+    num_u = stage.num_units
+    run = (executor or DENSE).start(stage, x)  # unit 0, every position
+    flops = units[0].flops(x, None)
+    feats = run.features
+    b, _, h, w = feats.shape
+    dev = feats.device
+
+    if stage.mode == "vanilla":
+        everywhere = Where()
+        for n in range(1, num_u):
+            flops = flops + units[n].flops(run.features, None)
+            run.unit(n, everywhere)
+        full = torch.full((b, h, w), num_u, device=dev)
+        dist = torch.zeros(b, num_u, h, w, dtype=feats.dtype, device=dev)
+        dist[:, -1] = 1
+        return run.output(), StageOutput(full.to(feats.dtype), full.long(), dist, flops)
+
+    spatial = stage.mode == "sact"
+    shape = (b, h, w) if spatial else (b,)
+    state = HaltingState.initial(feats.new_empty(shape))  # at least float32 (see HaltingState)
+    dist = torch.zeros((num_u, *shape), dtype=state.cumsum.dtype, device=dev)
+    where = Where()
+    for n in range(num_u):
+        if n > 0:
+            flops = flops + units[n].flops(run.features, where.mask)
+            run.unit(n, where)
+        proba = None  # the last unit always halts
+        if n < num_u - 1:
+            proba = run.halting(n, where)
+            flops = flops + stage.halting[n].flops(run.features, where.mask)
+        if where.idx is None:
+            state, weight = halting_step(state, proba, eps=stage.eps)
+            dist[n] = weight
+        else:
+            sub, weight = halting_step(state.select(where.idx), proba, eps=stage.eps)
+            state = state.merge(where.idx, sub)
+            dist[n].view(-1).index_copy_(0, where.idx, weight)
+        run.accumulate(n, weight, where)
+        if n < num_u - 1:
+            where = _next_where(state, where, run.compact, feats.dtype, (b, 1, h, w))
+
+    ponder, num_units = state.ponder_cost, state.num_units
+    if spatial:
+        dist = dist.permute(1, 0, 2, 3)  # [B, U, H, W]
+    else:  # ACT: constant maps over H, W
+        dist = dist.t()[:, :, None, None].expand(b, num_u, h, w)
+        ponder = ponder.view(b, 1, 1).expand(b, h, w)
+        num_units = num_units.view(b, 1, 1).expand(b, h, w)
+    return run.output(), StageOutput(ponder, num_units, dist.to(feats.dtype) if feats.dtype != dist.dtype else dist,
+                                     flops)
+
+
+def _next_where(state: HaltingState, prev: Where, compact: bool, dtype: torch.dtype, mask_shape) -> Where:
+    """The positions the next unit updates: those not finished after this one."""
+    active = ~state.finished  # [B, H, W] or [B]
+    idx = None
+    if compact:
+        if prev.idx is None:
+            idx = active.reshape(-1).nonzero().view(-1)
+        else:  # only the previously running positions can still run
+            idx = prev.idx[active.reshape(-1).index_select(0, prev.idx)]
+        if idx.numel() == active.numel():
+            idx = None  # nothing halted yet: every position, no index needed
+    mask = active.to(dtype)
+    mask = mask.unsqueeze(1) if mask.dim() == 3 else mask.view(-1, 1, 1, 1).expand(mask_shape)
+    return Where(mask=mask, idx=idx)
+
+
+# ---------------------------------------------------------------------------------------
+# The module
+# ---------------------------------------------------------------------------------------
 
 
 class AdaptiveStage(nn.Module):
@@ -118,61 +324,17 @@ class AdaptiveStage(nn.Module):
     def __len__(self) -> int:
         return self.num_units
 
-    def forward(self, x: Tensor) -> tuple[Tensor, StageOutput]:
-        """Run the stage.
+    def forward(self, x: Tensor, executor: StageExecutor | None = None) -> tuple[Tensor, StageOutput]:
+        """Run the stage (see :func:`run_stage`).
 
         Args:
             x: ``[B, C_in, H_in, W_in]``.
+            executor: where the steps run; ``None`` for the dense reference execution.
 
         Returns:
             ``(features [B, C, H, W], StageOutput)``.
         """
-        units = self.units
-        flops = units[0].flops(x, None)
-        x = units[0](x)  # [B, C, H, W], every position
-        b, _, h, w = x.shape
-        num_u = self.num_units
-
-        if self.mode == "vanilla":
-            for unit in units[1:]:
-                flops = flops + unit.flops(x, None)
-                x = unit(x)
-            full = torch.full((b, h, w), num_u, device=x.device)
-            dist = torch.zeros(b, num_u, h, w, dtype=x.dtype, device=x.device)
-            dist[:, -1] = 1
-            return x, StageOutput(full.to(x.dtype), full.long(), dist, flops)
-
-        spatial = self.mode == "sact"
-        state = None
-        weights = []
-        out = None
-        for n, unit in enumerate(units):
-            mask = None
-            if n > 0:
-                mask = _as_mask(state.active, x)  # [B, 1, H, W]: 1 where still running
-                flops = flops + unit.flops(x, mask)
-                # ACT runs every unit on every image, as the reference's wrapper does (halted
-                # images get weight 0; BatchNorm batch statistics then match the reference's).
-                x = unit(x, mask if spatial else None)
-            if n < num_u - 1:
-                branch = self.halting[n]
-                proba = branch(x)  # [B, H, W] (SACT) or [B] (ACT)
-                flops = flops + branch.flops(x, mask)
-            else:
-                proba = None if state is not None else _ones_positions(x, spatial)
-            state, weight = halting_step(state, proba, eps=self.eps)
-            wx = weight.unsqueeze(1) * x if spatial else weight.view(b, 1, 1, 1) * x
-            out = wx if out is None else out + wx
-            weights.append(weight)
-
-        dist = torch.stack(weights, dim=1)  # [B, U, H, W] or [B, U]
-        ponder, num_units = state.ponder_cost, state.num_units
-        if not spatial:  # ACT: constant maps over H, W
-            dist = dist[:, :, None, None].expand(b, num_u, h, w)
-            ponder = ponder.view(b, 1, 1).expand(b, h, w)
-            num_units = num_units.view(b, 1, 1).expand(b, h, w)
-        return out, StageOutput(ponder, num_units, dist, flops)
-
+        return run_stage(self, x, executor)
 
     # ---- FLOPs from the halting outcome (for executors that do not run the Python loop) ----
 
@@ -225,16 +387,3 @@ class AdaptiveStage(nn.Module):
             cum.append(acc)
         table = torch.tensor(cum, dtype=torch.long, device=num_units.device)
         return self.units[0].flops(x, None) + table.index_select(0, num_units - 1)
-
-
-def _as_mask(active: Tensor, x: Tensor) -> Tensor:
-    """``active`` ``[B, H, W]`` or ``[B]`` -> ``[B, 1, H, W]`` 0/1 mask of ``x``'s dtype."""
-    b, _, h, w = x.shape
-    if active.dim() == 1:
-        return active.to(x.dtype).view(b, 1, 1, 1).expand(b, 1, h, w)
-    return active.to(x.dtype).unsqueeze(1)
-
-
-def _ones_positions(x: Tensor, spatial: bool) -> Tensor:
-    b, _, h, w = x.shape
-    return x.new_ones((b, h, w) if spatial else (b,))

@@ -295,6 +295,6 @@ def _eval(args) -> int:
 
 
 def _sparse(detector):
-    from ..detection import sparse_backbone
+    from ..detection import sparse_detector
 
-    return sparse_backbone(detector)
+    return sparse_detector(detector)

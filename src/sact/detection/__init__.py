@@ -12,7 +12,7 @@ from .backbone import BackboneOutput, SACTBackbone, freeze_batchnorm, load_backb
 from .coco import AP_NAMES, CocoDetection, CocoFormatError, coco_evaluate, collate, load_coco_json, to_coco_results
 from .detector import DetectorOutput, SACTFasterRCNN, build_detector, detection_loss, load_detector, save_detector
 from .engine import evaluate, predict, train_one_epoch
-from .sparse import sparse_backbone, unfreeze_batchnorm
+from .sparse import SparseDetector, sparse_detector, unfreeze_batchnorm
 
 __all__ = [
     "AP_NAMES",
@@ -33,7 +33,8 @@ __all__ = [
     "load_detector",
     "predict",
     "save_detector",
-    "sparse_backbone",
+    "SparseDetector",
+    "sparse_detector",
     "to_coco_results",
     "train_one_epoch",
     "unfreeze_batchnorm",

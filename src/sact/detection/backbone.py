@@ -239,30 +239,24 @@ class SACTBackbone(nn.Module):
         self.fpn = FeaturePyramidNetwork(channels, out_channels, extra_blocks=LastLevelMaxPool() if extra_pool else None)
         self.out_channels = out_channels
         self.feature_names = self.return_stages + (("pool",) if extra_pool else ())
-        #: None (dense) or the sparse engine's stages, set by :func:`sact.detection.sparse_backbone`
-        self.sparse_stages: nn.ModuleList | None = None
 
-    def forward_with_ponder(self, x: Tensor) -> BackboneOutput:
+    def forward_with_ponder(self, x: Tensor, *, executors: Sequence | None = None) -> BackboneOutput:
         """Run stem, stages and FPN.
 
         Args:
             x: ``[B, C_in, H, W]`` normalised (padded) images.
+            executors: per running stage, where its steps run (``None``: the dense
+                reference; :func:`sact.detection.sparse_detector` passes the sparse engine's).
 
         Returns:
             :class:`BackboneOutput` with FPN maps named :attr:`feature_names`.
         """
-        x, flops = self.body.forward_stem(x)  # [B, C0, H/s, W/s], [B]
-        picked, stages = OrderedDict(), []
-        runners = self.body.stages[: self.num_run] if self.sparse_stages is None else self.sparse_stages
-        for name, stage in zip(self.body.stage_names, runners):
-            x, out = stage(x)
-            stages.append(out)
-            flops = flops + out.flops
-            if name in self.return_stages:
-                picked[name] = x
+        feats = self.body.forward_features(x, executors=executors, num_stages=self.num_run)
+        names = self.body.stage_names
+        picked = OrderedDict((names[i], f) for i, f in enumerate(feats.features) if names[i] in self.return_stages)
         features = self.fpn(picked)  # names kept; "pool" appended by LastLevelMaxPool
-        ponder = sum(s.ponder_cost for s in stages)
-        return BackboneOutput(features=features, stages=stages, ponder_cost=ponder, flops=flops)
+        ponder = sum(s.ponder_cost for s in feats.stages)
+        return BackboneOutput(features=features, stages=feats.stages, ponder_cost=ponder, flops=feats.flops)
 
     def forward(self, x: Tensor) -> "OrderedDict[str, Tensor]":
         """torchvision protocol: ``[B, C_in, H, W]`` -> named FPN maps ``[B, out_channels, h, w]``."""

@@ -96,7 +96,13 @@ class SACTFasterRCNN(FasterRCNN):
             raise ValueError(f"backbone must be an SACTBackbone, got {type(backbone).__name__}")
         super().__init__(backbone, **kwargs)
 
-    def forward(self, images: list[Tensor], targets: list[dict[str, Tensor]] | None = None) -> DetectorOutput:
+    def forward(
+        self,
+        images: list[Tensor],
+        targets: list[dict[str, Tensor]] | None = None,
+        *,
+        executors: Sequence | None = None,
+    ) -> DetectorOutput:
         """Detect (eval) or compute the losses (training).
 
         Args:
@@ -104,6 +110,7 @@ class SACTFasterRCNN(FasterRCNN):
                 the transform normalises with ``image_mean`` / ``image_std``).
             targets: training: per image ``{"boxes" float [N, 4] (x0, y0, x1, y1),
                 "labels" int64 [N]}`` (labels 1..K, 0 is background).
+            executors: where the backbone's stages run (see :func:`sparse_detector`).
 
         Returns:
             :class:`DetectorOutput`.
@@ -117,7 +124,7 @@ class SACTFasterRCNN(FasterRCNN):
                 bad = (t["boxes"][:, 2:] <= t["boxes"][:, :2]).any(1)
                 if bad.any():
                     raise ValueError(f"target {i} has a degenerate box {t['boxes'][bad][0].tolist()}")
-        out = self.backbone.forward_with_ponder(batch.tensors)  # [B, C, H, W] padded batch
+        out = self.backbone.forward_with_ponder(batch.tensors, executors=executors)  # [B, C, H, W] padded batch
         proposals, rpn_losses = self.rpn(batch, out.features, targets)
         detections, roi_losses = self.roi_heads(out.features, proposals, batch.image_sizes, targets)
         result = DetectorOutput(

@@ -1,20 +1,18 @@
 """Detection through the sparse engine at inference.
 
-:func:`sparse_backbone` gives a detector's backbone the stages of
-``sact.sparse.to_sparse(body)``: the same stage outputs (features, ponder maps, FLOPs) as
-the dense path, with residual units run only at active positions. The sparse kernels fold
-``BatchNorm2d`` into the convolutions, so frozen BNs are first turned back into eval-mode
-``BatchNorm2d`` with the same statistics (the same function) in a copy of the body.
+:func:`sparse_detector` wraps a detector so that its backbone's stages run through the
+sparse engine's executors (:mod:`sact.sparse.executors`): the same stage outputs
+(features, ponder maps, FLOPs) as the dense path, with residual units run only at active
+positions. The detector is not modified: the executors are an argument of its forward.
+Frozen batch norms (``FrozenBatchNorm2d``) fold like eval-mode ``BatchNorm2d``.
 """
 
 from __future__ import annotations
 
-import copy
-
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-__all__ = ["sparse_backbone", "unfreeze_batchnorm"]
+__all__ = ["SparseDetector", "sparse_detector", "unfreeze_batchnorm"]
 
 
 def unfreeze_batchnorm(module: nn.Module) -> nn.Module:
@@ -34,27 +32,53 @@ def unfreeze_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
-def sparse_backbone(detector: nn.Module, **to_sparse_kwargs) -> nn.Module:
-    """Make ``detector`` (eval mode, modified in place) run its backbone stages sparsely.
+class SparseDetector(nn.Module):
+    """Inference wrapper: ``detector(images, executors=...)`` with the sparse engine's executors.
+
+    The detector is the submodule ``detector`` (weights shared). Always in eval mode;
+    calls run under ``torch.no_grad()``. Call :meth:`refresh` after changing its weights.
+    """
+
+    def __init__(self, detector: nn.Module, **to_sparse_kwargs) -> None:
+        super().__init__()
+        from ..sparse import make_executor
+
+        self.detector = detector.eval()
+        backbone = detector.backbone
+        self.executors = nn.ModuleList(
+            make_executor(s, **to_sparse_kwargs) or nn.Identity() for s in backbone.body.stages[: backbone.num_run]
+        )
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "SparseDetector":
+        """Inference only: stays in eval mode whatever ``mode`` is."""
+        return super().train(False)
+
+    def refresh(self) -> None:
+        """Re-fold batch norms after the detector's backbone weights changed."""
+        for e in self.executors:
+            if hasattr(e, "refresh"):
+                e.refresh()
+
+    def stage_executors(self) -> list:
+        """One executor per running backbone stage (``None``: dense), for ``executors=`` arguments."""
+        return [None if isinstance(e, nn.Identity) else e for e in self.executors]
+
+    @torch.no_grad()
+    def forward(self, images: list[Tensor]):
+        """Detections as :meth:`SACTFasterRCNN.forward` returns them in eval mode."""
+        return self.detector(images, executors=self.stage_executors())
+
+
+def sparse_detector(detector: nn.Module, **to_sparse_kwargs) -> SparseDetector:
+    """``detector`` (put in eval mode) with its backbone stages run by the sparse engine.
 
     Args:
         detector: an :class:`~sact.detection.SACTFasterRCNN`.
-        **to_sparse_kwargs: passed to ``sact.sparse.to_sparse`` (``dense_above``, ...).
+        **to_sparse_kwargs: executor options of ``sact.to_sparse`` (``dense_above``,
+            ``chunk_rows``, ``poison``).
 
     Returns:
-        ``detector``, whose ``backbone.sparse_stages`` now holds the sparse stages;
-        ``backbone.sparse_stages = None`` goes back to the dense path. Inference only:
-        weights are copied, so re-run this after changing them.
-
-    Raises:
-        NotImplementedError: ``sact.sparse.to_sparse`` is not available in this build.
+        A :class:`SparseDetector` sharing the detector's weights.
     """
-    try:
-        from ..sparse import to_sparse
-    except ImportError as e:
-        raise NotImplementedError("sact.sparse.to_sparse is not available in this build; use the dense path") from e
-    detector.eval()
-    body = unfreeze_batchnorm(copy.deepcopy(detector.backbone.body)).eval()
-    sparse = to_sparse(body, **to_sparse_kwargs)
-    detector.backbone.sparse_stages = sparse.sparse_stages[: detector.backbone.num_run]
-    return detector
+    return SparseDetector(detector, **to_sparse_kwargs)

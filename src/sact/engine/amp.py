@@ -3,9 +3,15 @@
 ``auto`` turns autocast on only where it reliably helps: CUDA (bf16 where the GPU
 supports it, else fp16 with a ``GradScaler``). On CPU it stays off unless asked for
 (``bf16``): with the narrow convolutions of the CIFAR-style models the casts cost
-more than they save on most CPUs. The halting recurrence and the losses are computed
-in float32 either way (autocast keeps reductions and ``sigmoid`` in float32, and the
-logits are cast back before the loss).
+more than they save on most CPUs.
+
+Under autocast the residual units run in the low-precision dtype, but the halting
+branches run outside autocast in their weights' dtype (float32;
+:func:`sact.halting.full_precision`), and the halting recurrence, the halting
+distribution and the ponder cost are kept in float32 (:class:`sact.act.HaltingState`),
+so the threshold ``>= 1 - eps`` is not moved by bfloat16 rounding; the weighted sum of
+the unit outputs casts the weights to the features' dtype. The loss is computed on
+float32 logits.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ halting branches only where the positions (SACT) or images (ACT) are still activ
 See ``docs/sparse.md`` for the layout, the measured speed and the limitations.
 """
 
-from .kernels import DEFAULT_DENSE_ABOVE
+from .executors import ImageSubsetExecutor, RowExecutor, make_executor
 from .model import SparseModel, to_sparse
-from .stage import SparseStage
+from .unit_kernels import DEFAULT_DENSE_ABOVE
 
-__all__ = ["to_sparse", "SparseModel", "SparseStage", "DEFAULT_DENSE_ABOVE"]
+__all__ = ["to_sparse", "SparseModel", "RowExecutor", "ImageSubsetExecutor", "make_executor", "DEFAULT_DENSE_ABOVE"]

@@ -9,8 +9,13 @@ __all__ = ["foldable_bn", "bn_scale_shift", "fold_conv_bn", "conv_as_matrix"]
 
 
 def foldable_bn(bn: nn.Module) -> bool:
-    """True when ``bn`` is an eval-mode ``BatchNorm2d`` with running statistics (an affine map)."""
-    return isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats and bn.running_mean is not None
+    """True when ``bn`` is an affine map at inference: a ``BatchNorm2d`` with running
+    statistics (used in eval mode), or torchvision's ``FrozenBatchNorm2d`` (detection backbones)."""
+    if isinstance(bn, nn.BatchNorm2d):
+        return bn.track_running_stats and bn.running_mean is not None
+    return type(bn).__name__ == "FrozenBatchNorm2d" and all(
+        isinstance(getattr(bn, k, None), Tensor) for k in ("weight", "bias", "running_mean", "running_var")
+    )
 
 
 def bn_scale_shift(bn: nn.BatchNorm2d) -> tuple[Tensor, Tensor]:

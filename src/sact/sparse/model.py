@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from ..output import ModelOutput
 from ..stage import AdaptiveStage
-from .stage import SparseStage
+from .executors import make_executor
 
 __all__ = ["SparseModel", "to_sparse"]
 
@@ -15,8 +15,9 @@ __all__ = ["SparseModel", "to_sparse"]
 class SparseModel(nn.Module):
     """Sparse inference wrapper of an adaptive ResNet (see :func:`to_sparse`).
 
-    The wrapped model is the submodule ``model`` (weights shared). The stem and the head
-    run as in the model; every stage runs through a :class:`~sact.sparse.stage.SparseStage`.
+    The wrapped model is the submodule ``model`` (weights shared). The model's own forward
+    runs (stem, stages, head), with the sparse executors of :mod:`sact.sparse.executors`
+    (one per stage, ``None`` for vanilla stages) deciding where each stage's steps run.
     Always in eval mode; calls run under ``torch.no_grad()``.
     """
 
@@ -26,10 +27,15 @@ class SparseModel(nn.Module):
             if not hasattr(model, attr):
                 raise ValueError(f"to_sparse needs an adaptive ResNet (with {attr!r}); got {type(model).__name__}")
         self.model = model.eval()
-        self.sparse_stages = nn.ModuleList(
-            SparseStage(s, dense_above=dense_above, chunk_rows=chunk_rows, poison=poison) for s in model.stages
+        self.executors = nn.ModuleList(
+            make_executor(s, dense_above=dense_above, chunk_rows=chunk_rows, poison=poison) or nn.Identity()
+            for s in model.stages
         )
         super().train(False)
+
+    def stage_executors(self) -> list:
+        """One executor per stage (``None``: the stage runs densely), for ``model.forward(x, executors=...)``."""
+        return [None if isinstance(e, nn.Identity) else e for e in self.executors]
 
     def train(self, mode: bool = True) -> "SparseModel":
         """Inference only: stays in eval mode whatever ``mode`` is."""
@@ -38,37 +44,30 @@ class SparseModel(nn.Module):
     @property
     def poison(self) -> bool:
         """Fill scratch buffers with NaN before use (debugging aid)."""
-        return self.sparse_stages[0].poison if len(self.sparse_stages) else False
+        return any(getattr(e, "poison", False) for e in self.executors)
 
     @poison.setter
     def poison(self, value: bool) -> None:
-        for s in self.sparse_stages:
-            s.poison = bool(value)
+        for e in self.executors:
+            if hasattr(e, "poison"):
+                e.poison = bool(value)
 
     def refresh(self) -> None:
         """Re-fold batch norms after the wrapped model's weights or statistics changed."""
-        for s in self.sparse_stages:
-            s.refresh()
+        for e in self.stage_executors():
+            if e is not None:
+                e.refresh()
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> ModelOutput:
         """``x`` ``[B, C_in, H, W]`` -> :class:`~sact.ModelOutput` equal to ``model.eval()(x)``."""
         if x.dim() != 4:
             raise ValueError(f"expected an image batch [B, C, H, W], got shape {tuple(x.shape)}")
-        m = self.model
         if x.device.type == "cpu":
             # The stem's convolution and pooling are several times faster channels-last on
             # the CPU, and the row buffers of the stages are channels-last anyway.
             x = x.contiguous(memory_format=torch.channels_last)
-        x, flops = m.forward_stem(x)
-        stages = []
-        for sparse_stage in self.sparse_stages:
-            x, out = sparse_stage(x)
-            stages.append(out)
-            flops = flops + out.flops
-        logits, head_flops = m.forward_head(x)
-        ponder = sum(s.ponder_cost for s in stages)
-        return ModelOutput(logits=logits, ponder_cost=ponder, flops=flops + head_flops, stages=stages)
+        return self.model(x, executors=self.stage_executors())
 
 
 def to_sparse(

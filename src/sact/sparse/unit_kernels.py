@@ -1,41 +1,36 @@
-"""Row kernels: residual units and SACT halting branches evaluated on sets of rows.
+"""Row kernels of residual units: a unit evaluated at a set of rows of the stage's buffer.
 
 Every kernel works on the stage's row buffer ``X`` ``(N + 1, C)`` (see
-:mod:`sact.sparse.rows`) in place and returns the FLOPs it spent per image, counted from
-the row sets it used (the convention of :mod:`sact.flops`). Units update ``X`` at the
-active rows only and keep the per-image channel sums ``S`` ``[B, C]`` (for the halting
-branches' global term) up to date.
+:mod:`sact.sparse.rows`) in place: it updates ``X`` at the active rows only and keeps the
+per-image channel sums ``S`` ``[B, C]`` (for the halting branches' global term) up to date.
+FLOPs are not counted here: the stage loop counts them with the units' own formulas.
 
 Known units (:class:`~sact.units.Bottleneck`, :class:`~sact.units.PreActBasicUnit`) get
 a gather-GEMM-scatter path with batch norm folded into the convolutions, and a dense path
 on a zero-copy channels-last view of ``X`` used when the active fraction is above
-``dense_above`` (the break-even point). Any other unit runs as ``unit(x, mask)``.
+``dense_above`` (the break-even point). Any other unit runs as ``unit(x, mask)``
+(:class:`DenseMaskedUnit`). :class:`RowBottleneck0` runs unit 0 of a bottleneck stage
+(every position, strided) straight into a fresh row buffer.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..halting import SACTHalting
 from ..units import Bottleneck, PreActBasicUnit
 from . import native
 from .fold import bn_scale_shift, conv_as_matrix, fold_conv_bn, foldable_bn
-from .rows import dilate_rows, rows_view
+from .rows import rows_view
+from .rowset import RowSet, chunks, refresh_sums
 
 __all__ = [
-    "Geometry",
-    "RowSet",
     "SparseBottleneck",
     "SparsePreActBasic",
     "DenseMaskedUnit",
-    "SparseSACTHalting",
-    "DenseHalting",
+    "RowBottleneck0",
     "make_unit_kernel",
-    "make_halting_kernel",
     "DEFAULT_DENSE_ABOVE",
 ]
 
@@ -51,144 +46,25 @@ SMALL_MAP = 256
 NATIVE_MIN_ROWS = 64
 
 
-@dataclass
-class Geometry:
-    """Shape and shared tables of one stage evaluation.
-
-    Attributes:
-        batch, height, width, channels: feature-map shape; ``n = batch*height*width`` rows.
-        nbr: ``(n, 9)`` neighbour rows (pad row ``n`` outside the image).
-        img: ``(n,)`` image of each row.
-        chunk: rows per chunk of the fused loops.
-        poison: fill scratch buffers with NaN before use (debugging).
-        native: use the C++ kernels of :mod:`sact.sparse.native` (decided once per stage call).
-    """
-
-    batch: int
-    height: int
-    width: int
-    channels: int
-    nbr: Tensor
-    img: Tensor
-    chunk: int = 768
-    poison: bool = False
-    native: bool = False
-
-    @property
-    def n(self) -> int:
-        return self.batch * self.height * self.width
-
-    @property
-    def hw(self) -> int:
-        return self.height * self.width
-
-    def scratch(self, rows: int, cols: int, like: Tensor, *, pad_row: bool = False) -> Tensor:
-        """``(rows, cols)`` scratch of ``like``'s dtype; NaN-filled when poisoning; last row zero if ``pad_row``."""
-        buf = like.new_empty(rows, cols)
-        if self.poison:
-            buf.fill_(float("nan"))
-        if pad_row:
-            buf[-1].zero_()
-        return buf
-
-
-@dataclass
-class RowSet:
-    """The rows a unit (and the halting branch after it) must update.
-
-    Attributes:
-        idx: ``(na,)`` sorted active rows.
-        geo: the :class:`Geometry`.
-        all_active: every row is active (unit 0, or nothing halted yet).
-    """
-
-    idx: Tensor
-    geo: Geometry
-    all_active: bool
-    _cache: dict = field(default_factory=dict)
-
-    @classmethod
-    def everything(cls, geo: Geometry, device) -> "RowSet":
-        return cls(torch.arange(geo.n, device=device), geo, True)
-
-    @property
-    def fraction(self) -> float:
-        return self.idx.numel() / self.geo.n
-
-    @property
-    def active(self) -> Tensor:
-        """``(N,)`` bool."""
-        if "active" not in self._cache:
-            a = torch.zeros(self.geo.n, dtype=torch.bool, device=self.idx.device)
-            a[self.idx] = True
-            self._cache["active"] = a
-        return self._cache["active"]
-
-    @property
-    def dilated(self) -> Tensor:
-        """``(nd,)`` sorted rows of the 3x3-dilated active set."""
-        if "dil" not in self._cache:
-            if self.all_active:
-                self._cache["dil"] = self.idx
-            elif self.geo.native:
-                self._cache["dil"] = native.dilate_rows(self.idx, self.geo.nbr)
-            else:
-                g = self.geo
-                self._cache["dil"] = dilate_rows(self.active, g.batch, g.height, g.width).nonzero().view(-1)
-        return self._cache["dil"]
-
-    @property
-    def nbr(self) -> Tensor:
-        """``(na, 9)`` neighbour rows of the active rows."""
-        if "nbr" not in self._cache:
-            self._cache["nbr"] = self.geo.nbr if self.all_active else self.geo.nbr.index_select(0, self.idx)
-        return self._cache["nbr"]
-
-    def count(self, rows: Tensor) -> Tensor:
-        """``[B]`` int64 number of ``rows`` per image."""
-        g = self.geo
-        if rows.numel() == g.n:
-            return torch.full((g.batch,), g.hw, dtype=torch.long, device=rows.device)
-        return torch.bincount(g.img.index_select(0, rows), minlength=g.batch)
-
-    def mask(self, dtype) -> Tensor:
-        """``[B, 1, H, W]`` 0/1 mask of the active rows."""
-        g = self.geo
-        if self.all_active:
-            return torch.ones(g.batch, 1, g.height, g.width, dtype=dtype, device=self.idx.device)
-        return self.active.view(g.batch, 1, g.height, g.width).to(dtype)
-
-
 def _ref(module: nn.Module, name: str, value: nn.Module) -> None:
     # Keep a reference to a module of the wrapped model without registering it twice.
     object.__setattr__(module, name, value)
 
 
-def _refresh_sums(X: Tensor, S: Tensor, geo: Geometry) -> None:
-    S.copy_(X[: geo.n].view(geo.batch, geo.hw, geo.channels).sum(1, dtype=S.dtype))
-
-
-def _chunks(total: int, size: int):
-    for s in range(0, total, size):
-        yield s, min(s + size, total)
-
-
 class _UnitKernel(nn.Module):
-    """Base: ``run(X, S, rows) -> flops [B]`` chooses the sparse or the dense path."""
+    """Base: ``run(X, S, rows)`` chooses the sparse or the dense path (nothing to do for no rows)."""
 
     dense_above: float = 1.0
     dense_above_small: float = 1.0
 
-    def run(self, X: Tensor, S: Tensor, rows: RowSet) -> Tensor:
+    def run(self, X: Tensor, S: Tensor, rows: RowSet) -> None:
         if rows.idx.numel() == 0:
-            return self.empty_flops(X, rows)
+            return
         thr = self.dense_above_small if rows.geo.hw <= SMALL_MAP else self.dense_above
         if rows.all_active or rows.fraction > thr:
-            return self.run_dense(X, S, rows)
-        return self.run_sparse(X, S, rows)
-
-    def empty_flops(self, X: Tensor, rows: RowSet) -> Tensor:
-        return torch.zeros(rows.geo.batch, dtype=torch.long, device=X.device)
+            self.run_dense(X, S, rows)
+        else:
+            self.run_sparse(X, S, rows)
 
 
 class SparseBottleneck(_UnitKernel):
@@ -203,9 +79,6 @@ class SparseBottleneck(_UnitKernel):
         super().__init__()
         _ref(self, "unit", unit)
         self.dense_above = dense_above
-        c, width = unit.in_channels, unit.conv1.out_channels
-        self.macs1 = c * width
-        self.macs23 = 9 * width * width + width * c
         for name in ("w1", "b1", "w2", "b2", "w3", "b3", "m1", "m2", "m3"):
             self.register_buffer(name, torch.empty(0), persistent=False)
         self.refresh()
@@ -234,7 +107,7 @@ class SparseBottleneck(_UnitKernel):
             setattr(self, f"b{i}", b.to(dt))
             setattr(self, f"m{i}", conv_as_matrix(w).to(dt))
 
-    def run_dense(self, X: Tensor, S: Tensor, rows: RowSet) -> Tensor:
+    def run_dense(self, X: Tensor, S: Tensor, rows: RowSet) -> None:
         # 1x1 convolutions as GEMMs on the rows, the 3x3 one on a channels-last view (no layout copies).
         g = rows.geo
         width = self.w1.shape[0]
@@ -247,13 +120,9 @@ class SparseBottleneck(_UnitKernel):
         else:
             r = torch.addmm(self.b3, t, self.m3)
             xr.addcmul_(r, rows.active.to(r.dtype).unsqueeze(1)).relu_()
-        _refresh_sums(X, S, g)
-        return self.flops(rows)
+        refresh_sums(X, S, g)
 
-    def flops(self, rows: RowSet) -> Tensor:
-        return 2 * self.macs1 * rows.count(rows.dilated) + 2 * self.macs23 * rows.count(rows.idx)
-
-    def run_sparse(self, X: Tensor, S: Tensor, rows: RowSet) -> Tensor:
+    def run_sparse(self, X: Tensor, S: Tensor, rows: RowSet) -> None:
         g = rows.geo
         width = self.w1.shape[0]
         dil = rows.dilated
@@ -261,13 +130,13 @@ class SparseBottleneck(_UnitKernel):
         if g.native:
             native.bottleneck_rows(X, S, t1, rows.idx, dil, g.nbr, self.m1, self.b1, self.m2, self.b2, self.m3,
                                    self.b3, g.hw, g.chunk, NATIVE_MIN_ROWS)
-            return self.flops(rows)
+            return
         t = torch.addmm(self.b1, X.index_select(0, dil), self.m1).relu_()
         t1.index_copy_(0, dil, t)
         del t
         idx, nbr = rows.idx, rows.nbr
         resum = rows.fraction > 0.5  # one pass over X is cheaper than per-chunk deltas then
-        for s, e in _chunks(idx.numel(), g.chunk):
+        for s, e in chunks(idx.numel(), g.chunk):
             ic = idx[s:e]
             gathered = t1.index_select(0, nbr[s:e].reshape(-1)).view(e - s, 9 * width)  # restricted im2col
             r = torch.addmm(self.b2, gathered, self.m2).relu_()
@@ -280,8 +149,7 @@ class SparseBottleneck(_UnitKernel):
                 S.index_add_(0, img, old.to(S.dtype), alpha=-1)
             X.index_copy_(0, ic, r)
         if resum:
-            _refresh_sums(X, S, g)
-        return self.flops(rows)
+            refresh_sums(X, S, g)
 
 
 class SparsePreActBasic(_UnitKernel):
@@ -295,9 +163,6 @@ class SparsePreActBasic(_UnitKernel):
         super().__init__()
         _ref(self, "unit", unit)
         self.dense_above = dense_above
-        c = unit.in_channels
-        self.macs1 = 9 * c * c
-        self.macs2 = 9 * c * c
         self.slope1 = float(unit.act1.negative_slope)
         self.slope2 = float(unit.act2.negative_slope)
         for name in ("s1", "t1", "w1", "b1", "w2", "b2", "m1", "m2"):
@@ -335,10 +200,8 @@ class SparsePreActBasic(_UnitKernel):
         self.m1 = conv_as_matrix(w1).to(dt)
         self.m2 = conv_as_matrix(w2).to(dt)
 
-    def flops(self, rows: RowSet) -> Tensor:
-        return 2 * self.macs1 * rows.count(rows.dilated) + 2 * self.macs2 * rows.count(rows.idx)
 
-    def run_dense(self, X: Tensor, S: Tensor, rows: RowSet) -> Tensor:
+    def run_dense(self, X: Tensor, S: Tensor, rows: RowSet) -> None:
         g = rows.geo
         v = rows_view(X, g.batch, g.height, g.width)
         p = F.leaky_relu_(v * self.s1.view(1, -1, 1, 1) + self.t1.view(1, -1, 1, 1), self.slope1)
@@ -347,16 +210,15 @@ class SparsePreActBasic(_UnitKernel):
         if not rows.all_active:
             r.mul_(rows.mask(r.dtype))
         v.add_(r)
-        _refresh_sums(X, S, g)
-        return self.flops(rows)
+        refresh_sums(X, S, g)
 
-    def run_sparse(self, X: Tensor, S: Tensor, rows: RowSet) -> Tensor:
+    def run_sparse(self, X: Tensor, S: Tensor, rows: RowSet) -> None:
         g = rows.geo
         c = g.channels
         pad = g.n
         dil = rows.dilated
         t1 = g.scratch(g.n + 1, c, X, pad_row=True)
-        for s, e in _chunks(dil.numel(), g.chunk):
+        for s, e in chunks(dil.numel(), g.chunk):
             nb = g.nbr.index_select(0, dil[s:e])  # (m, 9)
             p = X.index_select(0, nb.view(-1)).view(e - s, 9, c)
             p.mul_(self.s1).add_(self.t1)
@@ -365,12 +227,11 @@ class SparsePreActBasic(_UnitKernel):
             t = F.leaky_relu_(torch.addmm(self.b1, p.view(e - s, 9 * c), self.m1), self.slope2)
             t1.index_copy_(0, dil[s:e], t)
         idx, nbr = rows.idx, rows.nbr
-        for s, e in _chunks(idx.numel(), g.chunk):
+        for s, e in chunks(idx.numel(), g.chunk):
             ic = idx[s:e]
             r = torch.addmm(self.b2, t1.index_select(0, nbr[s:e].reshape(-1)).view(e - s, 9 * c), self.m2)
             S.index_add_(0, g.img.index_select(0, ic), r.to(S.dtype))
             X.index_copy_(0, ic, X.index_select(0, ic).add_(r))
-        return self.flops(rows)
 
 
 class DenseMaskedUnit(_UnitKernel):
@@ -383,137 +244,13 @@ class DenseMaskedUnit(_UnitKernel):
     def refresh(self) -> None:
         """Nothing is folded."""
 
-    def run(self, X: Tensor, S: Tensor, rows: RowSet) -> Tensor:
+    def run(self, X: Tensor, S: Tensor, rows: RowSet) -> None:
+        if rows.idx.numel() == 0:
+            return
         g = rows.geo
         v = rows_view(X, g.batch, g.height, g.width)
-        mask = rows.mask(X.dtype)
-        flops = self.unit.flops(v, mask)
-        out = self.unit(v, mask)
-        v.copy_(out)
-        _refresh_sums(X, S, g)
-        return flops
-
-    def empty_flops(self, X: Tensor, rows: RowSet) -> Tensor:
-        g = rows.geo
-        return self.unit.flops(rows_view(X, g.batch, g.height, g.width), rows.mask(X.dtype))
-
-
-class SparseSACTHalting(nn.Module):
-    """:class:`~sact.halting.SACTHalting` (3x3 local conv) evaluated at the active rows.
-
-    The local term is computed as nine per-row projections ``Z[q, k] = w_k . act(bn(x_q))``
-    on the dilated rows (one ``addmm`` ``(rows, C) x (C, 9)``), then
-    ``local[p] = sum_k Z[nbr[p, k], k]`` with ``Z[pad] = 0`` (zero padding after BN and
-    activation, like the dense branch). With an identity activation BN is folded into the
-    projections. The global term uses the per-image channel sums ``S``.
-    """
-
-    def __init__(self, branch: SACTHalting) -> None:
-        super().__init__()
-        _ref(self, "branch", branch)
-        act = branch.local_act
-        self.identity = isinstance(act, nn.Identity)
-        self.slope = float(act.negative_slope) if isinstance(act, nn.LeakyReLU) else 0.0
-        self.channels = branch.local_conv.in_channels
-        for name in ("wz", "cz", "s", "t", "bias"):
-            self.register_buffer(name, torch.empty(0), persistent=False)
-        self.refresh()
-
-    @staticmethod
-    def supports(branch: nn.Module) -> bool:
-        if not isinstance(branch, SACTHalting):
-            return False
-        conv = branch.local_conv
-        return (
-            foldable_bn(branch.local_bn)
-            and isinstance(branch.local_act, (nn.Identity, nn.LeakyReLU, nn.ReLU))
-            and conv.kernel_size == (3, 3)
-            and conv.padding == (1, 1)
-            and conv.stride == (1, 1)
-            and conv.dilation == (1, 1)
-            and conv.groups == 1
-        )
-
-    @torch.no_grad()
-    def refresh(self) -> None:
-        """Re-fold the branch's current weights."""
-        br = self.branch
-        dt = br.local_conv.weight.dtype
-        w = br.local_conv.weight.detach().double()[0].reshape(self.channels, 9)  # (C, 9), k = 3*ky + kx
-        s, t = bn_scale_shift(br.local_bn)
-        if self.identity:
-            self.wz = (w * s[:, None]).to(dt)
-            self.cz = (t @ w).to(dt)
-        else:
-            self.wz = w.to(dt)
-            self.cz = torch.zeros(9, dtype=dt, device=w.device)
-            self.s, self.t = s.to(dt), t.to(dt)
-        b = br.local_conv.bias
-        self.bias = (b.detach() if b is not None else torch.zeros(1, device=w.device)).to(dt).reshape(1)
-
-    def _project(self, x: Tensor) -> Tensor:
-        if self.identity:
-            return torch.addmm(self.cz, x, self.wz)
-        p = x * self.s + self.t
-        p = F.leaky_relu_(p, self.slope) if self.slope else p.relu_()
-        return p @ self.wz
-
-    def run(self, X: Tensor, S: Tensor, rows: RowSet) -> tuple[Tensor, Tensor]:
-        """``(h (na,), flops [B])``: halting probabilities at the active rows."""
-        g = rows.geo
-        br = self.branch
-        mean = (S / g.hw).to(X.dtype).view(g.batch, g.channels, 1, 1)
-        glob = br.global_conv(br.global_act(br.global_bn(mean))).view(g.batch)  # [B]
-        if g.native:
-            # s, t are empty when BN is folded into wz (identity activation); the kernel ignores them then.
-            h = native.halting_rows(X, rows.idx, rows.dilated, g.nbr, self.wz, self.cz, self.s, self.t, self.slope,
-                                    self.identity, glob.to(S.dtype) + self.bias.to(S.dtype), g.hw)
-            return h, self.flops(rows)
-        z = g.scratch(g.n + 1, 9, X, pad_row=True)
-        dil = rows.dilated
-        if dil.numel() == g.n:
-            if self.identity:
-                torch.addmm(self.cz, X[: g.n], self.wz, out=z[: g.n])
-            else:
-                z[: g.n] = self._project(X[: g.n])
-        else:
-            z.index_copy_(0, dil, self._project(X.index_select(0, dil)))
-        cols = torch.arange(9, device=X.device)
-        local = z.view(-1).index_select(0, (rows.nbr * 9 + cols).view(-1)).view(-1, 9).sum(1) + self.bias
-        if not rows.all_active:
-            glob = glob.index_select(0, g.img.index_select(0, rows.idx))
-        else:
-            glob = glob.repeat_interleave(g.hw)
-        h = torch.sigmoid(local + glob)
-        return h, self.flops(rows)
-
-    def flops(self, rows: RowSet) -> Tensor:
-        return 2 * 9 * self.channels * rows.count(rows.idx) + 2 * self.channels
-
-    def empty_flops(self, X: Tensor, rows: RowSet) -> Tensor:
-        return torch.full((rows.geo.batch,), 2 * self.channels, dtype=torch.long, device=X.device)
-
-
-class DenseHalting(nn.Module):
-    """Any halting branch: ``branch(x)`` on the buffer's view, read at the active rows."""
-
-    def __init__(self, branch: nn.Module) -> None:
-        super().__init__()
-        _ref(self, "branch", branch)
-
-    def refresh(self) -> None:
-        """Nothing is folded."""
-
-    def run(self, X: Tensor, S: Tensor, rows: RowSet) -> tuple[Tensor, Tensor]:
-        g = rows.geo
-        v = rows_view(X, g.batch, g.height, g.width)
-        proba = self.branch(v).reshape(-1)
-        flops = self.branch.flops(v, None if rows.all_active else rows.mask(X.dtype))
-        return proba.index_select(0, rows.idx), flops
-
-    def empty_flops(self, X: Tensor, rows: RowSet) -> Tensor:
-        g = rows.geo
-        return self.branch.flops(rows_view(X, g.batch, g.height, g.width), rows.mask(X.dtype))
+        v.copy_(self.unit(v, None if rows.all_active else rows.mask(X.dtype)))
+        refresh_sums(X, S, g)
 
 
 def make_unit_kernel(unit: nn.Module, *, dense_above: float | dict | None = None) -> nn.Module:
@@ -530,11 +267,6 @@ def make_unit_kernel(unit: nn.Module, *, dense_above: float | dict | None = None
             kernel.dense_above_small = table.get(name + "@small", table[name])
             return kernel
     return DenseMaskedUnit(unit)
-
-
-def make_halting_kernel(branch: nn.Module) -> nn.Module:
-    """Row kernel of a SACT halting branch (falls back to :class:`DenseHalting`)."""
-    return SparseSACTHalting(branch) if SparseSACTHalting.supports(branch) else DenseHalting(branch)
 
 
 class RowBottleneck0(nn.Module):
