@@ -241,24 +241,25 @@ def test_halting_branch_init():
 
 @pytest.mark.parametrize("mode", ["act", "sact"])
 @pytest.mark.parametrize("name", ["resnet20_cifar", "resnet50", "resnet50_v2"])
-def test_stage_flops_from_counts_equal_the_loop(name, mode):
-    """The vectorised counts-based FLOPs (for whole-stage executors) equal the loop's count."""
-    from sact.flops import dilate_mask
-
+def test_stage_flops_equal_the_per_step_count(name, mode):
+    """The stage counts FLOPs once from the final unit counts (the rates, vectorised); this
+    equals summing every unit's and branch's ``flops(x, mask)`` over the loop's masks."""
     model = small(name, mode).eval()
     set_halting_bias(model, 0.0)
     x = small_input(name, batch=3)
+    varied = False
     with torch.no_grad():
         x_in, _ = model.forward_stem(x)
         for stage in model.stages:
             y, so = stage(x_in)
-            b, h, w = so.num_units.shape
-            if mode == "sact":
-                masks = [so.num_units.unsqueeze(1) > n for n in range(stage.num_units)]
-                active = torch.stack([m.flatten(1).sum(1) for m in masks])
-                dilated = torch.stack([dilate_mask(m).flatten(1).sum(1) for m in masks])
-                got = stage.flops_from_counts(x_in, active, dilated)
-            else:
-                got = stage.flops_from_num_units(x_in, so.num_units[:, 0, 0], h * w)
-            assert torch.equal(got, so.flops)
+            feats = stage.units[0](x_in)
+            expected = stage.units[0].flops(x_in, None) + stage.halting[0].flops(feats, None)
+            for n in range(1, stage.num_units):
+                mask = (so.num_units > n).unsqueeze(1).to(feats.dtype)  # where unit n ran
+                expected = expected + stage.units[n].flops(feats, mask)
+                if n < stage.num_units - 1:
+                    expected = expected + stage.halting[n].flops(feats, mask)
+            assert torch.equal(so.flops, expected)
+            varied |= bool(so.num_units.unique().numel() > 1)
             x_in = y
+    assert varied

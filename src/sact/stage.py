@@ -81,26 +81,38 @@ def _check_mode(mode: str) -> str:
 # ---------------------------------------------------------------------------------------
 
 
-@dataclass
 class Where:
     """The positions a unit (and the halting branch after it) must update.
 
     Attributes:
-        mask: ``[B, 1, H, W]`` 0/1 in the features' dtype, or ``None`` for every position
-            (unit 0, and vanilla stages). ACT: the image's flag broadcast over ``H, W``.
         idx: ``[n]`` int64 indices of the still-running positions into the flattened
             position grid (``B*H*W`` for SACT, ``B`` for ACT), sorted; ``None`` when every
             position runs or the executor does not compact (:attr:`StageRun.compact`).
+        mask: ``[B, 1, H, W]`` 0/1 in the features' dtype, or ``None`` for every position
+            (unit 0, and vanilla stages); ACT: the image's flag broadcast over ``H, W``.
+            Built on first use from the running positions.
     """
 
-    mask: Tensor | None = None
-    idx: Tensor | None = None
-    _cache: dict = field(default_factory=dict, repr=False)
+    def __init__(self, active: Tensor | None = None, idx: Tensor | None = None, *, dtype: torch.dtype | None = None,
+                 shape: tuple[int, int, int, int] | None = None) -> None:
+        self.idx = idx
+        self._active, self._dtype, self._shape = active, dtype, shape
+        self._mask: Tensor | None = None
+        self._cache: dict = {}  # executors keep what the unit and the branch after it share
 
     @property
     def everywhere(self) -> bool:
         """True when every position runs (no mask)."""
-        return self.mask is None
+        return self._active is None
+
+    @property
+    def mask(self) -> Tensor | None:
+        if self._active is None:
+            return None
+        if self._mask is None:
+            m = self._active.to(self._dtype)
+            self._mask = m.unsqueeze(1) if m.dim() == 3 else m.view(-1, 1, 1, 1).expand(self._shape)
+        return self._mask
 
 
 class StageRun(Protocol):
@@ -200,7 +212,10 @@ def run_stage(stage: "AdaptiveStage", x: Tensor, executor: StageExecutor | None 
     units = stage.units
     num_u = stage.num_units
     run = (executor or DENSE).start(stage, x)  # unit 0, every position
-    flops = units[0].flops(x, None)
+    # Built-in units and branches state their FLOPs as rates: counted once per stage from the
+    # final unit counts (the same formulas, vectorised); any other unit is counted per step.
+    per_step_flops = stage.mode == "vanilla" or not stage.has_flop_rates()
+    flops = units[0].flops(x, None) if per_step_flops else None
     feats = run.features
     b, _, h, w = feats.shape
     dev = feats.device
@@ -222,12 +237,14 @@ def run_stage(stage: "AdaptiveStage", x: Tensor, executor: StageExecutor | None 
     where = Where()
     for n in range(num_u):
         if n > 0:
-            flops = flops + units[n].flops(run.features, where.mask)
+            if per_step_flops:
+                flops = flops + units[n].flops(run.features, where.mask)
             run.unit(n, where)
         proba = None  # the last unit always halts
         if n < num_u - 1:
             proba = run.halting(n, where)
-            flops = flops + stage.halting[n].flops(run.features, where.mask)
+            if per_step_flops:
+                flops = flops + stage.halting[n].flops(run.features, where.mask)
         if where.idx is None:
             state, weight = halting_step(state, proba, eps=stage.eps)
             dist[n] = weight
@@ -240,6 +257,8 @@ def run_stage(stage: "AdaptiveStage", x: Tensor, executor: StageExecutor | None 
             where = _next_where(state, where, run.compact, feats.dtype, (b, 1, h, w))
 
     ponder, num_units = state.ponder_cost, state.num_units
+    if not per_step_flops:
+        flops = stage.flops_from_num_units(x, num_units, h * w)
     if spatial:
         dist = dist.permute(1, 0, 2, 3)  # [B, U, H, W]
     else:  # ACT: constant maps over H, W
@@ -261,9 +280,7 @@ def _next_where(state: HaltingState, prev: Where, compact: bool, dtype: torch.dt
             idx = prev.idx[active.reshape(-1).index_select(0, prev.idx)]
         if idx.numel() == active.numel():
             idx = None  # nothing halted yet: every position, no index needed
-    mask = active.to(dtype)
-    mask = mask.unsqueeze(1) if mask.dim() == 3 else mask.view(-1, 1, 1, 1).expand(mask_shape)
-    return Where(mask=mask, idx=idx)
+    return Where(active, idx, dtype=dtype, shape=mask_shape)
 
 
 # ---------------------------------------------------------------------------------------
@@ -336,7 +353,16 @@ class AdaptiveStage(nn.Module):
         """
         return run_stage(self, x, executor)
 
-    # ---- FLOPs from the halting outcome (for executors that do not run the Python loop) ----
+    # ---- FLOPs from the halting outcome: the units' formulas as rates, vectorised ----
+
+    def has_flop_rates(self) -> bool:
+        """True when every later unit and every halting branch states its FLOPs as rates
+        (``masked_flop_rates`` / ``flop_rates``: the built-in ones do)."""
+        if getattr(self, "_has_rates", None) is None:
+            ok = all(hasattr(u, "masked_flop_rates") for u in self.units[1:]) and all(
+                hasattr(b, "flop_rates") for b in (self.halting or []))
+            object.__setattr__(self, "_has_rates", ok)
+        return self._has_rates
 
     def _flop_rates(self) -> tuple[list[int], list[int], list[int], list[int], list[int]]:
         """Per unit ``n``: masked rates of unit ``n`` (0 for unit 0) and rates of halting branch ``n``."""
@@ -372,13 +398,25 @@ class AdaptiveStage(nn.Module):
         return self.units[0].flops(x, None) + total + (sum(hi) + sum(re) * hw)
 
     def flops_from_num_units(self, x: Tensor, num_units: Tensor, hw: int) -> Tensor:
-        """``[B]`` FLOPs of an ACT stage whose images ran ``num_units`` ``[B]`` units each.
+        """``[B]`` FLOPs of the stage given its final unit counts.
+
+        Unit ``n >= 1`` (and halting branch ``n``) ran where ``num_units > n``, which fixes
+        every mask of the loop, so this equals the per-step count.
 
         Args:
             x: the stage input (its shape gives unit 0's FLOPs).
-            num_units: ``[B]`` int64 in ``1..U``.
+            num_units: SACT ``[B, H, W]``, ACT ``[B]``: int64 in ``1..U``.
             hw: positions of the stage's feature map.
         """
+        if self.mode == "sact":
+            from .flops import dilate_mask
+
+            steps = torch.arange(self.num_units, device=num_units.device).view(-1, 1, 1, 1)
+            masks = num_units.unsqueeze(0) > steps  # [U, B, H, W]: where unit n ran (row 0: everywhere)
+            u, b, h, w = masks.shape
+            active = masks.view(u, b, -1).sum(2)
+            dilated = dilate_mask(masks.view(u * b, 1, h, w).to(torch.float32)).view(u, b, -1).sum(2).long()
+            return self.flops_from_counts(x, active, dilated)
         rd, ra, re, hr, hi = self._flop_rates()
         # cum[k]: FLOPs of units 1..k and halting branches 0..k (an image that ran k + 1 units)
         cum, acc = [], 0
@@ -386,4 +424,4 @@ class AdaptiveStage(nn.Module):
             acc += (rd[n] + ra[n] + re[n] + hr[n]) * hw + hi[n]
             cum.append(acc)
         table = torch.tensor(cum, dtype=torch.long, device=num_units.device)
-        return self.units[0].flops(x, None) + table.index_select(0, num_units - 1)
+        return self.units[0].flops(x, None) + table.index_select(0, num_units.reshape(-1) - 1)

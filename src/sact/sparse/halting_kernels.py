@@ -32,7 +32,9 @@ class SparseSACTHalting(nn.Module):
     on the dilated rows (one ``addmm`` ``(rows, C) x (C, 9)``), then
     ``local[p] = sum_k Z[nbr[p, k], k]`` with ``Z[pad] = 0`` (zero padding after BN and
     activation, like the dense branch). With an identity activation BN is folded into the
-    projections. The global term uses the per-image channel sums ``S``.
+    projections. The global term ``conv1x1(act(bn(mean)))`` uses the per-image channel sums
+    ``S``, with its BN (and, for an identity activation, the whole term plus the local
+    bias) folded into one small matrix product.
     """
 
     def __init__(self, branch: SACTHalting) -> None:
@@ -42,7 +44,7 @@ class SparseSACTHalting(nn.Module):
         self.identity = isinstance(act, nn.Identity)
         self.slope = float(act.negative_slope) if isinstance(act, nn.LeakyReLU) else 0.0
         self.channels = branch.local_conv.in_channels
-        for name in ("wz", "cz", "s", "t", "bias"):
+        for name in ("wz", "cz", "s", "t", "bias", "gw", "gc", "gs", "gt"):
             self.register_buffer(name, torch.empty(0), persistent=False)
         self.refresh()
 
@@ -53,7 +55,11 @@ class SparseSACTHalting(nn.Module):
         conv = branch.local_conv
         return (
             foldable_bn(branch.local_bn)
+            and foldable_bn(branch.global_bn)
+            and type(branch.global_act) is type(branch.local_act)
             and isinstance(branch.local_act, (nn.Identity, nn.LeakyReLU, nn.ReLU))
+            and getattr(branch.global_act, "negative_slope", None) == getattr(branch.local_act, "negative_slope", None)
+            and branch.global_conv.bias is None
             and conv.kernel_size == (3, 3)
             and conv.padding == (1, 1)
             and conv.stride == (1, 1)
@@ -77,6 +83,16 @@ class SparseSACTHalting(nn.Module):
             self.s, self.t = s.to(dt), t.to(dt)
         b = br.local_conv.bias
         self.bias = (b.detach() if b is not None else torch.zeros(1, device=w.device)).to(dt).reshape(1)
+        # global term g = conv1x1(act(s_g * mean + t_g)): identity -> mean @ (s_g w) + (t_g . w + bias)
+        wg = br.global_conv.weight.detach().double().reshape(1, self.channels).t()  # (C, 1)
+        sg, tg = bn_scale_shift(br.global_bn)
+        acc = torch.float32 if dt in (torch.float16, torch.bfloat16) else dt  # S's dtype
+        if self.identity:
+            self.gw = (wg * sg[:, None]).to(acc)
+            self.gc = (tg @ wg + self.bias.double()).to(acc)
+        else:
+            self.gw, self.gc = wg.to(acc), self.bias.to(acc)
+            self.gs, self.gt = sg.to(acc), tg.to(acc)
 
     def _project(self, x: Tensor) -> Tensor:
         if self.identity:
@@ -88,14 +104,18 @@ class SparseSACTHalting(nn.Module):
     def run(self, X: Tensor, S: Tensor, rows: RowSet) -> Tensor:
         """``h (na,)``: halting probabilities at the active rows."""
         g = rows.geo
-        br = self.branch
-        mean = (S / g.hw).to(X.dtype).view(g.batch, g.channels, 1, 1)
-        glob = br.global_conv(br.global_act(br.global_bn(mean))).view(g.batch)  # [B]
+        # the global term plus the local conv's bias, per image [B] (in S's dtype)
+        if self.identity:
+            glob = torch.addmm(self.gc, S, self.gw, alpha=1.0 / g.hw).view(g.batch)
+        else:
+            a = torch.addcmul(self.gt, S, self.gs, value=1.0 / g.hw)
+            a = F.leaky_relu_(a, self.slope) if self.slope else a.relu_()
+            glob = torch.addmm(self.gc, a, self.gw).view(g.batch)
         if g.native:
             # s, t are empty when BN is folded into wz (identity activation); the kernel ignores them then.
-            h = native.halting_rows(X, rows.idx, rows.dilated, g.nbr, self.wz, self.cz, self.s, self.t, self.slope,
-                                    self.identity, glob.to(S.dtype) + self.bias.to(S.dtype), g.hw)
-            return h
+            return native.halting_rows(X, rows.idx, rows.dilated, g.nbr, self.wz, self.cz, self.s, self.t, self.slope,
+                                       self.identity, glob, g.hw)
+        glob = glob.to(X.dtype)
         z = g.scratch(g.n + 1, 9, X, pad_row=True)
         dil = rows.dilated
         if dil.numel() == g.n:
@@ -106,7 +126,7 @@ class SparseSACTHalting(nn.Module):
         else:
             z.index_copy_(0, dil, self._project(X.index_select(0, dil)))
         cols = torch.arange(9, device=X.device)
-        local = z.view(-1).index_select(0, (rows.nbr * 9 + cols).view(-1)).view(-1, 9).sum(1) + self.bias
+        local = z.view(-1).index_select(0, (rows.nbr * 9 + cols).view(-1)).view(-1, 9).sum(1)  # bias is in glob
         if not rows.all_active:
             glob = glob.index_select(0, g.img.index_select(0, rows.idx))
         else:
