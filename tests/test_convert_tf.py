@@ -349,6 +349,8 @@ def test_convert_and_match_tensorflow(tmp_path, kind, mode):
     expected = sact.data.imagenet_preprocess() if kind == "imagenet" else sact.data.cifar_preprocess()
     assert sact.data.Preprocess.from_dict(meta["preprocess"]) == expected
     assert_matches_tf(loaded, x, tf_out, mode)
+    # the sparse engine (row kernels only, no dense fallback) reproduces the reference too
+    assert_matches_tf(sact.to_sparse(loaded, dense_above=1.0, poison=True), x, tf_out, mode)
 
 
 def test_imagenet_names_and_layouts(tmp_path):

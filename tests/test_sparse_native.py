@@ -11,7 +11,7 @@ import sact
 from sact.sparse import native, to_sparse
 from sact.sparse.halting_kernels import SparseSACTHalting
 from sact.sparse.rowset import Geometry, RowSet
-from sact.sparse.unit_kernels import SparseBottleneck
+from sact.sparse.unit_kernels import RowPreActBottleneck0, SparseBottleneck, SparsePreActBottleneck
 from sact.sparse.rows import dilate_rows, image_index, neighbour_table
 
 from test_sparse_engine import assert_same, small_model
@@ -43,7 +43,7 @@ def both_backends(model, x, **kw):
     return dense, out[0], out[1]
 
 
-@pytest.mark.parametrize("name", ["resnet50", "resnet101"])
+@pytest.mark.parametrize("name", ["resnet50", "resnet101", "resnet50_v2", "resnet101_v2"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_native_engine_equals_dense_and_pure(built, name, threads):
     prev_threads = torch.get_num_threads()
@@ -113,12 +113,31 @@ def test_native_halting_kernel_equals_pure(built, act):
     torch.testing.assert_close(out[True], out[False], rtol=1e-12, atol=1e-12)
 
 
-def test_native_bottleneck_kernel_equals_pure_and_keeps_sums(built):
-    unit = small_model("resnet50", "sact", halting_bias=0.0).stages[1].units[1]
+def test_native_rejects_bad_buffers(built):
+    X, geo, idx = _rows(c=8)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        native.dilate_rows(idx.to(torch.int32), geo.nbr)
+    with pytest.raises(RuntimeError, match="one entry per image"):
+        native.halting_rows(X, idx, idx, geo.nbr, torch.zeros(8, 9, dtype=X.dtype), torch.zeros(9, dtype=X.dtype),
+                            torch.zeros(8), torch.zeros(8), 0.0, True, torch.zeros(5), geo.hw)
+
+
+def test_v2_stages_use_row_kernels():
+    """The reference's pre-activation bottleneck (released ImageNet layout) runs natively, not masked."""
+    model = small_model("resnet50_v2", "sact", halting_bias=0.0)
+    ex = sact.to_sparse(model).executors
+    for e in ex:
+        assert isinstance(e.unit0, RowPreActBottleneck0)
+        assert all(isinstance(k, SparsePreActBottleneck) for k in e.unit_kernels)
+
+
+@pytest.mark.parametrize("name,kernel_cls", [("resnet50", SparseBottleneck), ("resnet50_v2", SparsePreActBottleneck)])
+def test_native_bottleneck_kernels_equal_pure_and_keep_sums(built, name, kernel_cls):
+    unit = small_model(name, "sact", halting_bias=0.0).stages[1].units[1]
     c = unit.in_channels
     X, geo, idx = _rows(c=c, seed=2)
     geo.channels = c
-    kernel = SparseBottleneck(unit, dense_above=1.0)
+    kernel = kernel_cls(unit, dense_above=1.0)
     results = {}
     for flag in (True, False):
         Xi = X.clone()
@@ -130,15 +149,8 @@ def test_native_bottleneck_kernel_equals_pure_and_keeps_sums(built):
     Xp, Sp = results[False]
     torch.testing.assert_close(Xn, Xp, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(Sn, Xn[: geo.n].view(geo.batch, -1, c).sum(1), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(Sp, Xp[: geo.n].view(geo.batch, -1, c).sum(1), rtol=1e-10, atol=1e-10)
     untouched = torch.ones(geo.n + 1, dtype=torch.bool)
     untouched[idx] = False
     assert torch.equal(Xn[untouched], X[untouched])  # only active rows change
-
-
-def test_native_rejects_bad_buffers(built):
-    X, geo, idx = _rows(c=8)
-    with pytest.raises(RuntimeError, match="contiguous"):
-        native.dilate_rows(idx.to(torch.int32), geo.nbr)
-    with pytest.raises(RuntimeError, match="one entry per image"):
-        native.halting_rows(X, idx, idx, geo.nbr, torch.zeros(8, 9, dtype=X.dtype), torch.zeros(9, dtype=X.dtype),
-                            torch.zeros(8), torch.zeros(8), 0.0, True, torch.zeros(5), geo.hw)
+    assert not torch.equal(Xn[idx], X[idx])  # and they do change

@@ -25,7 +25,7 @@ from . import native
 from .halting_kernels import make_halting_kernel
 from .rows import image_index, neighbour_table, rows_view
 from .rowset import Geometry, RowSet
-from .unit_kernels import RowBottleneck0, make_unit_kernel
+from .unit_kernels import RowBottleneck0, RowPreActBottleneck0, make_unit_kernel
 
 __all__ = ["RowExecutor", "ImageSubsetExecutor", "make_executor"]
 
@@ -132,7 +132,7 @@ class RowExecutor(nn.Module):
         self.unit_kernels = nn.ModuleList(make_unit_kernel(u, dense_above=dense_above) for u in stage.units[1:])
         self.halting_kernels = nn.ModuleList(make_halting_kernel(b) for b in stage.halting)
         u0 = stage.units[0]
-        self.unit0 = RowBottleneck0(u0) if RowBottleneck0.supports(u0) else None
+        self.unit0 = next((cls(u0) for cls in (RowBottleneck0, RowPreActBottleneck0) if cls.supports(u0)), None)
 
     def refresh(self) -> None:
         """Re-fold batch norms after the stage's weights changed."""

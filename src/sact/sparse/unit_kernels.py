@@ -9,8 +9,10 @@ Known units (:class:`~sact.units.Bottleneck`, :class:`~sact.units.PreActBasicUni
 a gather-GEMM-scatter path with batch norm folded into the convolutions, and a dense path
 on a zero-copy channels-last view of ``X`` used when the active fraction is above
 ``dense_above`` (the break-even point). Any other unit runs as ``unit(x, mask)``
-(:class:`DenseMaskedUnit`). :class:`RowBottleneck0` runs unit 0 of a bottleneck stage
-(every position, strided) straight into a fresh row buffer.
+(:class:`DenseMaskedUnit`). The reference's pre-activation bottleneck
+(:class:`~sact.models.resnet_v2.PreActBottleneck`, the released ImageNet models) gets
+:class:`SparsePreActBottleneck`. :class:`RowBottleneck0` / :class:`RowPreActBottleneck0`
+run unit 0 of a bottleneck stage (every position, strided) straight into a fresh row buffer.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..models.resnet_v2 import PreActBottleneck
 from ..units import Bottleneck, PreActBasicUnit
 from . import native
 from .fold import bn_scale_shift, conv_as_matrix, fold_conv_bn, foldable_bn
@@ -28,8 +31,10 @@ from .rowset import RowSet, chunks, refresh_sums
 __all__ = [
     "SparseBottleneck",
     "SparsePreActBasic",
+    "SparsePreActBottleneck",
     "DenseMaskedUnit",
     "RowBottleneck0",
+    "RowPreActBottleneck0",
     "make_unit_kernel",
     "DEFAULT_DENSE_ABOVE",
 ]
@@ -38,7 +43,13 @@ __all__ = [
 #: break-even points (docs/sparse.md). Bottlenecks on small maps (at most
 #: ``SMALL_MAP`` positions per image, e.g. 14x14) gain even at full activity because
 #: the dense convolution is less efficient there.
-DEFAULT_DENSE_ABOVE = {"SparseBottleneck": 0.6, "SparseBottleneck@small": 0.85, "SparsePreActBasic": 0.25}
+DEFAULT_DENSE_ABOVE = {
+    "SparseBottleneck": 0.6,
+    "SparseBottleneck@small": 0.85,
+    "SparsePreActBottleneck": 0.6,
+    "SparsePreActBottleneck@small": 0.85,
+    "SparsePreActBasic": 0.25,
+}
 SMALL_MAP = 256
 #: The native kernels split a row set across threads (one chunk each, single-threaded
 #: GEMMs) when it has at least this many rows per thread; smaller sets run as one chunk
@@ -152,6 +163,95 @@ class SparseBottleneck(_UnitKernel):
             refresh_sums(X, S, g)
 
 
+def _conv2_3x3(conv: nn.Conv2d, stride: int = 1) -> bool:
+    return (conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.stride == (stride, stride))
+
+
+class SparsePreActBottleneck(_UnitKernel):
+    """The reference's pre-activation bottleneck (ResNet-v2; stride 1, identity shortcut) on rows.
+
+    ``y = x + conv3(relu(bn2(conv2(relu(bn1(conv1(relu(bn0(x)))))))))`` with ``bn1`` / ``bn2``
+    folded into ``conv1`` / ``conv2``; ``bn0`` + ReLU (the pre-activation) is applied to the
+    rows ``conv1`` reads. Sparse path: ``conv1`` on the dilated rows into a scratch buffer with
+    a zero pad row, then per chunk of active rows: gather the 3x3 neighbour rows -> ``addmm``
+    (conv2) -> ``addmm`` (conv3) -> add to the rows (no ReLU after the sum).
+    """
+
+    def __init__(self, unit: PreActBottleneck, *, dense_above: float) -> None:
+        super().__init__()
+        _ref(self, "unit", unit)
+        self.dense_above = dense_above
+        for name in ("s0", "t0", "w2", "b1", "b2", "b3", "m1", "m2", "m3"):
+            self.register_buffer(name, torch.empty(0), persistent=False)
+        self.refresh()
+
+    @staticmethod
+    def supports(unit: nn.Module) -> bool:
+        return (
+            isinstance(unit, PreActBottleneck)
+            and unit.stride == 1
+            and unit.shortcut is None
+            and all(foldable_bn(b) for b in (unit.preact, unit.conv1_bn, unit.conv2_bn))
+            and unit.conv1.kernel_size == unit.conv3.kernel_size == (1, 1)
+            and unit.conv1.groups == unit.conv3.groups == 1
+            and _conv2_3x3(unit.conv2)
+        )
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Re-fold the unit's current weights."""
+        u = self.unit
+        dt = u.conv1.weight.dtype
+        s0, t0 = bn_scale_shift(u.preact)
+        w1, b1 = fold_conv_bn(u.conv1, u.conv1_bn)
+        w2, b2 = fold_conv_bn(u.conv2, u.conv2_bn)
+        w3, b3 = fold_conv_bn(u.conv3, None)
+        self.s0, self.t0 = s0.to(dt), t0.to(dt)
+        self.m1, self.b1 = conv_as_matrix(w1).to(dt), b1.to(dt)
+        self.w2, self.b2 = w2.to(dt), b2.to(dt)
+        self.m2 = conv_as_matrix(w2).to(dt)
+        self.m3, self.b3 = conv_as_matrix(w3).to(dt), b3.to(dt)
+
+    def _preact(self, x: Tensor) -> Tensor:
+        # x*s then +t, then ReLU: the rounding order of the native kernel
+        return x.mul(self.s0).add_(self.t0).relu_()
+
+    def run_dense(self, X: Tensor, S: Tensor, rows: RowSet) -> None:
+        g = rows.geo
+        width = self.m1.shape[1]
+        xr = X[: g.n]
+        t = torch.addmm(self.b1, self._preact(xr), self.m1).relu_()  # (N, width)
+        t = F.conv2d(t.view(g.batch, g.height, g.width, width).permute(0, 3, 1, 2), self.w2, self.b2, padding=1)
+        t = t.relu_().permute(0, 2, 3, 1).reshape(g.n, width)
+        r = torch.addmm(self.b3, t, self.m3)
+        if rows.all_active:
+            xr.add_(r)
+        else:
+            xr.addcmul_(r, rows.active.to(r.dtype).unsqueeze(1))
+        refresh_sums(X, S, g)
+
+    def run_sparse(self, X: Tensor, S: Tensor, rows: RowSet) -> None:
+        g = rows.geo
+        width = self.m1.shape[1]
+        dil = rows.dilated
+        t1 = g.scratch(g.n + 1, width, X, pad_row=True)  # conv1 output rows; pad row = conv2's zero padding
+        if g.native:
+            native.bottleneck_rows(X, S, t1, rows.idx, dil, g.nbr, self.m1, self.b1, self.m2, self.b2, self.m3,
+                                   self.b3, g.hw, g.chunk, NATIVE_MIN_ROWS, pre_scale=self.s0, pre_shift=self.t0,
+                                   final_relu=False)
+            return
+        t1.index_copy_(0, dil, torch.addmm(self.b1, self._preact(X.index_select(0, dil)), self.m1).relu_())
+        idx, nbr = rows.idx, rows.nbr
+        for s, e in chunks(idx.numel(), g.chunk):
+            ic = idx[s:e]
+            gathered = t1.index_select(0, nbr[s:e].reshape(-1)).view(e - s, 9 * width)  # restricted im2col
+            r = torch.addmm(self.b2, gathered, self.m2).relu_()
+            r = torch.addmm(self.b3, r, self.m3)
+            S.index_add_(0, g.img.index_select(0, ic), r.to(S.dtype))
+            X.index_copy_(0, ic, X.index_select(0, ic).add_(r))
+
+
 class SparsePreActBasic(_UnitKernel):
     """:class:`~sact.units.PreActBasicUnit` (stride 1, same channels) on rows, ``bn2`` folded into ``conv1``.
 
@@ -255,7 +355,7 @@ class DenseMaskedUnit(_UnitKernel):
 
 def make_unit_kernel(unit: nn.Module, *, dense_above: float | dict | None = None) -> nn.Module:
     """The fastest kernel that computes ``unit`` exactly (falls back to :class:`DenseMaskedUnit`)."""
-    for cls in (SparseBottleneck, SparsePreActBasic):
+    for cls in (SparseBottleneck, SparsePreActBottleneck, SparsePreActBasic):
         if cls.supports(unit):
             name = cls.__name__
             table = dict(DEFAULT_DENSE_ABOVE)
@@ -354,4 +454,81 @@ class RowBottleneck0(nn.Module):
             torch.addmm(self.b3, t, self.m3, out=o)
             o.add_(rows_in)
         o.relu_()
+        return out
+
+
+class RowPreActBottleneck0(nn.Module):
+    """Unit 0 of a ResNet-v2 stage (pre-activation, strided, projection shortcut) into a row buffer.
+
+    Dense at every position: ``p = relu(bn0(x))`` on channels-last rows; the shortcut is a
+    1x1 (strided) convolution of ``p`` (or ``x`` subsampled when the depth is unchanged);
+    ``conv1`` / ``conv2`` with their BNs folded (GEMM, then a convolution on a channels-last
+    view), ``conv3`` a GEMM; the result lands in a fresh ``(N + 1, C)`` buffer with a zero pad row.
+    """
+
+    def __init__(self, unit: PreActBottleneck) -> None:
+        super().__init__()
+        _ref(self, "unit", unit)
+        self.stride = unit.stride
+        for name in ("s0", "t0", "m1", "b1", "w2", "b2", "m3", "b3", "ms", "bs"):
+            self.register_buffer(name, torch.empty(0), persistent=False)
+        self.refresh()
+
+    @staticmethod
+    def supports(unit: nn.Module) -> bool:
+        if not isinstance(unit, PreActBottleneck):
+            return False
+        sc = unit.shortcut
+        return (
+            (sc is None or (sc.kernel_size == (1, 1) and sc.padding == (0, 0) and sc.groups == 1
+                            and sc.stride == (unit.stride, unit.stride)))
+            and all(foldable_bn(b) for b in (unit.preact, unit.conv1_bn, unit.conv2_bn))
+            and unit.conv1.kernel_size == unit.conv3.kernel_size == (1, 1)
+            and unit.conv1.stride == unit.conv3.stride == (1, 1)
+            and unit.conv1.groups == unit.conv3.groups == 1
+            and _conv2_3x3(unit.conv2, unit.stride)
+        )
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Re-fold the unit's current weights."""
+        u = self.unit
+        dt = u.conv1.weight.dtype
+        s0, t0 = bn_scale_shift(u.preact)
+        w1, b1 = fold_conv_bn(u.conv1, u.conv1_bn)
+        w2, b2 = fold_conv_bn(u.conv2, u.conv2_bn)
+        w3, b3 = fold_conv_bn(u.conv3, None)
+        self.s0, self.t0 = s0.to(dt), t0.to(dt)
+        self.m1, self.b1 = conv_as_matrix(w1).to(dt), b1.to(dt)
+        self.w2, self.b2 = w2.to(dt).contiguous(memory_format=torch.channels_last), b2.to(dt)
+        self.m3, self.b3 = conv_as_matrix(w3).to(dt), b3.to(dt)
+        if u.shortcut is not None:
+            ws, bs = fold_conv_bn(u.shortcut, None)
+            self.ms, self.bs = conv_as_matrix(ws).to(dt), bs.to(dt)
+
+    def forward(self, x: Tensor, *, poison: bool = False) -> Tensor:
+        """``x`` ``[B, C_in, H, W]`` -> rows ``(B*H'*W' + 1, C)`` (last row zero)."""
+        u = self.unit
+        b, cin, h, w = x.shape
+        s = self.stride
+        x = x.contiguous(memory_format=torch.channels_last)
+        p = x.permute(0, 2, 3, 1).reshape(b * h * w, cin).mul(self.s0).add_(self.t0).relu_()  # pre-activation rows
+        width = self.m1.shape[1]
+        t = torch.addmm(self.b1, p, self.m1).relu_()
+        t = F.conv2d(t.view(b, h, w, width).permute(0, 3, 1, 2), self.w2, self.b2, stride=s, padding=1)
+        ho, wo = t.shape[-2:]
+        n = b * ho * wo
+        t = t.relu_().permute(0, 2, 3, 1).reshape(n, width)
+        out = x.new_empty(n + 1, u.out_channels)
+        if poison:
+            out.fill_(float("nan"))
+        out[n].zero_()
+        o = out[:n]
+        torch.addmm(self.b3, t, self.m3, out=o)
+        if u.shortcut is not None:
+            ps = p.view(b, h, w, cin)[:, ::s, ::s].reshape(n, cin) if s > 1 else p
+            o.addmm_(ps, self.ms).add_(self.bs)
+        else:
+            xs = x[:, :, ::s, ::s] if s > 1 else x
+            o.add_(xs.permute(0, 2, 3, 1).reshape(n, cin))
         return out

@@ -106,8 +106,8 @@ struct SumAccumulator {
 template <typename scalar_t>
 void bottleneck_rows_impl(Tensor& X, Tensor& S, Tensor& t1, const Tensor& idx, const Tensor& dil,
                           const Tensor& nbr, const Tensor& m1, const Tensor& b1, const Tensor& m2,
-                          const Tensor& b2, const Tensor& m3, const Tensor& b3, int64_t hw, int64_t chunk,
-                          int64_t min_rows) {
+                          const Tensor& b2, const Tensor& m3, const Tensor& b3, const Tensor& pre_scale,
+                          const Tensor& pre_shift, bool final_relu, int64_t hw, int64_t chunk, int64_t min_rows) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = X.size(1), W = m1.size(1), N = nbr.size(0);
   const int64_t na = idx.numel(), nd = dil.numel();
@@ -119,6 +119,11 @@ void bottleneck_rows_impl(Tensor& X, Tensor& S, Tensor& t1, const Tensor& idx, c
   const scalar_t* b1p = b1.data_ptr<scalar_t>();
   const scalar_t* b2p = b2.data_ptr<scalar_t>();
   const scalar_t* b3p = b3.data_ptr<scalar_t>();
+  // Pre-activation units (ResNet-v2): conv1 reads relu(pre_scale * x + pre_shift), the unit's
+  // BN + ReLU, applied to the gathered rows (rounded like the pure kernel: x*s, then +t).
+  const bool pre = pre_scale.numel() > 0;
+  const scalar_t* psp = pre ? pre_scale.data_ptr<scalar_t>() : nullptr;
+  const scalar_t* ptp = pre ? pre_shift.data_ptr<scalar_t>() : nullptr;
   acc_t* Sp = S.data_ptr<acc_t>();
   const auto opts = X.options();
   const bool all_dil = nd == N;
@@ -127,13 +132,25 @@ void bottleneck_rows_impl(Tensor& X, Tensor& S, Tensor& t1, const Tensor& idx, c
   for_each_chunk(plan_chunks(nd, chunk, min_rows), [&](int64_t s, int64_t e) {
     const int64_t m = e - s;
     Tensor A;
-    if (all_dil) {
+    if (all_dil && !pre) {
       A = X.narrow(0, s, m);  // rows s..e are contiguous
     } else {
       A = at::empty({m, C}, opts);
       scalar_t* Ap = A.data_ptr<scalar_t>();
       at::parallel_for(0, m, 64, [&](int64_t b, int64_t f) {
-        for (int64_t i = b; i < f; ++i) std::memcpy(Ap + i * C, Xp + dp[s + i] * C, C * sizeof(scalar_t));
+        for (int64_t i = b; i < f; ++i) {
+          const scalar_t* x = Xp + (all_dil ? s + i : dp[s + i]) * C;
+          scalar_t* a = Ap + i * C;
+          if (!pre) {
+            std::memcpy(a, x, C * sizeof(scalar_t));
+            continue;
+          }
+          for (int64_t c = 0; c < C; ++c) {
+            const scalar_t sx = static_cast<scalar_t>(static_cast<acc_t>(x[c]) * static_cast<acc_t>(psp[c]));
+            const acc_t v = static_cast<acc_t>(sx) + static_cast<acc_t>(ptp[c]);
+            a[c] = static_cast<scalar_t>(v > acc_t(0) ? v : acc_t(0));
+          }
+        }
       });
     }
     Tensor R = all_dil ? t1.narrow(0, s, m) : at::empty({m, W}, opts);
@@ -183,10 +200,11 @@ void bottleneck_rows_impl(Tensor& X, Tensor& S, Tensor& t1, const Tensor& idx, c
         scalar_t* x = Xp + row * C;
         const scalar_t* y = Yp + i * C;
         for (int64_t j = 0; j < C; ++j) {
-          // (conv3 + bias) + residual, then ReLU: the order of the pure-PyTorch kernel.
+          // (conv3 + bias) + residual, then ReLU (post-activation units only): the order of
+          // the pure-PyTorch kernel.
           const scalar_t r = static_cast<scalar_t>(static_cast<acc_t>(y[j]) + static_cast<acc_t>(b3p[j]));
           acc_t v = static_cast<acc_t>(r) + static_cast<acc_t>(x[j]);
-          v = v > acc_t(0) ? v : acc_t(0);
+          if (final_relu) v = v > acc_t(0) ? v : acc_t(0);
           const scalar_t nv = static_cast<scalar_t>(v);
           loc[j] += static_cast<acc_t>(nv) - static_cast<acc_t>(x[j]);
           x[j] = nv;
@@ -200,7 +218,8 @@ void bottleneck_rows_impl(Tensor& X, Tensor& S, Tensor& t1, const Tensor& idx, c
 // X (N+1, C) rows, updated in place at the rows idx; S (B, C) per-image channel sums kept up
 // to date; t1 (N+1, W) scratch whose last row is zero (conv2's padding).
 void bottleneck_rows(Tensor X, Tensor S, Tensor t1, Tensor idx, Tensor dil, Tensor nbr, Tensor m1, Tensor b1,
-                     Tensor m2, Tensor b2, Tensor m3, Tensor b3, int64_t hw, int64_t chunk, int64_t min_rows) {
+                     Tensor m2, Tensor b2, Tensor m3, Tensor b3, Tensor pre_scale, Tensor pre_shift, bool final_relu,
+                     int64_t hw, int64_t chunk, int64_t min_rows) {
   check_rows_buffer(X, "X");
   check_rows_buffer(t1, "t1");
   check_index(idx, "idx");
@@ -214,12 +233,15 @@ void bottleneck_rows(Tensor X, Tensor S, Tensor t1, Tensor idx, Tensor dil, Tens
   TORCH_CHECK(S.is_contiguous() && S.dim() == 2 && S.size(1) == C && S.size(0) * hw == N, "S must be (B, C)");
   TORCH_CHECK(S.scalar_type() == at::toOpMathType(X.scalar_type()), "S must have X's accumulation dtype");
   TORCH_CHECK(chunk > 0 && min_rows > 0, "chunk and min_rows must be positive");
-  for (const Tensor* t : {&t1, &m1, &b1, &m2, &b2, &m3, &b3}) {
+  for (const Tensor* t : {&t1, &m1, &b1, &m2, &b2, &m3, &b3, &pre_scale, &pre_shift}) {
     TORCH_CHECK(t->scalar_type() == X.scalar_type() && t->is_contiguous() && t->device().is_cpu(),
                 "weights and scratch must be contiguous CPU tensors of X's dtype");
   }
+  TORCH_CHECK((pre_scale.numel() == 0 && pre_shift.numel() == 0) || (pre_scale.numel() == C && pre_shift.numel() == C),
+              "pre_scale and pre_shift must both be empty or have C entries");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, X.scalar_type(), "bottleneck_rows", [&] {
-    bottleneck_rows_impl<scalar_t>(X, S, t1, idx, dil, nbr, m1, b1, m2, b2, m3, b3, hw, chunk, min_rows);
+    bottleneck_rows_impl<scalar_t>(X, S, t1, idx, dil, nbr, m1, b1, m2, b2, m3, b3, pre_scale, pre_shift, final_relu,
+                                   hw, chunk, min_rows);
   });
 }
 
@@ -374,7 +396,8 @@ void accumulate_rows(Tensor out, Tensor X, Tensor idx, Tensor w) {
 
 TORCH_LIBRARY(sact_native, m) {
   m.def("bottleneck_rows(Tensor(a!) X, Tensor(b!) S, Tensor(c!) t1, Tensor idx, Tensor dil, Tensor nbr, Tensor m1, "
-        "Tensor b1, Tensor m2, Tensor b2, Tensor m3, Tensor b3, int hw, int chunk, int min_rows) -> ()");
+        "Tensor b1, Tensor m2, Tensor b2, Tensor m3, Tensor b3, Tensor pre_scale, Tensor pre_shift, bool final_relu, "
+        "int hw, int chunk, int min_rows) -> ()");
   m.def("halting_rows(Tensor X, Tensor idx, Tensor dil, Tensor nbr, Tensor wz, Tensor cz, Tensor scale, "
         "Tensor shift, float slope, bool identity, Tensor glob, int hw) -> Tensor");
   m.def("dilate_rows(Tensor idx, Tensor nbr) -> Tensor");
