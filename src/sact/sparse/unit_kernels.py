@@ -78,73 +78,76 @@ class _UnitKernel(nn.Module):
             self.run_sparse(X, S, rows)
 
 
-class SparseBottleneck(_UnitKernel):
-    """:class:`~sact.units.Bottleneck` (stride 1, identity shortcut) on rows, BN folded.
+def _conv2_3x3(conv: nn.Conv2d, stride: int = 1) -> bool:
+    return (conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
+            and conv.stride == (stride, stride))
 
-    Sparse path: ``conv1`` on the dilated rows (one ``addmm``, written into a scratch
-    buffer with a zero pad row), then per chunk of active rows: gather the 3x3 neighbour
-    rows -> ``addmm`` (conv2) -> ``addmm`` (conv3) -> residual + ReLU -> write back.
+
+class _BottleneckRows(_UnitKernel):
+    """A stride-1 bottleneck with an identity shortcut on rows, BN folded.
+
+    ``y = act(x + conv3(relu(conv2(relu(conv1(pre(x)))))))`` where ``pre`` is the identity
+    (post-activation, torchvision) or ``relu(bn0(x))`` (pre-activation, ResNet-v2; the
+    buffers ``s0`` / ``t0``), ``act`` a ReLU (``final_relu``) or the identity, and every
+    convolution has its BN folded in. Sparse path: ``conv1`` on the dilated rows (one
+    ``addmm``, written into a scratch buffer with a zero pad row), then per chunk of active
+    rows: gather the 3x3 neighbour rows -> ``addmm`` (conv2) -> ``addmm`` (conv3) ->
+    residual (+ ReLU) -> write back. Subclasses fold their unit in :meth:`refresh`.
     """
 
-    def __init__(self, unit: Bottleneck, *, dense_above: float) -> None:
+    final_relu: bool = True
+
+    def __init__(self, unit: nn.Module, *, dense_above: float) -> None:
         super().__init__()
         _ref(self, "unit", unit)
         self.dense_above = dense_above
-        for name in ("w1", "b1", "w2", "b2", "w3", "b3", "m1", "m2", "m3"):
+        for name in ("s0", "t0", "m1", "b1", "w2", "b2", "m2", "m3", "b3"):
             self.register_buffer(name, torch.empty(0), persistent=False)
         self.refresh()
 
-    @staticmethod
-    def supports(unit: nn.Module) -> bool:
-        return (
-            isinstance(unit, Bottleneck)
-            and unit.stride == 1
-            and unit.downsample is None
-            and all(foldable_bn(b) for b in (unit.bn1, unit.bn2, unit.bn3))
-            and unit.conv2.kernel_size == (3, 3)
-            and unit.conv2.padding == (1, 1)
-            and unit.conv2.dilation == (1, 1)
-            and unit.conv2.groups == 1
-        )
+    def _set(self, pre: tuple[Tensor, Tensor] | None, c1, c2, c3, dt: torch.dtype) -> None:
+        """Store the folded ``(weight, bias)`` of the three convolutions and the optional pre-activation BN."""
+        if pre is not None:
+            self.s0, self.t0 = pre[0].to(dt), pre[1].to(dt)
+        self.m1, self.b1 = conv_as_matrix(c1[0]).to(dt), c1[1].to(dt)
+        self.w2, self.b2 = c2[0].to(dt), c2[1].to(dt)
+        self.m2 = conv_as_matrix(c2[0]).to(dt)
+        self.m3, self.b3 = conv_as_matrix(c3[0]).to(dt), c3[1].to(dt)
 
-    @torch.no_grad()
-    def refresh(self) -> None:
-        """Re-fold the unit's current weights (call after changing them)."""
-        u = self.unit
-        dt = u.conv1.weight.dtype
-        for i, (conv, bn) in enumerate(((u.conv1, u.bn1), (u.conv2, u.bn2), (u.conv3, u.bn3)), start=1):
-            w, b = fold_conv_bn(conv, bn)
-            setattr(self, f"w{i}", w.to(dt))
-            setattr(self, f"b{i}", b.to(dt))
-            setattr(self, f"m{i}", conv_as_matrix(w).to(dt))
+    def _conv1_input(self, x: Tensor) -> Tensor:
+        if self.s0.numel() == 0:
+            return x
+        return x.mul(self.s0).add_(self.t0).relu_()  # x*s then +t, then ReLU: the native kernel's order
 
     def run_dense(self, X: Tensor, S: Tensor, rows: RowSet) -> None:
         # 1x1 convolutions as GEMMs on the rows, the 3x3 one on a channels-last view (no layout copies).
         g = rows.geo
-        width = self.w1.shape[0]
+        width = self.m1.shape[1]
         xr = X[: g.n]
-        t = torch.addmm(self.b1, xr, self.m1).relu_()  # (N, width)
+        t = torch.addmm(self.b1, self._conv1_input(xr), self.m1).relu_()  # (N, width)
         t = F.conv2d(t.view(g.batch, g.height, g.width, width).permute(0, 3, 1, 2), self.w2, self.b2, padding=1)
         t = t.relu_().permute(0, 2, 3, 1).reshape(g.n, width)
-        if rows.all_active:
+        if rows.all_active and self.final_relu:
             xr.addmm_(t, self.m3).add_(self.b3).relu_()  # residual accumulated inside the GEMM
         else:
             r = torch.addmm(self.b3, t, self.m3)
-            xr.addcmul_(r, rows.active.to(r.dtype).unsqueeze(1)).relu_()
+            xr.add_(r) if rows.all_active else xr.addcmul_(r, rows.active.to(r.dtype).unsqueeze(1))
+            if self.final_relu:
+                xr.relu_()  # halted rows are >= 0 already: ReLU keeps them
         refresh_sums(X, S, g)
 
     def run_sparse(self, X: Tensor, S: Tensor, rows: RowSet) -> None:
         g = rows.geo
-        width = self.w1.shape[0]
+        width = self.m1.shape[1]
         dil = rows.dilated
         t1 = g.scratch(g.n + 1, width, X, pad_row=True)  # conv1 output rows; pad row = conv2's zero padding
         if g.native:
             native.bottleneck_rows(X, S, t1, rows.idx, dil, g.nbr, self.m1, self.b1, self.m2, self.b2, self.m3,
-                                   self.b3, g.hw, g.chunk, NATIVE_MIN_ROWS)
+                                   self.b3, g.hw, g.chunk, NATIVE_MIN_ROWS,
+                                   pre_scale=self.s0 if self.s0.numel() else None,
+                                   pre_shift=self.t0 if self.t0.numel() else None, final_relu=self.final_relu)
             return
-        t = torch.addmm(self.b1, X.index_select(0, dil), self.m1).relu_()
-        t1.index_copy_(0, dil, t)
-        del t
+        t1.index_copy_(0, dil, torch.addmm(self.b1, self._conv1_input(X.index_select(0, dil)), self.m1).relu_())
         idx, nbr = rows.idx, rows.nbr
         resum = rows.fraction > 0.5  # one pass over X is cheaper than per-chunk deltas then
         for s, e in chunks(idx.numel(), g.chunk):
@@ -153,7 +156,9 @@ class SparseBottleneck(_UnitKernel):
             r = torch.addmm(self.b2, gathered, self.m2).relu_()
             r = torch.addmm(self.b3, r, self.m3)
             old = X.index_select(0, ic)
-            r.add_(old).relu_()  # new rows
+            r.add_(old)  # new rows
+            if self.final_relu:
+                r.relu_()
             if not resum:
                 img = g.img.index_select(0, ic)
                 S.index_add_(0, img, r.to(S.dtype))
@@ -163,28 +168,34 @@ class SparseBottleneck(_UnitKernel):
             refresh_sums(X, S, g)
 
 
-def _conv2_3x3(conv: nn.Conv2d, stride: int = 1) -> bool:
-    return (conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
-            and conv.stride == (stride, stride))
+class SparseBottleneck(_BottleneckRows):
+    """:class:`~sact.units.Bottleneck` (torchvision; stride 1, identity shortcut) on rows."""
+
+    final_relu = True
+
+    @staticmethod
+    def supports(unit: nn.Module) -> bool:
+        return (
+            isinstance(unit, Bottleneck)
+            and unit.stride == 1
+            and unit.downsample is None
+            and all(foldable_bn(b) for b in (unit.bn1, unit.bn2, unit.bn3))
+            and _conv2_3x3(unit.conv2)
+        )
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Re-fold the unit's current weights (call after changing them)."""
+        u = self.unit
+        self._set(None, fold_conv_bn(u.conv1, u.bn1), fold_conv_bn(u.conv2, u.bn2), fold_conv_bn(u.conv3, u.bn3),
+                  u.conv1.weight.dtype)
 
 
-class SparsePreActBottleneck(_UnitKernel):
-    """The reference's pre-activation bottleneck (ResNet-v2; stride 1, identity shortcut) on rows.
+class SparsePreActBottleneck(_BottleneckRows):
+    """The reference's pre-activation bottleneck (ResNet-v2; stride 1, identity shortcut) on rows:
+    ``y = x + conv3(...(conv1(relu(bn0(x)))))``, no ReLU after the sum."""
 
-    ``y = x + conv3(relu(bn2(conv2(relu(bn1(conv1(relu(bn0(x)))))))))`` with ``bn1`` / ``bn2``
-    folded into ``conv1`` / ``conv2``; ``bn0`` + ReLU (the pre-activation) is applied to the
-    rows ``conv1`` reads. Sparse path: ``conv1`` on the dilated rows into a scratch buffer with
-    a zero pad row, then per chunk of active rows: gather the 3x3 neighbour rows -> ``addmm``
-    (conv2) -> ``addmm`` (conv3) -> add to the rows (no ReLU after the sum).
-    """
-
-    def __init__(self, unit: PreActBottleneck, *, dense_above: float) -> None:
-        super().__init__()
-        _ref(self, "unit", unit)
-        self.dense_above = dense_above
-        for name in ("s0", "t0", "w2", "b1", "b2", "b3", "m1", "m2", "m3"):
-            self.register_buffer(name, torch.empty(0), persistent=False)
-        self.refresh()
+    final_relu = False
 
     @staticmethod
     def supports(unit: nn.Module) -> bool:
@@ -202,54 +213,8 @@ class SparsePreActBottleneck(_UnitKernel):
     def refresh(self) -> None:
         """Re-fold the unit's current weights."""
         u = self.unit
-        dt = u.conv1.weight.dtype
-        s0, t0 = bn_scale_shift(u.preact)
-        w1, b1 = fold_conv_bn(u.conv1, u.conv1_bn)
-        w2, b2 = fold_conv_bn(u.conv2, u.conv2_bn)
-        w3, b3 = fold_conv_bn(u.conv3, None)
-        self.s0, self.t0 = s0.to(dt), t0.to(dt)
-        self.m1, self.b1 = conv_as_matrix(w1).to(dt), b1.to(dt)
-        self.w2, self.b2 = w2.to(dt), b2.to(dt)
-        self.m2 = conv_as_matrix(w2).to(dt)
-        self.m3, self.b3 = conv_as_matrix(w3).to(dt), b3.to(dt)
-
-    def _preact(self, x: Tensor) -> Tensor:
-        # x*s then +t, then ReLU: the rounding order of the native kernel
-        return x.mul(self.s0).add_(self.t0).relu_()
-
-    def run_dense(self, X: Tensor, S: Tensor, rows: RowSet) -> None:
-        g = rows.geo
-        width = self.m1.shape[1]
-        xr = X[: g.n]
-        t = torch.addmm(self.b1, self._preact(xr), self.m1).relu_()  # (N, width)
-        t = F.conv2d(t.view(g.batch, g.height, g.width, width).permute(0, 3, 1, 2), self.w2, self.b2, padding=1)
-        t = t.relu_().permute(0, 2, 3, 1).reshape(g.n, width)
-        r = torch.addmm(self.b3, t, self.m3)
-        if rows.all_active:
-            xr.add_(r)
-        else:
-            xr.addcmul_(r, rows.active.to(r.dtype).unsqueeze(1))
-        refresh_sums(X, S, g)
-
-    def run_sparse(self, X: Tensor, S: Tensor, rows: RowSet) -> None:
-        g = rows.geo
-        width = self.m1.shape[1]
-        dil = rows.dilated
-        t1 = g.scratch(g.n + 1, width, X, pad_row=True)  # conv1 output rows; pad row = conv2's zero padding
-        if g.native:
-            native.bottleneck_rows(X, S, t1, rows.idx, dil, g.nbr, self.m1, self.b1, self.m2, self.b2, self.m3,
-                                   self.b3, g.hw, g.chunk, NATIVE_MIN_ROWS, pre_scale=self.s0, pre_shift=self.t0,
-                                   final_relu=False)
-            return
-        t1.index_copy_(0, dil, torch.addmm(self.b1, self._preact(X.index_select(0, dil)), self.m1).relu_())
-        idx, nbr = rows.idx, rows.nbr
-        for s, e in chunks(idx.numel(), g.chunk):
-            ic = idx[s:e]
-            gathered = t1.index_select(0, nbr[s:e].reshape(-1)).view(e - s, 9 * width)  # restricted im2col
-            r = torch.addmm(self.b2, gathered, self.m2).relu_()
-            r = torch.addmm(self.b3, r, self.m3)
-            S.index_add_(0, g.img.index_select(0, ic), r.to(S.dtype))
-            X.index_copy_(0, ic, X.index_select(0, ic).add_(r))
+        self._set(bn_scale_shift(u.preact), fold_conv_bn(u.conv1, u.conv1_bn), fold_conv_bn(u.conv2, u.conv2_bn),
+                  fold_conv_bn(u.conv3, None), u.conv1.weight.dtype)
 
 
 class SparsePreActBasic(_UnitKernel):
