@@ -176,8 +176,8 @@ class _DenseRun:
 
     def accumulate(self, n: int, weight: Tensor, where: Where) -> None:
         w = weight.to(self.x.dtype)
-        wx = (w.unsqueeze(1) if w.dim() == 3 else w.view(-1, 1, 1, 1)) * self.x
-        self.out = wx if self.out is None else self.out + wx
+        w = w.unsqueeze(1) if w.dim() == 3 else w.view(-1, 1, 1, 1)
+        self.out = w * self.x if self.out is None else torch.addcmul(self.out, self.x, w)
 
     def output(self) -> Tensor:
         return self.x if self.out is None else self.out

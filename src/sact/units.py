@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from .flops import conv_flops, masked_flops, mask_positions
 
-__all__ = ["ResidualUnit", "Bottleneck", "PreActBasicUnit", "Conv2dSame", "apply_mask"]
+__all__ = ["ResidualUnit", "Bottleneck", "PreActBasicUnit", "Conv2dSame", "apply_mask", "masked_add"]
 
 NormFactory = Callable[[int], nn.Module]
 
@@ -55,6 +55,11 @@ class ResidualUnit(Protocol):
 def apply_mask(residual: Tensor, mask: Tensor | None) -> Tensor:
     """``mask * residual`` (``mask`` ``[B, 1, H, W]`` broadcasts over channels); no-op for ``None``."""
     return residual if mask is None else residual * mask
+
+
+def masked_add(x: Tensor, residual: Tensor, mask: Tensor | None) -> Tensor:
+    """``x + mask * residual`` as one fused op (``mask`` ``[B, 1, H, W]`` 0/1, or ``None`` for all)."""
+    return x + residual if mask is None else torch.addcmul(x, residual, mask)
 
 
 class Conv2dSame(nn.Conv2d):
@@ -142,7 +147,7 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         shortcut = x if self.downsample is None else self.downsample(x)
-        return torch.relu(shortcut + apply_mask(self.residual(x), mask))
+        return torch.relu(masked_add(shortcut, self.residual(x), mask))
 
     def flops(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         if mask is None:
@@ -216,7 +221,7 @@ class PreActBasicUnit(nn.Module):
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         preact = self.act1(self.bn1(x))
         r = self.conv2(self.act2(self.bn2(self.conv1(preact))))
-        return self.shortcut(x, preact) + apply_mask(r, mask)
+        return masked_add(self.shortcut(x, preact), r, mask)
 
     def flops(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         if mask is None:

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from ..flops import conv_flops, linear_flops, mask_positions, masked_flops
 from ..halting import make_halting
 from ..stage import AdaptiveStage
-from ..units import Conv2dSame, NormFactory, apply_mask
+from ..units import Conv2dSame, NormFactory, masked_add
 from .base import AdaptiveResNet
 
 __all__ = ["PreActBottleneck", "ResNetV2", "MaxPool2dSame", "BN_MOMENTUM", "BN_EPS"]
@@ -130,7 +130,7 @@ class PreActBottleneck(nn.Module):
             shortcut = self.shortcut(preact)
         else:
             shortcut = x[:, :, :: self.stride, :: self.stride] if self.stride > 1 else x
-        return shortcut + apply_mask(self.residual(preact), mask)
+        return masked_add(shortcut, self.residual(preact), mask)
 
     def flops(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """``[B]`` FLOPs (2 x MACs): ``conv1`` over the 3x3-dilated mask, ``conv2``/``conv3``

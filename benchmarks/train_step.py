@@ -1,0 +1,160 @@
+"""Cost of one training step: vanilla vs ACT vs SACT ResNets of the same depth.
+
+One SGD step (forward, the reference loss ``CE + tau * ponder`` via
+``sact.engine.train.compute_loss``, backward, update) of each variant, timed side by
+side in one process and interleaved (vanilla, ACT, SACT, vanilla, ...) after warm-up;
+the per-round ratios ACT/vanilla and SACT/vanilla are reported as medians with their
+spread (interquartile range, min-max) over the rounds. ``--compile`` adds the same steps
+with the models under ``torch.compile``. Prints the environment and writes
+``train_step[_TAG].{json,md}`` to ``--out``.
+
+    python benchmarks/train_step.py --threads 2 --reps 15 --tag quiet
+
+Set ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296`` (the Makefile does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import sact
+from sact.engine.train import compute_loss
+
+ROWS = [("resnet50", 224, 8, 1000), ("resnet32_cifar", 32, 64, 10)]
+MODES = ("vanilla", "act", "sact")
+
+
+def environment(threads: int) -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    return {"cpu": cpu, "cpu_count": os.cpu_count(), "threads": threads, "torch": torch.__version__,
+            "python": platform.python_version(),
+            "malloc": {k: os.environ.get(k) for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")},
+            "loadavg_start": list(os.getloadavg())}
+
+
+def make_step(name: str, mode: str, x: torch.Tensor, y: torch.Tensor, *, compile_model: bool, tau: float = 0.01):
+    torch.manual_seed(0)
+    model = sact.create_model(name, mode=mode, num_classes=int(y.max()) + 1).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    fwd = torch.compile(model) if compile_model else model
+
+    def step() -> None:
+        out = fwd(x)
+        loss, _ = compute_loss(out, y, tau=tau, mode=mode)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def quartiles(v: list[float]) -> tuple[float, float]:
+    q = statistics.quantiles(v, n=4) if len(v) > 1 else [v[0]] * 3
+    return q[0], q[2]
+
+
+def bench(name: str, size: int, batch: int, classes: int, *, reps: int, warmup: int, compile_model: bool) -> dict:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 3, size, size, generator=g)
+    y = torch.randint(0, classes, (batch,), generator=g)
+    steps = {m: make_step(name, m, x, y, compile_model=compile_model) for m in MODES}
+    for _ in range(warmup):
+        for s in steps.values():
+            s()
+    times = {m: [] for m in MODES}
+    for _ in range(reps):
+        for m, s in steps.items():
+            t0 = time.perf_counter()
+            s()
+            times[m].append(time.perf_counter() - t0)
+    row = {"model": name, "image": size, "batch": batch, "compile": compile_model, "reps": reps,
+           "ms": {m: 1e3 * statistics.median(v) for m, v in times.items()}}
+    for m in ("act", "sact"):
+        ratios = [a / b for a, b in zip(times[m], times["vanilla"])]
+        row[f"{m}_ratio"] = statistics.median(ratios)
+        row[f"{m}_ratio_iqr"] = quartiles(ratios)
+        row[f"{m}_ratio_range"] = (min(ratios), max(ratios))
+    row["loadavg"] = os.getloadavg()[0]
+    return row
+
+
+def markdown(rows: list[dict], env: dict, command: str) -> str:
+    lines = [f"Command: `{command}`", "",
+             f"CPU: {env['cpu']} ({env['cpu_count']} cores), threads {env['threads']}, torch {env['torch']}, "
+             f"MALLOC {env['malloc']}, load average {env['loadavg_start'][0]:.2f} at start, "
+             f"{env.get('loadavg_end', [float('nan')])[0]:.2f} at end", "",
+             "One SGD step (forward + loss + backward + update); ratios are per-round (interleaved) medians, "
+             "with the interquartile range and min-max over the rounds.", "",
+             "| model | image | batch | compile | ms vanilla / ACT / SACT | ACT / vanilla (IQR; range) "
+             "| SACT / vanilla (IQR; range) | load |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ms = r["ms"]
+
+        def cell(m):
+            lo, hi = r[f"{m}_ratio_iqr"]
+            a, b = r[f"{m}_ratio_range"]
+            return f"{r[f'{m}_ratio']:.2f} ({lo:.2f}-{hi:.2f}; {a:.2f}-{b:.2f})"
+
+        lines.append(f"| {r['model']} | {r['image']} | {r['batch']} | {'yes' if r['compile'] else 'no'} | "
+                     f"{ms['vanilla']:.0f} / {ms['act']:.0f} / {ms['sact']:.0f} | {cell('act')} | {cell('sact')} | "
+                     f"{r['loadavg']:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reps", type=int, default=10, help="timed rounds (each runs every variant once)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--models", nargs="*", default=None, help="restrict to these models")
+    p.add_argument("--compile", action="store_true", help="also time the models under torch.compile")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--tag", default="")
+    args = p.parse_args(argv)
+    if args.threads < 1 or args.reps < 1 or args.warmup < 0:
+        p.error("--threads and --reps must be positive, --warmup non-negative")
+    torch.set_num_threads(args.threads)
+    env = environment(args.threads)
+    print(json.dumps(env), file=sys.stderr)
+    from sact.checkpoint import atomic_write_bytes
+
+    stem = args.out / ("train_step" + (f"_{args.tag}" if args.tag else ""))
+    rows = []
+    command = "python benchmarks/train_step.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    for name, size, batch, classes in ROWS:
+        if args.models and name not in args.models:
+            continue
+        for compiled in ((False, True) if args.compile else (False,)):
+            row = bench(name, size, batch, classes, reps=args.reps, warmup=args.warmup, compile_model=compiled)
+            rows.append(row)
+            print(f"{name} b{batch} compile={compiled}: ms {row['ms']}, ACT/vanilla {row['act_ratio']:.2f}, "
+                  f"SACT/vanilla {row['sact_ratio']:.2f}", file=sys.stderr)
+            args.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(stem.with_suffix(".json"), json.dumps({"env": env, "command": command, "rows": rows},
+                                                                      indent=2).encode())
+    env["loadavg_end"] = list(os.getloadavg())
+    md = markdown(rows, env, command)
+    atomic_write_bytes(stem.with_suffix(".json"), json.dumps({"env": env, "command": command, "rows": rows},
+                                                              indent=2).encode())
+    atomic_write_bytes(stem.with_suffix(".md"), md.encode())
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
