@@ -263,3 +263,26 @@ def test_exit_codes_of_the_error_classes():
     assert [exit_code(e) for e in (InputError("x"), DataError("x"), sact.CheckpointError("x"), ValueError("x"),
                                    FileNotFoundError("x"))] == [2] * 5
     assert [exit_code(e) for e in (RunFailure("x"), NonFiniteLossError("x"), RuntimeError("x"))] == [1] * 3
+
+
+def test_forged_detector_headers_are_refused_before_building(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from sact.detection import build_detector, load_detector, save_detector
+
+    model = sact.create_model("resnet20_cifar", in_chans=1, base_channels=4)
+    det = build_detector(model, num_classes=3, out_channels=16, min_size=64, max_size=64, representation_size=32)
+    weights = save_detector(det, tmp_path / "det")
+    assert load_detector(tmp_path / "det").detector_config == det.detector_config
+    tensors = load_file(weights)
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        meta = f.metadata()
+    # (values small enough that code without these checks fails cheaply instead of allocating)
+    for change, message in (({"backbone": {"name": "resnet20_cifar", "kwargs": {"in_chans": 100}}}, "in_chans=100"),
+                            ({"detector": {**det.detector_config, "out_channels": {"a": 1}}}, "out_channels=")):
+        doc = {**json.loads(meta["sact"]), **change}
+        save_file(tensors, weights, metadata={**meta, "sact": json.dumps(doc)})
+        with pytest.raises(sact.CheckpointError, match=message):
+            load_detector(tmp_path / "det")

@@ -33,8 +33,8 @@ from torch import nn
 from .errors import InputError
 from .fileio import atomic_write_bytes, dumps_json, finite_or_none
 
-__all__ = ["checkpoint_paths", "save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "validate_model_spec", "non_finite_tensors",
-           "read_safetensors_header", "atomic_write_bytes", "CheckpointError"]
+__all__ = ["checkpoint_paths", "save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "validate_model_spec",
+           "non_finite_tensors", "read_safetensors_header", "atomic_write_bytes", "CheckpointError"]
 
 FORMAT = "sact-checkpoint"
 VERSION = 1
@@ -195,7 +195,8 @@ def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
         except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"checkpoint sidecar {sidecar} is not valid JSON: {e}") from e
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise CheckpointError(f"{source} is not an sact checkpoint (format={doc.get('format') if isinstance(doc, dict) else None!r})")
+        fmt = doc.get("format") if isinstance(doc, dict) else None
+        raise CheckpointError(f"{source} is not an sact checkpoint (format={fmt!r})")
     if doc.get("version") != VERSION:
         raise CheckpointError(f"{source} has version {doc.get('version')!r}; this sact reads version {VERSION}")
     model = doc.get("model")

@@ -86,7 +86,8 @@ class _CifarUnpickler(pickle.Unpickler):
         try:
             return _ALLOWED[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(f"refused to load global '{module}.{name}' (not part of a CIFAR-10 batch)") from None
+            raise pickle.UnpicklingError(
+                f"refused to load global '{module}.{name}' (not part of a CIFAR-10 batch)") from None
 
 
 def read_cifar_batch(path: str | Path) -> dict:
@@ -149,7 +150,8 @@ class CIFAR10(Dataset):
             x, y = batch.get("data"), batch.get("labels")
             ok = isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim == 2 and x.shape[1] == 3072
             ok = ok and isinstance(y, (list, np.ndarray)) and len(y) == len(x)
-            ok = ok and all(type(v) is int or isinstance(v, np.integer) for v in y) and (len(y) == 0 or 0 <= min(y) and max(y) <= 9)
+            ok = ok and all(type(v) is int or isinstance(v, np.integer) for v in y)
+            ok = ok and (len(y) == 0 or 0 <= min(y) and max(y) <= 9)
             if not ok:
                 raise DataError(f"{folder / name}: expected uint8 data [N,3072] and N labels in 0..9")
             y = np.asarray(y, dtype=np.int64)
@@ -162,7 +164,8 @@ class CIFAR10(Dataset):
         if names is not None and not (isinstance(names, list) and len(names) == 10
                                       and all(isinstance(n, (str, bytes)) for n in names)):
             raise DataError(f"{meta}: label_names must be a list of 10 names")
-        self.classes = tuple(n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in names) if names else CIFAR10_CLASSES
+        names = [n.decode("utf-8", "replace") if isinstance(n, bytes) else n for n in names or ()]
+        self.classes = tuple(names) if names else CIFAR10_CLASSES
         self.transform = transform
 
     def __len__(self) -> int:

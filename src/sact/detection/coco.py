@@ -186,18 +186,16 @@ class CocoDetection(Dataset):
         return len(self.ids)
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
-        from PIL import Image
-
         from ..data import to_float_image
+        from ..data.images import UnreadableImage, open_image
 
         image_id = self.ids[index]
         info = self.coco.imgs[image_id]
         path = self.image_dir / info["file_name"]
         try:
-            with Image.open(path) as im:
-                image = to_float_image(im, self.in_chans)  # [C, H, W] in [0, 1]
-        except OSError as e:
-            raise CocoFormatError(f"{self.ann_file}: cannot read image {path} (image id {image_id}): {e}") from e
+            image = to_float_image(open_image(path), self.in_chans)  # [C, H, W] in [0, 1]; pixel cap checked first
+        except UnreadableImage as e:
+            raise CocoFormatError(f"{self.ann_file}: image id {image_id}: {e}") from e
         if tuple(image.shape[-2:]) != (info["height"], info["width"]):
             raise CocoFormatError(f"{self.ann_file}: image id {image_id} is {tuple(image.shape[-2:])} (h, w) on disk "
                                   f"but {(info['height'], info['width'])} in the json")
