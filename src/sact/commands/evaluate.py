@@ -78,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
     from ..fileio import check_output_file, dumps_json, remove_stale_temp_files
 
     out = check_output_file(args.out, overwrite=args.overwrite)  # before any work
+    remove_stale_temp_files(out.parent)  # of killed sact processes only
     if args.batch_size < 1 or args.workers < 0:
         raise InputError(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size}, {args.workers}")
     device = resolve_device(args.device)
@@ -94,7 +95,6 @@ def run(args: argparse.Namespace) -> int:
     metrics = {"checkpoint": str(args.checkpoint), "model": model.sact_config["name"], "mode": model.mode,
                "model_config": model.sact_config, "dataset": config.dataset, "tau": float(tau), "device": str(device),
                **metrics}
-    remove_stale_temp_files(out.parent)
     atomic_write_bytes(out, dumps_json(metrics, indent=2).encode())
     top5 = f", top-5 {metrics['top5']:.2%}" if "top5" in metrics else ""
     print(f"top-1 {metrics['top1']:.2%}{top5}, loss {metrics['loss']:.4f}, FLOPs {metrics['flops_mean'] / 1e6:.2f}M "
