@@ -28,8 +28,9 @@ data:
 	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) || \
 	  (echo "could not install dataset-fashion-mnist; pass --data-dir to sact" >&2; exit 1)
 
+# --overwrite: a second `make demo` replaces the previous demo's own files in reports/demo (nothing else).
 demo: setup
-	$(BIN)/sact demo --out reports/demo
+	$(BIN)/sact demo --out reports/demo --overwrite
 
 test: setup
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q tests

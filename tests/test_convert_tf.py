@@ -447,12 +447,12 @@ def test_cli_and_scope_guess(tmp_path, capsys):
     assert_matches_tf(model, x, tf_out, "vanilla")
     rc = sact.cli.main(["convert-tf", prefix, "--model", "resnet50_v2", "--mode", "sact", "--out", str(tmp_path / "o2")])
     err = capsys.readouterr().err
-    assert rc == 1 and "missing" in err and "halting_proba" in err
+    assert rc == 2 and "missing" in err and "halting_proba" in err  # bad input: exit 2
     assert not (tmp_path / "o2").exists()
     assert sact.cli.main(["convert-tf", str(tmp_path / "nothing"), "--model", "resnet50_v2", "--mode", "sact",
-                          "--out", str(tmp_path / "o3")]) == 1
+                          "--out", str(tmp_path / "o3")]) == 2
     assert sact.cli.main(["convert-tf", prefix, "--model", "resnet50", "--mode", "vanilla",
-                          "--out", str(tmp_path / "o4")]) == 1
+                          "--out", str(tmp_path / "o4")]) == 2
     assert "no TF counterpart" in capsys.readouterr().err
 
 

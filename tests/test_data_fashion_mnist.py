@@ -81,12 +81,16 @@ def test_not_found_message_names_all_options(tmp_path, no_debian):
         fm.find_fashion_mnist()
 
 
-def test_falls_back_to_debian_dir(tmp_path, monkeypatch):
+def test_debian_dir_only_without_a_named_folder(tmp_path, monkeypatch):
     debian = write_fake(tmp_path / "debian")
     monkeypatch.setattr(fm, "DEBIAN_DIR", debian)
     assert fm.find_fashion_mnist() == debian
-    with pytest.warns(UserWarning, match="not found"):
-        assert fm.find_fashion_mnist(tmp_path / "elsewhere") == debian
+    # a mistyped --data-dir is an error naming it, never a silent switch to the system copy
+    with pytest.raises(FileNotFoundError, match="elsewhere does not exist"):
+        fm.find_fashion_mnist(tmp_path / "elsewhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="does not hold"):
+        fm.find_fashion_mnist(tmp_path / "empty")
 
 
 def test_load_validation(tmp_path, no_debian):

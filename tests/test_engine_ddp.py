@@ -83,7 +83,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert len(set(r0["hashes"])) == 6, "weights must change at every step"
     assert r1["writes"] == [], f"rank 1 wrote {r1['writes']}"
     written = {os.path.basename(p) for p in r0["writes"]}
-    assert {"model.safetensors", "model.json", "train_state.pt", "metrics.json", "config.yaml"} <= written
+    assert {"model.safetensors", "model.json", "train_state.safetensors", "metrics.json", "config.yaml"} <= written
     events = list((out / "tb").glob("events.out.tfevents.*"))
     assert len(events) == 1, events
     # evaluation is sharded over the ranks and summed: every image counted once

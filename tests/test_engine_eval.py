@@ -89,7 +89,8 @@ def test_sact_eval_command_writes_metrics(tmp_path, capsys):
                       clutter={"canvas_size": 16, "num_clutter": 2})
     model = _halting_model()
     sact.save_checkpoint(model, tmp_path / "ck", meta={"tau": 0.02, "config": cfg.to_dict()})
-    assert cli(["eval", str(tmp_path / "ck"), "--out", str(tmp_path / "m.json"), "--batch-size", "4", "--no-progress"]) == 0
+    assert cli(["eval", str(tmp_path / "ck"), "--out", str(tmp_path / "m.json"), "--batch-size", "4", "--no-progress",
+                "--data-dir", str(data_dir)]) == 0  # the checkpoint's own data_dir is never used
     m = json.loads((tmp_path / "m.json").read_text())
     data = sact.data.ClutteredFashionMNIST(split="test", num_samples=6, seed=1, data_dir=data_dir,
                                            config=sact.data.ClutterConfig(canvas_size=16, num_clutter=2)).stack()
@@ -99,7 +100,7 @@ def test_sact_eval_command_writes_metrics(tmp_path, capsys):
     assert m["tau"] == 0.02 and m["dataset"] == "cluttered" and len(m["stages"]) == 3
     assert "top-1" in capsys.readouterr().out
     (tmp_path / "broken.safetensors").write_bytes(b"garbage")
-    assert cli(["eval", str(tmp_path / "broken"), "--out", str(tmp_path / "x.json")]) == 1
+    assert cli(["eval", str(tmp_path / "broken"), "--out", str(tmp_path / "x.json")]) == 2
     assert "sact eval:" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
 
 
@@ -109,7 +110,7 @@ def test_truncated_checkpoint_and_eval_of_wrong_input(tmp_path, capsys):
     path.write_bytes(path.read_bytes()[:-100])  # a copy cut short
     with pytest.raises(CheckpointError):
         sact.load_checkpoint(tmp_path / "m")
-    assert cli(["eval", str(tmp_path / "m"), "--out", str(tmp_path / "x.json")]) == 1
+    assert cli(["eval", str(tmp_path / "m"), "--out", str(tmp_path / "x.json")]) == 2
     assert "sact eval:" in capsys.readouterr().err
 
 

@@ -9,6 +9,7 @@ from torch.utils.data import Dataset
 
 import sact
 from sact.checkpoint import CheckpointError
+from sact.errors import InputError
 from sact.engine import NonFiniteLossError, TrainConfig, main, param_groups, warm_start
 from sact.engine.optim import lr_factor
 from sact.engine.state import STATE_FILE, load_train_state
@@ -104,10 +105,10 @@ def test_resume_is_bitwise_equal_to_uninterrupted(tmp_path, mode):
 def test_resume_refuses_another_model(tmp_path):
     main(tiny_config(tmp_path, steps=2), train_set=Patterns(16), eval_set=Patterns(16))
     cfg = tiny_config(tmp_path, steps=4, resume=True, model_kwargs={"base_channels": 6, "num_classes": 4, "in_chans": 1})
-    with pytest.raises(CheckpointError, match="model_kwargs"):
+    with pytest.raises(InputError, match="model_kwargs"):
         main(cfg, train_set=Patterns(16), eval_set=Patterns(16))
-    (tmp_path / "run" / STATE_FILE).write_bytes(b"not a torch file")
-    with pytest.raises(CheckpointError, match="cannot read training state"):
+    (tmp_path / "run" / STATE_FILE).write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
         main(tiny_config(tmp_path, steps=4, resume=True), train_set=Patterns(16), eval_set=Patterns(16))
 
 

@@ -22,7 +22,7 @@ def test_pt2_file_roundtrip_and_metadata(tmp_path):
     path = export_model(model, tmp_path / "m.pt2", format="torch-export", example_input=torch.randn(1, 3, size, size))
     assert model.training  # the training flag is restored
     model.eval()
-    run, doc = load_exported(path)
+    run, doc = load_exported(path, trusted=True)  # a file this test made
     assert doc == json.loads(metadata_path(path).read_text())
     assert metadata_path(path).name == "m.pt2.json"  # never NAME.json, a checkpoint sidecar's name
     assert doc["model"] == {"name": "resnet20_cifar", "kwargs": {"mode": "sact", "base_channels": 4}}
@@ -63,7 +63,7 @@ def test_cli_export_end_to_end(tmp_path, capsys):
     assert main(["export", "--checkpoint", str(tmp_path / "ckpt"), "--out", str(out), "--verify"]) == 0
     printed = capsys.readouterr().out
     assert "wrote" in printed and "verify batch 3" in printed
-    run, doc = load_exported(out)
+    run, doc = load_exported(out, trusted=True)
     assert doc["input_size"] == [3, size, size] and doc["tau"] == 0.005 and doc["mode"] == "act"
     check_matches(sact.load_checkpoint(tmp_path / "ckpt"), run, size)
 

@@ -71,7 +71,7 @@ def test_missing_required_key_names_file_and_key(tmp_path, capsys, drop, message
         del doc[drop]
     bad = _write(tmp_path, "bad", doc)
     good = _write(tmp_path, "good", _metrics())
-    assert main(["plot", str(good), str(bad), "--out", str(tmp_path / "o")]) == 1
+    assert main(["plot", str(good), str(bad), "--out", str(tmp_path / "o")]) == 2  # bad input
     err = capsys.readouterr().err
     assert str(bad) in err and message in err
     with pytest.raises(MetricsError, match="missing required key"):

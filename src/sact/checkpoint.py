@@ -11,48 +11,53 @@ The same document (without the hash) is also stored in the safetensors header, s
 weights file alone is a complete checkpoint. Each file is written to a temporary name in
 the same folder and renamed into place, so a crash never leaves a half-written file; the
 loader trusts the header and uses the sidecar only for files without one.
+
+Loading never unpickles and validates before it allocates: the model name and its
+arguments (registered, typed, within bounds), then every tensor's dtype and shape in
+the safetensors header against the architecture built on the ``meta`` device, then the
+hashes; weights holding NaN / inf are refused unless asked for. See ``docs/trust.md``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
-import os
-import tempfile
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["checkpoint_paths", "save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "atomic_write_bytes", "CheckpointError"]
+from .errors import InputError
+from .fileio import atomic_write_bytes, dumps_json, finite_or_none
+
+__all__ = ["checkpoint_paths", "save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "validate_model_spec",
+           "non_finite_tensors", "read_safetensors_header", "atomic_write_bytes", "CheckpointError"]
 
 FORMAT = "sact-checkpoint"
 VERSION = 1
+#: Largest safetensors header read (the format's own limit is 100 MB).
+MAX_HEADER_BYTES = 100_000_000
+
+# Bounds of the model builders' arguments a checkpoint may ask for: (type, low, high).
+# Generous for real networks (ImageNet-21k has 21843 classes; the widest ResNet in use
+# has base width 128), small enough that a forged header cannot ask for a giant model.
+_KWARG_BOUNDS: dict[str, tuple[type, float, float]] = {
+    "num_classes": (int, 1, 100_000),
+    "in_chans": (int, 1, 64),
+    "base_channels": (int, 2, 1024),
+    "base_width": (int, 1, 1024),
+    "stem_width": (int, 1, 1024),
+    "eps": (float, 0.0, 1.0),
+    "zero_init_residual": (bool, 0, 1),
+}
+_OTHER_BOUND = 4096  # numeric arguments of builders not listed above
 
 
-class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt, or does not match the model it describes."""
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+class CheckpointError(InputError):
+    """A checkpoint is missing, corrupt, forged, or does not match the model it describes (exit 2)."""
 
 
 def checkpoint_paths(path: str | Path, default_name: str = "model") -> tuple[Path, Path]:
@@ -72,7 +77,8 @@ def save_checkpoint(model: nn.Module, path: str | Path, *, meta: dict[str, Any] 
         model: the model; must carry ``sact_config`` (set by ``create_model``). A
             ``DistributedDataParallel`` / ``torch.compile`` wrapper is unwrapped.
         path: ``NAME``, ``NAME.safetensors`` or a folder (then ``folder/model``).
-        meta: JSON-serialisable extras (tau, metrics, preprocessing, config).
+        meta: JSON-serialisable extras (tau, metrics, preprocessing, config);
+            non-finite floats are stored as ``null`` (the files are strict JSON).
 
     Returns:
         The path of the weights file.
@@ -91,10 +97,10 @@ def save_checkpoint(model: nn.Module, path: str | Path, *, meta: dict[str, Any] 
     # the metadata, so serialising without it first gives the same bytes).
     data_sha = hashlib.sha256(_data_section(save(state))).hexdigest()
     doc = {"format": FORMAT, "version": VERSION, "model": config, "meta": meta or {}, "data_sha256": data_sha}
-    header = json.dumps(doc, sort_keys=True, default=_json_default)
+    header = dumps_json(doc, sort_keys=True, default=_json_default)
     blob = save(state, metadata={"sact": header})
     doc = {**json.loads(header), "weights_file": weights.name, "weights_sha256": hashlib.sha256(blob).hexdigest()}
-    text = json.dumps(doc, indent=2, sort_keys=True)
+    text = dumps_json(doc, indent=2, sort_keys=True)
     atomic_write_bytes(weights, blob)
     atomic_write_bytes(sidecar, text.encode())
     return weights
@@ -110,62 +116,203 @@ def _json_default(obj):
     if isinstance(obj, Path):
         return str(obj)
     if isinstance(obj, torch.Tensor):
-        return obj.tolist()
+        return finite_or_none(obj.tolist())
     if hasattr(obj, "item"):
-        return obj.item()
+        return finite_or_none(obj.item())
     if hasattr(obj, "to_dict"):
-        return obj.to_dict()
+        return finite_or_none(obj.to_dict())
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def _header_doc(weights: Path) -> dict | None:
-    from safetensors import safe_open
+def read_safetensors_header(path: str | Path) -> dict[str, Any]:
+    """The JSON header of a safetensors file, read without touching the tensor data.
 
+    Returns:
+        ``{name: {"dtype", "shape", "data_offsets"}}`` plus ``"__metadata__"`` if present.
+
+    Raises:
+        CheckpointError: not a safetensors file (too short, header length out of range,
+            header not a JSON object, entries without dtype/shape/offsets, offsets
+            outside the file).
+    """
+    path = Path(path)
     try:
-        with safe_open(str(weights), framework="pt") as f:
-            meta = f.metadata() or {}
-    except Exception as e:  # corrupt header: safetensors raises several types
-        raise CheckpointError(f"cannot read {weights}: {e}") from e
-    return json.loads(meta["sact"]) if "sact" in meta else None
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 2 <= n <= min(MAX_HEADER_BYTES, size - 8):
+                raise CheckpointError(f"{path} is not a safetensors file (header length {n}, file size {size})")
+            header = json.loads(f.read(n))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
+    data_size = size - 8 - n
+    for name, entry in header.items():
+        if name == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise CheckpointError(f"{path}: safetensors metadata must map names to strings")
+            continue
+        ok = (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
+              and isinstance(entry.get("shape"), list) and all(type(d) is int and d >= 0 for d in entry["shape"])
+              and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
+              and all(type(o) is int for o in entry["data_offsets"])
+              and 0 <= entry["data_offsets"][0] <= entry["data_offsets"][1] <= data_size)
+        if not ok:
+            raise CheckpointError(f"{path}: tensor {name!r} has a malformed safetensors header entry")
+    return header
+
+
+def _header_doc(weights: Path) -> dict | None:
+    meta = read_safetensors_header(weights).get("__metadata__") or {}
+    if "sact" not in meta:
+        return None
+    try:
+        return json.loads(meta["sact"])
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{weights}: the sact document in the header is not valid JSON: {e}") from e
 
 
 def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
     """The checkpoint's document ``{"format", "version", "model", "meta"}`` (validated).
 
     Read from the safetensors header; from the JSON sidecar for files without one.
+
+    Raises:
+        CheckpointError: missing or unreadable files, not an sact checkpoint, a model
+            name or arguments that are not allowed (see :func:`validate_model_spec`).
     """
     weights, sidecar = checkpoint_paths(path)
-    doc = _header_doc(weights) if weights.exists() else None
+    doc = _header_doc(weights) if weights.is_file() else None
+    source = weights
     if doc is None:
-        if not sidecar.exists():
+        source = sidecar
+        if not sidecar.is_file():
             raise CheckpointError(f"checkpoint not found: neither {weights} (with an sact header) nor {sidecar} exists")
         try:
             doc = json.loads(sidecar.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"checkpoint sidecar {sidecar} is not valid JSON: {e}") from e
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise CheckpointError(f"{sidecar} is not an sact checkpoint sidecar (format={doc.get('format') if isinstance(doc, dict) else None!r})")
+        fmt = doc.get("format") if isinstance(doc, dict) else None
+        raise CheckpointError(f"{source} is not an sact checkpoint (format={fmt!r})")
     if doc.get("version") != VERSION:
-        raise CheckpointError(f"{sidecar} has version {doc.get('version')!r}; this sact reads version {VERSION}")
+        raise CheckpointError(f"{source} has version {doc.get('version')!r}; this sact reads version {VERSION}")
     model = doc.get("model")
-    if not isinstance(model, dict) or "name" not in model or not isinstance(model.get("kwargs"), dict):
-        raise CheckpointError(f"{sidecar} lacks the model name and arguments")
+    if not isinstance(model, dict) or not isinstance(model.get("name"), str) or not isinstance(model.get("kwargs"), dict):
+        raise CheckpointError(f"{source} lacks the model name and arguments")
+    if not isinstance(doc.get("meta", {}), dict):
+        raise CheckpointError(f"{source}: 'meta' must be a JSON object")
+    try:
+        validate_model_spec(model["name"], model["kwargs"])
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from e
     return doc
 
 
-def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu", eval_mode: bool = True) -> nn.Module:
+def validate_model_spec(name: Any, kwargs: dict[str, Any]) -> None:
+    """Checks a model name and builder arguments before anything is built.
+
+    The name must be registered, every argument accepted by its builder, of the right
+    type and within bounds (``num_classes`` <= 100000, ``in_chans`` <= 64,
+    ``base_channels`` / ``base_width`` / ``stem_width`` <= 1024, ``0 < eps < 1``,
+    ``mode`` one of vanilla / act / sact; other numeric arguments within +-4096).
+
+    Raises:
+        ValueError: listing every problem (the argument, the value, what is allowed).
+    """
+    from .models import _REGISTRY, list_models
+    from .stage import MODES
+
+    if not isinstance(name, str) or name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
+    params = inspect.signature(_REGISTRY[name]).parameters
+    problems = []
+    for key, value in kwargs.items():
+        if key == "mode":
+            if value not in MODES:
+                problems.append(f"mode={value!r} (expected one of {', '.join(MODES)})")
+            continue
+        if key not in params:
+            problems.append(f"{key}={value!r} (not an argument of {name}; accepted: "
+                            f"{', '.join(sorted(p for p in params if p != 'mode'))})")
+            continue
+        if key in _KWARG_BOUNDS:
+            typ, lo, hi = _KWARG_BOUNDS[key]
+            if typ is float:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and lo < value < hi
+                want = f"a number in ({lo:g}, {hi:g})"
+            elif typ is bool:
+                ok, want = isinstance(value, bool), "true or false"
+            else:
+                ok = type(value) is int and lo <= value <= hi
+                want = f"an int in [{lo}, {hi}]"
+        else:
+            ok = value is None or isinstance(value, (bool, str)) or (
+                isinstance(value, (int, float)) and math.isfinite(value) and abs(value) <= _OTHER_BOUND)
+            want = f"a number within +-{_OTHER_BOUND}, a bool, a string or null"
+        if not ok:
+            problems.append(f"{key}={value!r} (expected {want})")
+    if problems:
+        raise ValueError(f"model {name}: invalid arguments: {'; '.join(problems)}")
+
+
+_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+           torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def _expected_state(name: str, kwargs: dict[str, Any]) -> dict[str, tuple[str, list[int]]]:
+    """``{key: (safetensors dtype, shape)}`` of the architecture, built on the meta device (no memory)."""
+    from .models import create_model
+
+    kwargs = dict(kwargs)
+    mode = kwargs.pop("mode", "sact")
+    with torch.device("meta"):
+        model = create_model(name, mode=mode, **kwargs)
+    return {k: (_DTYPES.get(v.dtype, str(v.dtype)), list(v.shape)) for k, v in model.state_dict().items()}
+
+
+def _check_tensors(weights: Path, header: dict, expected: dict, label: str) -> None:
+    got = {k: (v["dtype"], v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    missing = sorted(set(expected) - set(got))
+    unexpected = sorted(set(got) - set(expected))
+    wrong = sorted(f"{k}: {got[k][0]}{got[k][1]} vs {expected[k][0]}{expected[k][1]}"
+                   for k in set(got) & set(expected) if got[k] != expected[k])
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"{weights} does not fit model {label}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"wrong dtype/shape {wrong[:5]}" + (f" (and {len(missing) + len(unexpected) + len(wrong) - 15} more)"
+                                                if len(missing) + len(unexpected) + len(wrong) > 15 else "")
+        )
+
+
+def non_finite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names of floating-point tensors of ``state`` holding a NaN or an infinity."""
+    return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
+def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu", eval_mode: bool = True,
+                    allow_non_finite: bool = False) -> nn.Module:
     """Rebuild the model of a checkpoint and load its weights.
+
+    Nothing is allocated before the header is validated: the model name and arguments
+    (:func:`validate_model_spec`), then every tensor's dtype and shape against the
+    architecture (built on the ``meta`` device) and the file's hashes.
 
     Args:
         path: ``NAME``, ``NAME.safetensors``, ``NAME.json`` or a folder holding ``model.*``.
         map_location: device for the weights.
         eval_mode: return the model in eval mode (default).
+        allow_non_finite: load weights holding NaN / inf (refused by default: such a
+            model computes nothing useful, and evaluating it writes NaN metrics).
 
     Returns:
         The model, with ``model.checkpoint_meta`` set to the sidecar's ``meta``.
 
     Raises:
-        CheckpointError: missing files, corrupt or mismatched weights, unknown model.
+        CheckpointError: missing files, corrupt, forged or mismatched weights, unknown
+            model, arguments out of bounds, non-finite weights.
     """
     from safetensors.torch import load
 
@@ -173,8 +320,17 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
 
     doc = read_checkpoint_meta(path)
     weights, sidecar = checkpoint_paths(path)
-    if not weights.exists():
+    if not weights.is_file():
         raise CheckpointError(f"checkpoint weights not found: {weights}")
+    cfg = doc["model"]
+    kwargs = dict(cfg["kwargs"])
+    mode = kwargs.pop("mode", "sact")
+    label = f"{cfg['name']} ({mode})"
+    try:
+        expected = _expected_state(cfg["name"], {"mode": mode, **kwargs})
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{weights}: cannot build {label}: {e}") from e
+    _check_tensors(weights, read_safetensors_header(weights), expected, label)
     blob = weights.read_bytes()
     if "weights_sha256" in doc and doc["weights_sha256"] != hashlib.sha256(blob).hexdigest():
         raise CheckpointError(f"{weights} does not match its sidecar {sidecar}: the pair is from different saves")
@@ -184,24 +340,18 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
         state = load(blob)
     except Exception as e:  # safetensors raises several types on corrupt data
         raise CheckpointError(f"cannot read {weights}: {e}") from e
-    cfg = doc["model"]
-    kwargs = dict(cfg["kwargs"])
-    mode = kwargs.pop("mode", "sact")
+    del blob
+    bad = non_finite_tensors(state)
+    if bad and not allow_non_finite:
+        raise CheckpointError(
+            f"{weights} holds non-finite weights (NaN or inf) in {len(bad)} tensor(s), e.g. {bad[:3]}; such a model "
+            "computes nothing useful (load it with allow_non_finite=True to inspect it)"
+        )
     try:
         model = create_model(cfg["name"], mode=mode, **kwargs)
-    except ValueError as e:
-        raise CheckpointError(f"{sidecar}: {e}") from e
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = sorted(f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in set(own) & set(state)
-                    if state[k].shape != own[k].shape)
-    if missing or unexpected or shapes:
-        raise CheckpointError(
-            f"{weights} does not fit model {cfg['name']} ({mode}): missing {missing[:5]}, unexpected {unexpected[:5]}, "
-            f"wrong shapes {shapes[:5]}"
-        )
-    model.load_state_dict(state)
+        model.load_state_dict(state)
+    except (ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{weights} does not fit model {label}: {e}") from e
     model.to(map_location)
     model.checkpoint_meta = doc.get("meta", {})
     return model.eval() if eval_mode else model

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .errors import InputError
 from .models import create_model
 from .models.cifar import CifarResNet
 from .models.resnet_v2 import ResNetV2
@@ -52,7 +53,7 @@ _IGNORED_NAMES = ("global_step",)
 _BN = (("weight", "gamma"), ("bias", "beta"), ("running_mean", "moving_mean"), ("running_var", "moving_variance"))
 
 
-class TFCheckpointMismatch(ValueError):
+class TFCheckpointMismatch(InputError):
     """The TF checkpoint does not fit the model; ``missing`` / ``unexpected`` / ``wrong_shape`` list why."""
 
     def __init__(self, missing: list[str], unexpected: list[str], wrong_shape: list[str], *, context: str = "") -> None:
@@ -235,14 +236,19 @@ def read_tf_checkpoint(path: str | Path) -> tuple[str, dict[str, np.ndarray]]:
     Raises:
         ImportError: TensorFlow is not installed.
         FileNotFoundError: no checkpoint there.
+        InputError: the files are not a readable TF checkpoint (corrupt, truncated, garbage).
     """
     tf = import_tensorflow()
     prefix = _resolve_prefix(path)
     if not Path(prefix + ".index").exists():
         raise FileNotFoundError(f"no TensorFlow checkpoint at {prefix!r} (expected {prefix}.index)")
-    reader = tf.train.load_checkpoint(prefix)
-    names = [n for n, _ in tf.train.list_variables(prefix)]
-    return prefix, {n: np.asarray(reader.get_tensor(n)) for n in names}
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+        names = [n for n, _ in tf.train.list_variables(prefix)]
+        return prefix, {n: np.asarray(reader.get_tensor(n)) for n in names}
+    except Exception as e:  # TF raises its own OpError types for corrupt or foreign files
+        raise InputError(f"{prefix} is not a readable TensorFlow checkpoint: {type(e).__name__}: "
+                         f"{' '.join(str(e).split())}") from e
 
 
 def _guess_scope(model: nn.Module, names: Iterable[str]) -> str:

@@ -237,7 +237,7 @@ def export_model(
         _write_onnx(program, example, path, doc, opset)
     else:
         buf = io.BytesIO()
-        torch.export.save(program, buf, extra_files={"sact.json": json.dumps(doc)})
+        torch.export.save(program, buf, extra_files={"sact.json": json.dumps(doc)})  # a pickle: see load_exported
         atomic_write_bytes(path, buf.getvalue())
         atomic_write_bytes(metadata_path(path), json.dumps(doc, indent=2).encode())
     return path
@@ -279,15 +279,28 @@ def _name_batch_dim(proto) -> None:
                 dim.dim_param = "batch"
 
 
-def load_exported(path: str | Path) -> tuple[Callable[[Tensor], tuple[Tensor, Tensor, Tensor]], dict[str, Any]]:
+def load_exported(
+    path: str | Path, *, trusted: bool = False
+) -> tuple[Callable[[Tensor], tuple[Tensor, Tensor, Tensor]], dict[str, Any]]:
     """Load an export for inference (format from the file content).
+
+    A ``.pt2`` archive (``torch.export``) holds pickled Python objects: loading one can
+    run arbitrary code, exactly like ``pickle.load``. It is loaded only with
+    ``trusted=True``, for files you made yourself or got from someone you trust; an
+    ONNX file is a protobuf graph run by onnxruntime and needs no such flag. See
+    ``docs/trust.md``.
 
     Args:
         path: a ``.onnx`` file (run with onnxruntime on CPU) or a ``.pt2`` archive.
+        trusted: allow a ``.pt2`` archive (pickled code) to be loaded.
 
     Returns:
         ``(run, metadata)``: ``run(images [B, C, H, W]) -> (logits, ponder_cost, ponder_map)``
         as CPU tensors, and the metadata document written by :func:`export_model`.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: a ``.pt2`` archive without ``trusted=True`` (nothing of it is read).
     """
     path = Path(path)
     if not path.exists():
@@ -295,6 +308,11 @@ def load_exported(path: str | Path) -> tuple[Callable[[Tensor], tuple[Tensor, Te
     with open(path, "rb") as f:
         is_zip = f.read(4) == b"PK\x03\x04"  # .pt2 archives are zip files; ONNX is protobuf
     if is_zip:
+        if not trusted:
+            raise ValueError(
+                f"{path} is a torch.export archive (.pt2): loading it unpickles Python objects and can run arbitrary "
+                "code. Pass trusted=True only for a file you made or trust; use the ONNX export to share a model"
+            )
         extra = {"sact.json": ""}
         program = torch.export.load(path, extra_files=extra)
         module = program.module()

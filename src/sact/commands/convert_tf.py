@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import sys
+from pathlib import Path
 
 HELP = """\
 Convert a checkpoint of the reference TensorFlow code (github.com/mfigurnov/sact) into an
@@ -34,30 +34,34 @@ def register(subparsers) -> None:
     p.add_argument("--num-classes", type=int, default=None, help="default: read from the checkpoint")
     p.add_argument("--fresh-halting", action="store_true",
                    help="allow missing halting branches (fresh init), e.g. --mode sact from a vanilla checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a checkpoint already in --out")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..convert_tf import TFCheckpointMismatch, convert_tf_checkpoint
+    import os
+
+    from ..checkpoint import checkpoint_paths
+    from ..fileio import check_output_file, check_output_folder, remove_stale_temp_files
+
+    check_output_folder(args.out)  # before any work: no file in the way, no checkpoint replaced
+    for path in checkpoint_paths(Path(args.out) / "model"):
+        check_output_file(path, overwrite=args.overwrite, what="--out checkpoint")
+    remove_stale_temp_files(args.out)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up lines
+    from ..convert_tf import convert_tf_checkpoint
 
     kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
-    try:
-        model = convert_tf_checkpoint(
-            args.checkpoint,
-            model=args.model,
-            mode=args.mode,
-            out=args.out,
-            tau=args.tau,
-            scope=args.scope,
-            fresh_halting=args.fresh_halting,
-            **kwargs,
-        )
-    except ImportError as e:
-        print(f"sact convert-tf: {e}", file=sys.stderr)
-        return 2
-    except (TFCheckpointMismatch, FileNotFoundError, ValueError) as e:
-        print(f"sact convert-tf: {e}", file=sys.stderr)
-        return 1
+    model = convert_tf_checkpoint(
+        args.checkpoint,
+        model=args.model,
+        mode=args.mode,
+        out=args.out,
+        tau=args.tau,
+        scope=args.scope,
+        fresh_halting=args.fresh_halting,
+        **kwargs,
+    )
     src = model.checkpoint_meta["source"]
     n = sum(p.numel() for p in model.parameters())
     print(f"converted {src['prefix']} (scope {src['scope']!r}, {src['ignored_variables']} optimizer/EMA variables "

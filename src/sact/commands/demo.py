@@ -11,6 +11,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "Fashion-MNIST, evaluate them and write report.md + PNGs + checkpoints to --out. "
                        "Default about 15 min on 2 CPU cores, --quick about 3 min.")
     p.add_argument("--out", default="reports/demo", help="report folder (default reports/demo)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the files of an earlier demo in --out (only the demo's own files)")
     p.add_argument("--quick", action="store_true", help="the short preset (lower accuracy)")
     p.add_argument("--data-dir", default=None, help="Fashion-MNIST folder (default: search; see docs/demo.md)")
     p.add_argument("--download", action="store_true", help="download Fashion-MNIST with torchvision if missing")
@@ -30,16 +32,18 @@ def run(args: argparse.Namespace) -> int:
 
     from ..engine.demo import PRESETS, run_demo
 
+    from ..errors import InputError
+
     settings = PRESETS["quick" if args.quick else "default"]
     changes = {"finetune_steps": args.steps, "pretrain_steps": args.pretrain_steps, "tau_act": args.tau,
                "tau_sact": args.tau, "threads": args.threads, "seed": args.seed}
     try:
         settings = dataclasses.replace(settings, **{k: v for k, v in changes.items() if v is not None})
-        results = run_demo(settings, args.out, data_dir=args.data_dir, download=args.download,
-                           progress=not args.no_progress, command="sact " + shlex.join(sys.argv[1:]))
-    except (FileNotFoundError, ValueError) as e:
-        print(f"sact demo: {e}", file=sys.stderr)
-        return 1
+    except (ValueError, TypeError) as e:
+        raise InputError(str(e)) from e
+    results = run_demo(settings, args.out, data_dir=args.data_dir, download=args.download,
+                       progress=not args.no_progress, command="sact " + shlex.join(sys.argv[1:]),
+                       overwrite=args.overwrite)
     for r in results["rows"]:
         print(f"{r['mode']:>8}: top-1 {100 * r['top1']:.2f}%  FLOPs {r['flops_mean'] / 1e6:.2f}M "
               f"({100 * r['relative_flops']:.0f}%)  ponder in/out box {r['box_ponder_ratio']:.2f}")

@@ -19,6 +19,9 @@ import json
 import os
 from pathlib import Path
 
+from ..errors import InputError
+from ..fileio import dumps_json
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("detect", help="object detection (Faster R-CNN + FPN) with an SACT backbone",
@@ -32,6 +35,7 @@ def register(subparsers) -> None:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--canvas-size", type=int, default=None, help="canvas side (default: the data module's, 96)")
     m.add_argument("--data-dir", type=Path, default=None, help="Fashion-MNIST folder (default: auto)")
+    m.add_argument("--overwrite", action="store_true", help="replace a data set already in --out")
     m.set_defaults(func=run, detect_func="make_data")
 
     t = sub.add_parser("train", help="train a detector")
@@ -66,6 +70,7 @@ def register(subparsers) -> None:
     t.add_argument("--max-steps", type=int, default=None, help="stop each epoch after this many steps")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--out", type=Path, required=True, help="run folder: detector.*, metrics.json, tb/")
+    t.add_argument("--overwrite", action="store_true", help="replace a detector run already in --out")
     t.set_defaults(func=run, detect_func="train")
 
     e = sub.add_parser("eval", help="evaluate a detector (or a detections json) with pycocotools")
@@ -75,6 +80,7 @@ def register(subparsers) -> None:
     e.add_argument("--use-sparse", action="store_true", help="run the backbone through sact.sparse")
     e.add_argument("--max-batches", type=int, default=None)
     e.add_argument("--out", type=Path, default=None, help="folder for metrics.json and detections.json")
+    e.add_argument("--overwrite", action="store_true", help="replace metrics.json / detections.json in --out")
     e.set_defaults(func=run, detect_func="eval")
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
@@ -102,8 +108,19 @@ def _split_paths(args, split_key: str) -> tuple[Path, Path]:
         images = images or args.data / "images" / split
         ann = ann or args.data / "annotations" / f"instances_{split}.json"
     if images is None or ann is None:
-        raise SystemExit(f"sact detect: give --data or both --{split_key}-images and --{split_key}-ann")
+        raise InputError(f"give --data or both --{split_key}-images and --{split_key}-ann")
     return images, ann
+
+
+def _check_outputs(folder: Path, names: tuple[str, ...], overwrite: bool) -> None:
+    """Before any work: ``folder`` can be a folder, and none of ``names`` in it is replaced
+    without ``--overwrite``."""
+    from ..fileio import check_output_file, check_output_folder, remove_stale_temp_files
+
+    check_output_folder(folder)
+    for name in names:
+        check_output_file(folder / name, overwrite=overwrite, what="--out file")
+    remove_stale_temp_files(folder)
 
 
 def run(args) -> int:
@@ -115,7 +132,9 @@ def _make_data(args) -> int:
 
     for split, n in (("train", args.num_train), ("test", args.num_val)):
         if n < 1:
-            raise SystemExit(f"sact detect make-data: --num-{'train' if split == 'train' else 'val'} must be >= 1, got {n}")
+            raise InputError(f"--num-{'train' if split == 'train' else 'val'} must be >= 1, got {n}")
+    _check_outputs(args.out, ("annotations/instances_train.json", "annotations/instances_test.json"), args.overwrite)
+    for split, n in (("train", args.num_train), ("test", args.num_val)):
         path = write_coco(args.out, split=split, num_images=n, seed=args.seed, canvas_size=args.canvas_size,
                           data_dir=args.data_dir)
         print(f"{split}: {n} images -> {path}")
@@ -153,6 +172,8 @@ def _train(args) -> int:
 
     from ..engine.distributed import cleanup_distributed
 
+    if int(os.environ.get("RANK", "0")) == 0:
+        _check_outputs(args.out, ("detector.safetensors", "detector.json", "metrics.json"), args.overwrite)
     device, info = _dist_setup(args.device)
     rank, world = info.rank, info.world_size
     torch.manual_seed(args.seed + rank)
@@ -161,7 +182,7 @@ def _train(args) -> int:
     train_set = CocoDetection(train_images, train_ann, in_chans=args.in_chans, skip_empty=True, hflip=args.hflip)
     val_set = CocoDetection(val_images, val_ann, in_chans=args.in_chans)
     if len(train_set) == 0:
-        raise SystemExit(f"sact detect train: no annotated images in {train_ann}")
+        raise InputError(f"no annotated images in {train_ann}")
     size = max(train_set.coco.imgs[train_set.ids[0]]["height"], train_set.coco.imgs[train_set.ids[0]]["width"])
 
     kwargs = {"in_chans": args.in_chans}
@@ -226,7 +247,7 @@ def _train(args) -> int:
             save_detector(detector, args.out / "detector", meta={**meta, "metrics": metrics, "epoch": epoch + 1})
             doc = {"metrics": metrics, "history": history, "tau": args.tau, "model": model.sact_config,
                    "detector": detector.detector_config, "world_size": world, "checkpoint": str(args.out / "detector")}
-            atomic_write_bytes(args.out / "metrics.json", json.dumps(doc, indent=2).encode())
+            atomic_write_bytes(args.out / "metrics.json", dumps_json(doc, indent=2).encode())
     if writer is not None:
         writer.close()
     cleanup_distributed(info)
@@ -253,7 +274,9 @@ def _eval(args) -> int:
     from ..detection import CocoDetection, coco_evaluate, evaluate, load_detector
 
     if (args.checkpoint is None) == (args.detections is None):
-        raise SystemExit("sact detect eval: give exactly one of --checkpoint and --detections")
+        raise InputError("give exactly one of --checkpoint and --detections")
+    if args.out is not None and int(os.environ.get("RANK", "0")) == 0:
+        _check_outputs(args.out, ("metrics.json", "detections.json"), args.overwrite)
     from ..engine.distributed import cleanup_distributed
 
     device, info = _dist_setup(args.device)
@@ -263,14 +286,14 @@ def _eval(args) -> int:
         dataset = CocoDetection(val_images, val_ann, in_chans=args.in_chans or 1)
         try:
             results = json.loads(Path(args.detections).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise SystemExit(f"sact detect eval: cannot read {args.detections}: {e}")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(f"cannot read {args.detections}: {e}") from e
         if not isinstance(results, list):
-            raise SystemExit(f"sact detect eval: {args.detections} must hold a list of COCO result dicts")
+            raise InputError(f"{args.detections} must hold a list of COCO result dicts")
         try:
             metrics = coco_evaluate(dataset.coco, results, verbose=True)
         except ValueError as e:
-            raise SystemExit(f"sact detect eval: {args.detections}: {e}")
+            raise InputError(f"{args.detections}: {e}") from e
         out = {"metrics": metrics, "detections": str(args.detections), "annotations": str(val_ann)}
     else:
         detector = load_detector(args.checkpoint, map_location=device)
@@ -285,11 +308,11 @@ def _eval(args) -> int:
         out = {"metrics": metrics, "checkpoint": str(args.checkpoint), "annotations": str(val_ann),
                "use_sparse": bool(args.use_sparse), "world_size": world}
     if rank == 0:
-        print(json.dumps(out["metrics"], indent=2))
+        print(dumps_json(out["metrics"], indent=2))
         if args.out is not None:
-            atomic_write_bytes(args.out / "metrics.json", json.dumps(out, indent=2).encode())
+            atomic_write_bytes(args.out / "metrics.json", dumps_json(out, indent=2).encode())
             if args.checkpoint is not None:
-                atomic_write_bytes(args.out / "detections.json", json.dumps(results).encode())
+                atomic_write_bytes(args.out / "detections.json", dumps_json(results).encode())
     cleanup_distributed(info)
     return 0
 

@@ -4,61 +4,99 @@ from __future__ import annotations
 
 import argparse
 
+# What `sact eval` takes from the checkpoint's training config: the kind of dataset and
+# how the built-in Cluttered Fashion-MNIST test canvases are generated. Never a folder:
+# a checkpoint is someone else's file, and the data it names could be anything.
+_FROM_CHECKPOINT = ("dataset", "eval_samples", "data_seed", "clutter", "image_size", "label_offset")
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint (top-1/top-5, loss, FLOPs, ponder cost) -> metrics.json",
-                       description="Evaluate a checkpoint on the evaluation split of its training dataset "
-                       "(or the one given) and write metrics.json.")
+                       description="Evaluate a checkpoint and write metrics.json. The data is the one you name "
+                       "(--dataset, --data-dir); without --data-dir, Cluttered Fashion-MNIST test canvases generated "
+                       "from the system Fashion-MNIST as the checkpoint was trained (a data folder named inside a "
+                       "checkpoint is never opened; see docs/trust.md).")
     p.add_argument("checkpoint", help="checkpoint (NAME, NAME.safetensors or a run folder holding model.*)")
-    p.add_argument("--dataset", default=None, help="cluttered | cifar10 | imagenet (default: the checkpoint's)")
-    p.add_argument("--data-dir", default=None, help="dataset folder (default: the checkpoint's)")
+    p.add_argument("--dataset", default=None, choices=("cluttered", "cifar10", "imagenet"),
+                   help="default: the kind the checkpoint was trained on")
+    p.add_argument("--data-dir", default=None,
+                   help="dataset folder (needed for cifar10 / imagenet; cluttered: the Fashion-MNIST folder, "
+                   "default the system copy)")
     p.add_argument("--num-samples", type=int, default=None, help="cluttered: evaluation canvases (default: the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--tau", type=float, default=None, help="ponder weight of total_loss (default: the checkpoint's)")
     p.add_argument("--out", default="metrics.json", help="where to write the metrics (JSON)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="none", help="auto | none | bf16 | fp16")
     p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--strict", action="store_true",
+                   help="image folders: stop at the first unreadable image (default: skip it with a warning)")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="image folders: images above this many pixels are unreadable (default 40000000)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
 
+def eval_config(meta: dict, args: argparse.Namespace):
+    """The evaluation data config: generation settings from the checkpoint, folders from the user only.
+
+    Raises:
+        CheckpointError: the checkpoint's config values are malformed.
+        InputError: the dataset needs a folder and none was given.
+    """
+    from ..checkpoint import CheckpointError
+    from ..engine.config import ConfigError, TrainConfig
+    from ..errors import InputError
+
+    saved = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    taken = {k: saved[k] for k in _FROM_CHECKPOINT if k in saved}
+    if "label_offset" in meta:  # converted 1001-class reference models: index 0 is background
+        taken["label_offset"] = meta["label_offset"]
+    try:
+        config = TrainConfig.from_dict(taken)
+    except ConfigError as e:
+        raise CheckpointError(f"{args.checkpoint}: its training config is malformed: {e}") from e
+    changes = {"dataset": args.dataset, "eval_samples": args.num_samples, "strict_data": args.strict or None,
+               "max_pixels": args.max_pixels}
+    config = config.replace(data_dir=args.data_dir, **{k: v for k, v in changes.items() if v is not None})
+    if config.dataset != "cluttered" and args.data_dir is None:
+        raise InputError(f"the checkpoint was trained on {config.dataset}: pass --data-dir with that dataset's folder "
+                         "(a folder named inside a checkpoint is never opened)")
+    return config
+
+
 def run(args: argparse.Namespace) -> int:
-    import json
-    import sys
     from pathlib import Path
 
-    from ..checkpoint import CheckpointError, atomic_write_bytes
+    from ..checkpoint import atomic_write_bytes, load_checkpoint
     from ..engine.amp import amp_dtype
-    from ..engine.config import TrainConfig
     from ..engine.datasets import build_datasets, eval_loader
     from ..engine.distributed import resolve_device
     from ..engine.evaluate import evaluate
-    from ..checkpoint import load_checkpoint
+    from ..errors import InputError
+    from ..fileio import check_output_file, dumps_json, remove_stale_temp_files
 
-    try:
-        device = resolve_device(args.device)
-        model = load_checkpoint(args.checkpoint, map_location=device)
-        meta = model.checkpoint_meta
-        saved = dict(meta.get("config") or {})
-        known = set(TrainConfig().to_dict())
-        config = TrainConfig.from_dict({k: v for k, v in saved.items() if k in known})
-        changes = {"dataset": args.dataset, "data_dir": args.data_dir, "eval_samples": args.num_samples}
-        if "label_offset" in meta:  # converted 1001-class reference models: index 0 is background
-            changes["label_offset"] = int(meta["label_offset"])
-        config = config.replace(**{k: v for k, v in changes.items() if v is not None})
-        data = build_datasets(config, train=False)
-        tau = args.tau if args.tau is not None else float(meta.get("tau", config.tau))
-        loader = eval_loader(data.eval, args.batch_size, workers=args.workers)
-        metrics = evaluate(model, loader, device=device, tau=tau, amp_dtype=amp_dtype(args.amp, device),
-                           progress=not args.no_progress)
-    except (CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"sact eval: {e}", file=sys.stderr)
-        return 1
-    metrics = {"checkpoint": str(args.checkpoint), "model": model.sact_config["name"],
-               "mode": model.mode, "model_config": model.sact_config, "dataset": config.dataset, "tau": tau, "device": str(device), **metrics}
-    atomic_write_bytes(Path(args.out), json.dumps(metrics, indent=2).encode())
+    out = check_output_file(args.out, overwrite=args.overwrite)  # before any work
+    remove_stale_temp_files(out.parent)  # of killed sact processes only
+    if args.batch_size < 1 or args.workers < 0:
+        raise InputError(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size}, {args.workers}")
+    device = resolve_device(args.device)
+    amp = amp_dtype(args.amp, device)
+    model = load_checkpoint(args.checkpoint, map_location=device)
+    meta = model.checkpoint_meta
+    config = eval_config(meta, args)
+    data = build_datasets(config, train=False)
+    tau = args.tau if args.tau is not None else meta.get("tau", config.tau)
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
+        raise InputError(f"{args.checkpoint}: tau={tau!r} in the checkpoint is not a number; pass --tau")
+    loader = eval_loader(data.eval, args.batch_size, workers=args.workers)
+    metrics = evaluate(model, loader, device=device, tau=float(tau), amp_dtype=amp, progress=not args.no_progress)
+    metrics = {"checkpoint": str(args.checkpoint), "model": model.sact_config["name"], "mode": model.mode,
+               "model_config": model.sact_config, "dataset": config.dataset, "tau": float(tau), "device": str(device),
+               **metrics}
+    atomic_write_bytes(out, dumps_json(metrics, indent=2).encode())
     top5 = f", top-5 {metrics['top5']:.2%}" if "top5" in metrics else ""
     print(f"top-1 {metrics['top1']:.2%}{top5}, loss {metrics['loss']:.4f}, FLOPs {metrics['flops_mean'] / 1e6:.2f}M "
-          f"+- {metrics['flops_std'] / 1e6:.2f}M, {metrics['images_per_s']:.1f} images/s -> {args.out}")
+          f"+- {metrics['flops_std'] / 1e6:.2f}M, {metrics['images_per_s']:.1f} images/s -> {out}")
     return 0

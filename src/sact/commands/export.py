@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 _SUFFIX_FORMATS = {".onnx": "onnx", ".pt2": "torch-export"}
 
@@ -24,12 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: sact.export.DEFAULT_OPSET)")
     p.add_argument("--verify", action="store_true",
                    help="reload the export and compare it with the eager model on random batches of 1 and 3")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=run)
-
-
-def _error(msg: str) -> int:
-    print(f"sact export: error: {msg}", file=sys.stderr)
-    return 2
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,23 +32,23 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..checkpoint import CheckpointError, load_checkpoint
-    from ..export import DEFAULT_OPSET, ExportableModel, export_model, load_exported
+    from ..checkpoint import load_checkpoint
+    from ..errors import InputError, RunFailure
+    from ..export import DEFAULT_OPSET, ExportableModel, export_model, load_exported, metadata_path
+    from ..fileio import check_output_file, remove_stale_temp_files
 
     fmt = args.format or _SUFFIX_FORMATS.get(Path(args.out).suffix.lower())
     if fmt is None:
-        return _error(f"cannot infer the format from --out {args.out!r}; pass --format onnx|torch-export")
+        raise InputError(f"cannot infer the format from --out {args.out!r}; pass --format onnx|torch-export")
     if args.image_size is not None and args.image_size < 1:
-        return _error(f"--image-size must be positive, got {args.image_size}")
-    try:
-        model = load_checkpoint(args.checkpoint)
-    except CheckpointError as e:
-        return _error(str(e))
-    try:
-        out = export_model(model, args.out, format=fmt, image_size=args.image_size, opset=args.opset or DEFAULT_OPSET)
-    except ValueError as e:
-        return _error(str(e))
-    run_exported, doc = load_exported(out)
+        raise InputError(f"--image-size must be positive, got {args.image_size}")
+    out = check_output_file(args.out, overwrite=args.overwrite)  # before any work
+    if fmt == "torch-export":
+        check_output_file(metadata_path(out), overwrite=args.overwrite, what="--out metadata")
+    model = load_checkpoint(args.checkpoint)
+    remove_stale_temp_files(out.parent)
+    out = export_model(model, out, format=fmt, image_size=args.image_size, opset=args.opset or DEFAULT_OPSET)
+    run_exported, doc = load_exported(out, trusted=True)  # the file this command just wrote
     c, h, w = doc["input_size"]
     print(f"wrote {out} ({fmt}, {out.stat().st_size / 1e6:.1f} MB): {doc['model']['name']} mode={doc['mode']}, "
           f"input [batch, {c}, {h}, {w}] -> logits, ponder_cost, ponder_map")
@@ -70,5 +65,5 @@ def run(args: argparse.Namespace) -> int:
         worst = max(worst, *diffs.values())
         print(f"verify batch {batch}: max abs difference " + ", ".join(f"{k} {v:.2e}" for k, v in diffs.items()))
     if worst > 1e-3:
-        return _error(f"the export differs from the eager model by {worst:.3g}")
+        raise RunFailure(f"the export differs from the eager model by {worst:.3g}")
     return 0

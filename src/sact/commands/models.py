@@ -15,7 +15,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .. import create_model, list_models
+    from ..errors import InputError
 
+    if args.image_size is not None and args.image_size < 1:
+        raise InputError(f"--image-size must be positive, got {args.image_size}")
     print(f"{'model':<18} {'params':>12} {'vanilla GFLOPs':>15} {'input':>6}")
     for name in list_models():
         size = args.image_size or (32 if name.endswith("_cifar") else 224)

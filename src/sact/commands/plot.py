@@ -20,6 +20,8 @@ import re
 import sys
 from pathlib import Path
 
+from ..errors import InputError
+
 __all__ = ["register", "run", "MetricsError", "load_metrics", "plot_accuracy_vs_flops", "plot_num_units"]
 
 REQUIRED = ("model", "mode", "tau", "top1", "flops_mean", "flops_std", "stages")
@@ -27,8 +29,8 @@ STAGE_REQUIRED = ("ponder_cost_mean", "ponder_cost_std", "num_units_mean")
 _NUMBERS = ("top1", "flops_mean", "flops_std")
 
 
-class MetricsError(ValueError):
-    """A metrics file that cannot be plotted (bad JSON or a missing/invalid required key)."""
+class MetricsError(InputError):
+    """A metrics file that cannot be plotted (bad JSON or a missing/invalid required key): exit 2."""
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -36,10 +38,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "plot",
         help="accuracy-vs-FLOPs and num_units histograms from metrics.json files of sact eval",
         description="Writes accuracy_vs_flops.png (one curve per (model, mode), points labelled with tau) and "
-        "num_units_<model>_<mode>_tau<tau>.png per file. Exit status 1 if a file lacks a required key.",
+        "num_units_<model>_<mode>_tau<tau>.png per file. Exit status 2 if a file lacks a required key.",
     )
     p.add_argument("metrics", nargs="+", metavar="METRICS.json", help="metrics files written by sact eval")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace plots already in --out")
     p.set_defaults(func=run)
 
 
@@ -213,21 +216,16 @@ def plot_num_units(m: dict, path: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..fileio import check_output_file, check_output_folder, remove_stale_temp_files
+
+    out = check_output_folder(args.out)  # before any work
     metrics = []
-    try:
-        for path in args.metrics:
-            m, warnings = load_metrics(path)
-            for w in warnings:
-                print(f"warning: {w}", file=sys.stderr)
-            metrics.append(m)
-    except MetricsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    written = [out / "accuracy_vs_flops.png"]
-    plot_accuracy_vs_flops(metrics, written[0])
-    taken = set()
+    for path in args.metrics:
+        m, warnings = load_metrics(path)
+        for w in warnings:
+            print(f"sact plot: warning: {w}", file=sys.stderr)
+        metrics.append(m)
+    names, taken = [], set()
     for m in metrics:
         base = f"num_units_{_slug(str(m['model']))}_{_slug(str(m['mode']))}_tau{_slug(_tau_text(m['tau']))}"
         name, n = base, 1
@@ -235,11 +233,20 @@ def run(args: argparse.Namespace) -> int:
             n += 1
             name = f"{base}-{n}"
         taken.add(name)
-        if m["stages"]:
+        names.append(name if m["stages"] else None)
+    targets = [out / "accuracy_vs_flops.png"] + [out / f"{name}.png" for name in names if name]
+    for target in targets:  # every file is checked before the first is written
+        check_output_file(target, overwrite=args.overwrite, what="--out file")
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temp_files(out)
+    written = [out / "accuracy_vs_flops.png"]
+    plot_accuracy_vs_flops(metrics, written[0])
+    for m, name in zip(metrics, names):
+        if name:
             plot_num_units(m, out / f"{name}.png")
             written.append(out / f"{name}.png")
         else:
-            print(f"warning: {m['path']}: no stages; no num_units plot", file=sys.stderr)
+            print(f"sact plot: warning: {m['path']}: no stages; no num_units plot", file=sys.stderr)
     for p in written:
         print(p)
     return 0

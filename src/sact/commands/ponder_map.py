@@ -6,8 +6,13 @@ one colour range -- shared across all inputs (0.1..99.9 percentiles of all maps,
 reference ``draw_ponder_maps.py``) or per image (min..max) -- and writes ``index.html``.
 
 Exit status: 0 when every input was processed, 1 when some input was skipped (missing,
-not an image, cannot be decoded, fails in the model) or nothing was found, 2 when the
-checkpoint cannot be loaded.
+not an image, cannot be decoded, above the pixel cap, fails in the model) or nothing was
+found, 2 when the checkpoint cannot be loaded or ``--out`` cannot be used.
+
+``--out`` holding an earlier gallery (``index.html``, ``results.jsonl``) is refused
+unless ``--overwrite``, which first removes that gallery's own files (named in its
+``results.jsonl``); two runs at once into one folder are refused (a lock file), so a
+gallery never mixes two runs.
 """
 
 from __future__ import annotations
@@ -38,6 +43,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="apply the checkpoint preprocess's central crop / resize instead of keeping the whole image")
     p.add_argument("--no-upscale", action="store_true",
                    help="skip images smaller than the network's total stride instead of upscaling them")
+    p.add_argument("--max-pixels", type=int, default=None,
+                   help="skip images above this many pixels, checked before decoding (default 40000000)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier gallery in --out (its own files only)")
     p.set_defaults(func=run)
 
 
@@ -99,14 +108,20 @@ def unique_names(files: list[Path]) -> list[str]:
     return names
 
 
-def load_image(path: Path):
+def load_image(path: Path, *, max_pixels: int | None = None):
     """Decode an image fully (so corrupt data fails here) with EXIF orientation applied;
-    multi-frame files give their first frame."""
-    from PIL import Image, ImageOps
+    multi-frame files give their first frame.
 
-    with Image.open(path) as im:
-        im.load()
-        return ImageOps.exif_transpose(im)  # a new image, independent of the file
+    Raises:
+        sact.data.images.UnreadableImage: corrupt, not an image, or above ``max_pixels``
+            (default :data:`sact.data.images.DEFAULT_MAX_PIXELS`).
+    """
+    from PIL import ImageOps
+
+    from ..data.images import DEFAULT_MAX_PIXELS, open_image
+
+    im = open_image(path, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+    return ImageOps.exif_transpose(im)
 
 
 _PANELS = (("image", "image"), ("ponder", "ponder map"), ("overlay", "overlay"), ("stages", "stages"))
@@ -165,12 +180,38 @@ def write_gallery(out: Path, records: list[dict], skipped: list[tuple[str, str]]
     atomic_write_bytes(out / "index.html", "\n".join(lines).encode("utf-8", errors="backslashreplace"))
 
 
-def _device(name: str):
-    import torch
+_GALLERY = ("index.html", "results.jsonl", "results.jsonl.partial")
+_OUTPUT_SUFFIXES = ("_image.png", "_ponder.png", "_overlay.png", "_stages.png", "_ponder.npy")
 
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+
+def _previous_gallery(out: Path) -> list[Path]:
+    """The files of an earlier gallery in ``out``: its index, results and the per-image
+    outputs named in its results (names are checked to be plain file names)."""
+    import json
+
+    found = [out / n for n in _GALLERY if (out / n).is_file()]
+    for results in found:
+        if not results.name.startswith("results.jsonl"):
+            continue
+        for line in results.read_text(errors="replace").splitlines():
+            try:
+                name = json.loads(line).get("name")
+            except (json.JSONDecodeError, AttributeError):
+                continue
+            if isinstance(name, str) and re.fullmatch(r"[A-Za-z0-9._-]+", name) and not name.startswith("."):
+                found += [out / f"{name}{suffix}" for suffix in _OUTPUT_SUFFIXES if (out / f"{name}{suffix}").is_file()]
+    return found
+
+
+def _claim_out(out: Path, overwrite: bool) -> None:
+    from ..errors import OutputExistsError
+
+    previous = _previous_gallery(out)
+    if previous and not overwrite:
+        raise OutputExistsError(f"{out} holds an earlier ponder-map gallery ({previous[0].name}); pass --overwrite to "
+                                "replace it (its own files only), or choose another --out")
+    for f in previous:
+        f.unlink(missing_ok=True)
 
 
 def _image_uint8(image01):
@@ -195,7 +236,33 @@ def _safe_range(lo: float, hi: float) -> tuple[float, float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
+    from .. import load_checkpoint
+    from ..checkpoint import CheckpointError
+    from ..engine.distributed import resolve_device
+    from ..errors import InputError
+    from ..fileio import OutputLock, check_output_folder, remove_stale_temp_files
+
+    if args.max_side is not None and args.max_side < 1:
+        raise InputError(f"--max-side must be positive, got {args.max_side}")
+    if args.max_pixels is not None and args.max_pixels < 1:
+        raise InputError(f"--max-pixels must be positive, got {args.max_pixels}")
+    out = check_output_folder(args.out)  # before any work
+    if not args.overwrite and _previous_gallery(out):
+        _claim_out(out, overwrite=False)  # refuses, naming the gallery
+    device = resolve_device(args.device)
+    try:
+        model = load_checkpoint(args.checkpoint, map_location=device)
+    except CheckpointError as e:
+        raise CheckpointError(f"cannot load checkpoint {args.checkpoint}: {e}") from e
+    meta = getattr(model, "checkpoint_meta", {}) or {}
+    classes = meta.get("classes") if isinstance(meta.get("classes"), list) else None
+    with OutputLock(out, "ponder-map"):
+        _claim_out(out, overwrite=args.overwrite)
+        remove_stale_temp_files(out)
+        return _write_maps(args, model, out, classes)
+
+
+def _write_maps(args, model, out: Path, classes) -> int:
     import sys
     import warnings
 
@@ -203,23 +270,13 @@ def run(args: argparse.Namespace) -> int:
     from PIL import Image
     from tqdm import tqdm
 
-    from .. import load_checkpoint
-    from ..checkpoint import CheckpointError, atomic_write_bytes
+    from ..checkpoint import atomic_write_bytes
+    from ..data.images import UnreadableImage
+    from ..errors import RunFailure
+    from ..fileio import dumps_json
     from ..ponder import ponder_map
     from ..viz import map_figure_png, overlay, percentile_range, png_bytes, stages_figure_png, value_counts
 
-    if args.max_side is not None and args.max_side < 1:
-        print(f"error: --max-side must be positive, got {args.max_side}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    try:
-        model = load_checkpoint(args.checkpoint, map_location=_device(args.device))
-    except (CheckpointError, OSError, RuntimeError) as e:  # RuntimeError: unknown --device
-        print(f"error: cannot load checkpoint {args.checkpoint} on device {args.device!r}: {e}", file=sys.stderr)
-        return 2
-    meta = getattr(model, "checkpoint_meta", {}) or {}
-    classes = meta.get("classes") if isinstance(meta.get("classes"), list) else None
-    out.mkdir(parents=True, exist_ok=True)
     files, skipped, ignored = collect_inputs(args.paths, exclude=out)
     for path, reason in skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
@@ -230,9 +287,9 @@ def run(args: argparse.Namespace) -> int:
     with partial.open("w") as log:
         for f, name in tqdm(list(zip(files, unique_names(files))), desc="ponder maps", unit="image", disable=None):
             try:
-                image = load_image(f)
-            except Exception as e:  # Pillow raises many types for bad files
-                skipped.append((str(f), f"cannot decode image: {type(e).__name__}: {e}"))
+                image = load_image(f, max_pixels=args.max_pixels)
+            except UnreadableImage as e:
+                skipped.append((str(f), f"cannot decode image: {e}"))
                 tqdm.write(f"skipped {f}: {skipped[-1][1]}", file=sys.stderr)
                 continue
             try:
@@ -264,7 +321,7 @@ def run(args: argparse.Namespace) -> int:
             }
             if classes is not None and 0 <= pm.predicted_class < len(classes):
                 record["class_name"] = str(classes[pm.predicted_class])
-            log.write(json.dumps(record) + "\n")
+            log.write(dumps_json(record) + "\n")
             log.flush()
             records.append(record)
             summaries.append(value_counts(summed))
@@ -279,13 +336,12 @@ def run(args: argparse.Namespace) -> int:
         atomic_write_bytes(out / f"{rec['name']}_ponder.png",
                            map_figure_png(summed, vmin=lo, vmax=hi, title=f"{rec['name']}: mean {rec['ponder_map_mean']:.2f}"))
         atomic_write_bytes(out / f"{rec['name']}_overlay.png", png_bytes(overlay(image, summed, vmin=lo, vmax=hi)))
-    atomic_write_bytes(out / "results.jsonl", "".join(json.dumps(r) + "\n" for r in records).encode())
+    atomic_write_bytes(out / "results.jsonl", "".join(dumps_json(r) + "\n" for r in records).encode())
     partial.unlink()
     write_gallery(out, records, skipped, checkpoint=str(args.checkpoint), color_range=args.range, shared=shared)
 
     print(f"{len(records)} image(s) written to {out} (index.html); {len(skipped)} skipped"
           + (f"; {ignored} folder entries without an image extension ignored" if ignored else ""), file=sys.stderr)
     if not records and not skipped:
-        print("error: no images found", file=sys.stderr)
-        return 1
+        raise RunFailure("no images found in the given paths")
     return 1 if skipped else 0

@@ -41,6 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="evaluate on Cluttered Fashion-MNIST test canvases with object masks as ground truth")
     p.add_argument("--checkpoint", required=True, help="checkpoint written by sact.save_checkpoint / sact train")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out")
     p.add_argument("--blur", type=float, default=None, metavar="F",
                    help="Gaussian blur of the model maps, sigma as a fraction of the image width (e.g. 0.02)")
     p.add_argument("--center-bias-weight", type=float, default=0.0, metavar="W",
@@ -127,29 +128,27 @@ def run(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
-    import torch
-
     from .. import load_checkpoint
     from ..checkpoint import CheckpointError
+    from ..engine.distributed import resolve_device
+    from ..errors import InputError
+    from ..fileio import check_output_file, check_output_folder, remove_stale_temp_files
     from ..saliency.metrics import check_metric_names
     from ..saliency.model import evaluate_methods, write_comparison
 
     problem = _check_args(args)
-    if problem is None:
-        try:
-            check_metric_names(args.metrics)
-        except ValueError as e:
-            problem = str(e)
     if problem is not None:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+        raise InputError(problem)
+    check_metric_names(args.metrics)
+    out = check_output_folder(Path(args.out))  # before any work
+    for name in ("summary.json", "summary.md"):
+        check_output_file(out / name, overwrite=args.overwrite, what="--out file")
+    remove_stale_temp_files(out)
+    device = resolve_device(args.device)
     try:
         model = load_checkpoint(args.checkpoint, map_location=device)
-    except (CheckpointError, OSError) as e:
-        print(f"error: cannot load checkpoint {args.checkpoint}: {e}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
+    except CheckpointError as e:
+        raise CheckpointError(f"cannot load checkpoint {args.checkpoint}: {e}") from e
     mode = getattr(model, "mode", "?")
     notes = [f"Command: `sact saliency {' '.join(shlex.quote(a) for a in sys.argv[2:])}`"
              if len(sys.argv) > 1 and sys.argv[1] == "saliency" else "",
@@ -161,17 +160,13 @@ def run(args: argparse.Namespace) -> int:
     if args.cluttered:
         from ..saliency.cluttered import evaluate_cluttered
 
-        try:
-            results = evaluate_cluttered(
-                model, num_images=args.num_images, seed=args.seed, data_dir=args.fashion_mnist_dir,
-                ground_truth=args.ground_truth, baselines=args.baselines, untrained_seed=args.untrained_seed,
-                blur_sigma=args.blur, center_bias_weight=args.center_bias_weight, batch_size=args.batch_size,
-                metrics=args.metrics, n_other=args.n_other, metric_seed=args.metric_seed, out_dir=out,
-                config={"checkpoint": str(args.checkpoint)},
-            )
-        except (FileNotFoundError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        results = evaluate_cluttered(
+            model, num_images=args.num_images, seed=args.seed, data_dir=args.fashion_mnist_dir,
+            ground_truth=args.ground_truth, baselines=args.baselines, untrained_seed=args.untrained_seed,
+            blur_sigma=args.blur, center_bias_weight=args.center_bias_weight, batch_size=args.batch_size,
+            metrics=args.metrics, n_other=args.n_other, metric_seed=args.metric_seed, out_dir=out,
+            config={"checkpoint": str(args.checkpoint)},
+        )
         fallbacks = next(iter(results.values()))["config"]["mask_fallbacks"]
         notes.append(f"Cluttered Fashion-MNIST test split, canvases 0..{args.num_images - 1} (dataset seed "
                      f"{args.seed}); ground truth: object {args.ground_truth}"
@@ -180,11 +175,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         from ..saliency.cat2000 import CAT2000
 
-        try:
-            dataset = CAT2000(args.data, categories=args.categories)
-        except (FileNotFoundError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        dataset = CAT2000(args.data, categories=args.categories)
         indices = list(range(len(dataset)))
         if args.limit is not None:
             # Items are sorted by category, so the first N per category keep every category.
@@ -197,15 +188,11 @@ def run(args: argparse.Namespace) -> int:
                     kept.append(i)
             indices = kept
         items = _Subset(dataset, indices)
-        try:
-            results = evaluate_methods(
-                items, _cat2000_methods(args, model), out_dir=out, title="CAT2000 saliency",
-                config={**post, "max_side": args.max_side, "dataset": str(args.data)},
-                shuffled_pool="category", **common,
-            )
-        except (FileNotFoundError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+        results = evaluate_methods(
+            items, _cat2000_methods(args, model), out_dir=out, title="CAT2000 saliency",
+            config={**post, "max_side": args.max_side, "dataset": str(args.data)},
+            shuffled_pool="category", **common,
+        )
         notes.append(f"CAT2000 folder `{args.data}`: {len(items)} images, {len(dataset.categories)} categories"
                      + (f" (first {args.limit} per category)" if args.limit else "") + ".")
         title = "CAT2000: ponder maps as saliency maps"

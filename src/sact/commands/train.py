@@ -25,6 +25,7 @@ _FLAGS = {
     "--workers": ("workers", int, "DataLoader workers"),
     "--threads": ("threads", int, "torch threads (0: default)"),
     "--seed": ("seed", int, "seed"),
+    "--max-pixels": ("max_pixels", int, "image folders: images above this many pixels are unreadable (default 40000000)"),
 }
 
 
@@ -46,8 +47,11 @@ def config_from_args(args: argparse.Namespace):
         value = getattr(args, flag[2:].replace("-", "_"))
         if value is not None:
             overrides[key] = value
-    if getattr(args, "resume", False):
-        overrides["resume"] = True
+    for flag in ("resume", "overwrite"):
+        if getattr(args, flag, False):
+            overrides[flag] = True
+    if getattr(args, "strict", False):
+        overrides["strict_data"] = True
     if getattr(args, "no_tensorboard", False):
         overrides["tensorboard"] = False
     if getattr(args, "download", False):
@@ -59,7 +63,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a vanilla / ACT / SACT ResNet (works under torchrun)",
                        description="Train with CE + tau * ponder cost. Settings: defaults < --config YAML < --set < flags.")
     add_config_arguments(p)
-    p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.pt if present")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out (its train_state.safetensors must exist; settings that change "
+                   "training must match it, see docs/trust.md)")
+    p.add_argument("--overwrite", action="store_true", help="replace a previous run in --out (its files are removed)")
+    p.add_argument("--strict", action="store_true",
+                   help="image folders: stop at the first unreadable image (default: skip it with a warning)")
     p.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
     p.add_argument("--download", action="store_true", help="download Fashion-MNIST with torchvision if missing")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
@@ -67,29 +76,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-    import sys
+    import os
 
     import yaml
 
-    from ..checkpoint import CheckpointError
-    from ..engine import NonFiniteLossError, main
+    from ..engine import main
+    from ..fileio import dumps_json
 
-    try:
-        config = config_from_args(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"sact train: {e}", file=sys.stderr)
-        return 2
+    config = config_from_args(args)
     if args.print_config:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
-    try:
-        metrics = main(config)
-    except (NonFiniteLossError, CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"sact train: {e}", file=sys.stderr)
-        return 1
-    import os
-
+    metrics = main(config)
     if os.environ.get("RANK", "0") == "0":  # one summary under torchrun
-        print(json.dumps({k: v for k, v in metrics.items() if k != "stages"}, indent=2))
+        print(dumps_json({k: v for k, v in metrics.items() if k != "stages"}, indent=2))
     return 0

@@ -10,7 +10,6 @@ from __future__ import annotations
 import functools
 import gzip
 import struct
-import warnings
 import zlib
 from pathlib import Path
 
@@ -147,10 +146,11 @@ def _has_all(folder: Path) -> bool:
 def find_fashion_mnist(data_dir: str | Path | None = None, *, download: bool = False) -> Path:
     """Finds the folder holding the four Fashion-MNIST files.
 
-    Searched in order: ``data_dir`` (also ``data_dir/FashionMNIST/raw`` and
-    ``data_dir/raw``, torchvision's layouts), then :data:`DEBIAN_DIR`, then, only if
-    ``download`` is true, torchvision downloads them into ``data_dir`` (default
-    ``~/.cache/sact``).
+    A ``data_dir`` is searched alone (also ``data_dir/FashionMNIST/raw`` and
+    ``data_dir/raw``, torchvision's layouts): a folder the user named that lacks the
+    files is an error, never a silent switch to another copy. Without ``data_dir``,
+    :data:`DEBIAN_DIR` is used. Only if ``download`` is true, torchvision downloads the
+    files into ``data_dir`` (default ``~/.cache/sact``) when they are not found.
 
     Args:
         data_dir: a folder to search first (and to download into).
@@ -161,7 +161,7 @@ def find_fashion_mnist(data_dir: str | Path | None = None, *, download: bool = F
 
     Raises:
         FileNotFoundError: nothing found and ``download`` is false; the message
-            names the three ways to provide the data.
+            names the folders searched and the ways to provide the data.
     """
     candidates = []
     if data_dir is not None:
@@ -170,9 +170,14 @@ def find_fashion_mnist(data_dir: str | Path | None = None, *, download: bool = F
         for folder in candidates:
             if _has_all(folder):
                 return folder
-    if _has_all(DEBIAN_DIR):
-        if data_dir is not None:
-            warnings.warn(f"Fashion-MNIST not found in {data_dir}; using {DEBIAN_DIR}", stacklevel=2)
+        if not download:  # a folder the user named is never silently replaced by another
+            state = "does not exist" if not root.exists() else "does not hold the four *-ubyte[.gz] files"
+            raise FileNotFoundError(
+                f"Fashion-MNIST data folder {data_dir} {state} (searched {', '.join(str(p) for p in candidates)}). "
+                f"Check the path, or leave out --data-dir to use the system copy in {DEBIAN_DIR} "
+                "(`apt-get install dataset-fashion-mnist`), or pass --download to fetch it there with torchvision."
+            )
+    elif _has_all(DEBIAN_DIR):
         return DEBIAN_DIR
     if download:
         from torchvision.datasets import FashionMNIST

@@ -1,13 +1,23 @@
-"""ImageNet-style class folders with the reference (Inception) preprocessing."""
+"""ImageNet-style class folders with the reference (Inception) preprocessing.
+
+An image that cannot be read (corrupt, truncated, not an image, above the pixel cap of
+:func:`sact.data.images.open_image`) is skipped with a warning naming it: the item is
+``None`` and :func:`sact.engine.datasets.collate` leaves it out of the batch and counts
+it. With ``strict=True`` the first such image raises
+:class:`~sact.data.images.UnreadableImage` instead.
+"""
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
+from .images import DEFAULT_MAX_PIXELS, UnreadableImage, open_image
 from .transforms import Preprocess, imagenet_preprocess
 
 __all__ = ["ImageNetFolder", "imagenet_eval_transform", "imagenet_train_transform"]
@@ -49,12 +59,16 @@ class ImageNetFolder(ImageFolder):
         label_offset: added to every label; 1 for the reference's 1001-class
             convention (index 0 = background).
         image_size: output side of the default transforms.
+        strict: raise on an unreadable image instead of skipping it.
+        max_pixels: images above this many pixels are unreadable.
 
-    Items are ``(image [3, S, S] in [-1, 1], label)`` with the default transforms.
+    Items are ``(image [3, S, S] in [-1, 1], label)`` with the default transforms, or
+    ``None`` for an unreadable image (skipped with a warning naming it).
 
     Raises:
         ValueError: bad split, label_offset or image_size.
         FileNotFoundError: ``root/<split>`` is missing.
+        UnreadableImage: (when an item is read, ``strict=True``) the image and why.
     """
 
     def __init__(
@@ -65,6 +79,8 @@ class ImageNetFolder(ImageFolder):
         transform: Callable | None = None,
         label_offset: int = 0,
         image_size: int = 224,
+        strict: bool = False,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         if split not in ("train", "val"):
             raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -78,9 +94,26 @@ class ImageNetFolder(ImageFolder):
         if transform is None:
             make = imagenet_train_transform if split == "train" else imagenet_eval_transform
             transform = make(image_size)
-        super().__init__(str(folder), transform=transform)
-        self.split, self.label_offset = split, label_offset
+        if not isinstance(max_pixels, int) or max_pixels < 1:
+            raise ValueError(f"max_pixels must be a positive int, got {max_pixels!r}")
+        super().__init__(str(folder), transform=transform,
+                         loader=functools.partial(_rgb_image, max_pixels=max_pixels))
+        self.split, self.label_offset, self.strict = split, label_offset, strict
 
     def __getitem__(self, index: int):
-        image, label = super().__getitem__(index)
+        path, label = self.samples[index]
+        try:
+            image = self.loader(path)
+        except UnreadableImage as e:
+            if self.strict:
+                raise
+            warnings.warn(f"skipped {e}", stacklevel=2)
+            return None
+        if self.transform is not None:
+            image = self.transform(image)
         return image, label + self.label_offset
+
+
+def _rgb_image(path: str, *, max_pixels: int):
+    image = open_image(path, max_pixels=max_pixels)
+    return image if image.mode == "RGB" else image.convert("RGB")

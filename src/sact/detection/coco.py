@@ -6,7 +6,8 @@ torchvision-detection targets. The annotation file is checked when loaded:
 * missing top-level keys (``images``, ``annotations``, ``categories``) or missing fields
   (image ``id/file_name/width/height``; annotation ``id/image_id/category_id/bbox``;
   category ``id``), annotations of unknown images or **unknown category ids**, duplicate
-  ids and non-numeric boxes raise :class:`CocoFormatError` naming the file and the field;
+  ids, non-numeric boxes and a ``file_name`` that could point **outside the image
+  folder** (absolute, a drive, ``..``) raise :class:`CocoFormatError` naming the file and the field;
 * boxes reaching **outside the image are clipped** to it (one warning per file with the
   count); boxes empty after clipping (or with ``w, h <= 0``) are dropped with a warning;
 * ``area`` defaults to ``w * h`` and ``iscrowd`` to 0;
@@ -30,6 +31,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..errors import InputError
+
 __all__ = ["CocoFormatError", "CocoDetection", "load_coco_json", "coco_evaluate", "to_coco_results", "AP_NAMES",
            "collate"]
 
@@ -37,7 +40,7 @@ __all__ = ["CocoFormatError", "CocoDetection", "load_coco_json", "coco_evaluate"
 AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
-class CocoFormatError(ValueError):
+class CocoFormatError(InputError):
     """The annotation file is not valid COCO detection json (the message names file and field)."""
 
 
@@ -47,6 +50,18 @@ def _require(obj: Any, keys: Sequence[str], where: str, path: Path) -> None:
     missing = [k for k in keys if k not in obj]
     if missing:
         raise CocoFormatError(f"{path}: {where} lacks {', '.join(repr(k) for k in missing)}")
+
+
+def _file_name_problem(name: Any) -> str | None:
+    """Why ``file_name`` could reach outside the image folder (None if it cannot)."""
+    from pathlib import PurePosixPath, PureWindowsPath
+
+    if not isinstance(name, str) or not name or "\x00" in name:
+        return "must be a non-empty string"
+    for pure in (PurePosixPath(name), PureWindowsPath(name)):
+        if pure.is_absolute() or pure.anchor or ".." in pure.parts:
+            return "must be a path inside the image folder (no absolute path, drive or '..')"
+    return None
 
 
 def load_coco_json(path: str | Path) -> dict:
@@ -78,6 +93,9 @@ def load_coco_json(path: str | Path) -> dict:
         _require(im, ("id", "file_name", "width", "height"), f"images[{i}]", path)
         if im["id"] in images:
             raise CocoFormatError(f"{path}: images[{i}] repeats image id {im['id']!r}")
+        problem = _file_name_problem(im["file_name"])
+        if problem:
+            raise CocoFormatError(f"{path}: images[{i}] file_name {im['file_name']!r} {problem}")
         if not (isinstance(im["width"], int) and isinstance(im["height"], int) and im["width"] > 0 and im["height"] > 0):
             raise CocoFormatError(f"{path}: images[{i}] width/height must be positive ints, got "
                                   f"{im['width']!r}, {im['height']!r}")
@@ -168,18 +186,16 @@ class CocoDetection(Dataset):
         return len(self.ids)
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
-        from PIL import Image
-
         from ..data import to_float_image
+        from ..data.images import UnreadableImage, open_image
 
         image_id = self.ids[index]
         info = self.coco.imgs[image_id]
         path = self.image_dir / info["file_name"]
         try:
-            with Image.open(path) as im:
-                image = to_float_image(im, self.in_chans)  # [C, H, W] in [0, 1]
-        except OSError as e:
-            raise CocoFormatError(f"{self.ann_file}: cannot read image {path} (image id {image_id}): {e}") from e
+            image = to_float_image(open_image(path), self.in_chans)  # [C, H, W] in [0, 1]; pixel cap checked first
+        except UnreadableImage as e:
+            raise CocoFormatError(f"{self.ann_file}: image id {image_id}: {e}") from e
         if tuple(image.shape[-2:]) != (info["height"], info["width"]):
             raise CocoFormatError(f"{self.ann_file}: image id {image_id} is {tuple(image.shape[-2:])} (h, w) on disk "
                                   f"but {(info['height'], info['width'])} in the json")

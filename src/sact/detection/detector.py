@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torchvision.models.detection import FasterRCNN
 
-from ..checkpoint import CheckpointError, atomic_write_bytes
+from ..checkpoint import CheckpointError, atomic_write_bytes, non_finite_tensors, validate_model_spec
 from ..models.base import AdaptiveResNet
 from ..stage import StageOutput
 from .backbone import SACTBackbone
@@ -271,6 +271,29 @@ def save_detector(detector: SACTFasterRCNN, path: str | Path, *, meta: dict[str,
     return weights
 
 
+def _check_detector_doc(doc: dict, weights: Path) -> None:
+    """The backbone spec (:func:`sact.checkpoint.validate_model_spec`) and the detector's
+    arguments (plain values, numbers within 100000, lists of at most 64) of a header."""
+    backbone, options = doc.get("backbone"), doc.get("detector")
+    if not (isinstance(backbone, dict) and isinstance(backbone.get("kwargs"), dict) and isinstance(options, dict)):
+        raise CheckpointError(f"{weights}: the header lacks the backbone or detector arguments")
+    try:
+        validate_model_spec(backbone.get("name"), backbone["kwargs"])
+    except ValueError as e:
+        raise CheckpointError(f"{weights}: {e}") from e
+
+    def plain(v) -> bool:
+        if isinstance(v, list):
+            return len(v) <= 64 and all(plain(x) for x in v)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            return abs(v) <= 100_000
+        return v is None or isinstance(v, (bool, str))
+
+    bad = [f"{k}={v!r}" for k, v in options.items() if not (isinstance(k, str) and plain(v))]
+    if bad:
+        raise CheckpointError(f"{weights}: detector arguments out of bounds: {', '.join(bad[:5])}")
+
+
 def load_detector(path: str | Path, *, map_location: str | torch.device = "cpu") -> SACTFasterRCNN:
     """Rebuild a detector saved by :func:`save_detector` (eval mode).
 
@@ -296,13 +319,17 @@ def load_detector(path: str | Path, *, map_location: str | torch.device = "cpu")
         raise CheckpointError(f"cannot read {weights}: {e}") from e
     if not isinstance(doc, dict) or doc.get("format") != DETECTOR_FORMAT or doc.get("version") != _VERSION:
         raise CheckpointError(f"{weights} is not an sact detector checkpoint (version {_VERSION})")
+    _check_detector_doc(doc, weights)  # before anything is built (a forged header cannot ask for a giant)
+    bad = non_finite_tensors(state)
+    if bad:
+        raise CheckpointError(f"{weights} holds non-finite weights (NaN or inf) in {len(bad)} tensor(s), e.g. {bad[:3]}")
     kwargs = dict(doc["backbone"]["kwargs"])
     mode = kwargs.pop("mode", "sact")
-    model = create_model(doc["backbone"]["name"], mode=mode, **kwargs)
-    detector = build_detector(model, **doc["detector"])
     try:
+        model = create_model(doc["backbone"]["name"], mode=mode, **kwargs)
+        detector = build_detector(model, **doc["detector"])
         detector.load_state_dict(state)
-    except RuntimeError as e:
+    except (RuntimeError, ValueError, TypeError) as e:
         raise CheckpointError(f"{weights} does not fit the detector it describes: {e}") from e
     detector.checkpoint_meta = doc.get("meta", {})
     return detector.to(map_location).eval()

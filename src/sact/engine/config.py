@@ -3,21 +3,80 @@
 Precedence: dataclass defaults < YAML file < command-line flags. The resolved config
 is saved (``to_dict``) with every checkpoint, so a run can be reproduced from its
 weights file alone.
+
+Every value is checked for its type and range when a config is built; all problems are
+reported at once in one :class:`ConfigError` (exit 2 in the CLI), each with the field,
+the value and what is expected. YAML is read with ``1e-3`` as a float (YAML 1.2), and
+an ``int`` field never takes a float (``steps: 1e3`` is refused, write ``1000``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TrainConfig", "load_config", "parse_overrides"]
+from ..errors import InputError
+
+__all__ = ["TrainConfig", "ConfigError", "load_config", "parse_overrides", "yaml_load", "RESUME_MAY_CHANGE",
+           "DEFAULT_MAX_PIXELS"]
+
+#: Default cap on the pixels of one image read from an image folder (see ``sact.data.images``).
+DEFAULT_MAX_PIXELS = 40_000_000
+
+#: Fields that may differ between a run and its ``--resume``: they change how long the
+#: run goes on (the schedule is recomputed for the new length), where and how fast it
+#: runs, what it logs, and evaluation only. Every other field must match the saved run.
+RESUME_MAY_CHANGE = frozenset({
+    "steps", "epochs", "eval_every", "checkpoint_every", "log_every", "image_every", "tensorboard", "progress",
+    "device", "threads", "workers", "eval_batch_size", "eval_samples", "resume", "overwrite", "download",
+    "strict_data", "max_pixels", "out_dir",
+})  # fmt: skip
+
+
+class ConfigError(InputError):
+    """Config values of the wrong type or out of range (the message lists every one)."""
 
 _DATASETS = ("cluttered", "cifar10", "imagenet")
 _SCHEDULES = ("piecewise", "staircase", "cosine", "constant")
 _AMP = ("auto", "none", "bf16", "fp16")
 _MODES = ("vanilla", "act", "sact")
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_MISSING = object()
+
+
+def _check_type(value: Any, hint: Any) -> tuple[bool, Any, str]:
+    """``(ok, value converted, expected type in words)`` for one config field."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args:
+        if value is None:
+            return True, None, ""
+        inner = next(a for a in args if a is not type(None))
+        ok, converted, want = _check_type(value, inner)
+        return ok, converted, f"{want} or null"
+    if hint is bool:
+        return isinstance(value, bool), value, "true or false"
+    if hint is int:
+        return type(value) is int, value, "an int"
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return ok, float(value) if ok else value, "a finite number"
+    if hint is str:
+        return isinstance(value, str), value, "a string"
+    if origin is list:
+        want = "a list of numbers"
+        if not isinstance(value, (list, tuple)):
+            return False, value, want
+        items = [_check_type(v, args[0]) for v in value]
+        return all(ok for ok, _, _ in items), [c for _, c, _ in items], want
+    if origin is dict:
+        ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
+        return ok, dict(value) if ok else value, "a mapping of names to values"
+    return True, value, ""
 
 
 @dataclass
@@ -65,8 +124,11 @@ class TrainConfig:
         warmup_steps: linear warm-up from 0 (not in the reference; 0 disables).
         init: warm start: a torchvision ResNet ``.pth`` or an sact checkpoint; halting
             branches stay fresh when the file has none or a different mode.
-        out_dir: run folder (checkpoints, training state, logs, metrics).
-        resume: continue from ``out_dir/train_state.pt`` if it exists.
+        out_dir: run folder (checkpoints, training state, logs, metrics). A folder
+            holding a previous run is refused unless ``resume`` or ``overwrite``.
+        resume: continue the run in ``out_dir`` (``train_state.safetensors`` must exist;
+            every field outside :data:`RESUME_MAY_CHANGE` must match the saved run).
+        overwrite: replace a previous run in ``out_dir`` (its files are removed first).
         checkpoint_every: also save every N steps (0: only at epoch ends and the end).
         eval_every: evaluate every N steps (0: only at the end).
         log_every: TensorBoard scalar period in steps.
@@ -78,6 +140,10 @@ class TrainConfig:
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
         threads: torch intra-op threads (0: torch's default).
         seed: seed of weights, data order and augmentation.
+        strict_data: stop at the first unreadable image of a folder dataset (default:
+            skip it with a warning naming it).
+        max_pixels: images of a folder dataset above this many pixels are unreadable
+            (a guard against decompression bombs).
     """
 
     model: str = "resnet32_cifar"
@@ -112,6 +178,7 @@ class TrainConfig:
     init: str | None = None
     out_dir: str = "runs/sact"
     resume: bool = False
+    overwrite: bool = False
     checkpoint_every: int = 0
     eval_every: int = 0
     log_every: int = 50
@@ -122,50 +189,95 @@ class TrainConfig:
     device: str = "auto"
     threads: int = 0
     seed: int = 0
+    strict_data: bool = False
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> TrainConfig:
-        """Checks every field; returns ``self``.
+        """Checks every field's type, then its value; returns ``self``.
+
+        ``int`` values given for ``float`` fields are converted. The model name and
+        ``model_kwargs`` are checked against the registry (:func:`sact.checkpoint.validate_model_spec`).
 
         Raises:
-            ValueError: naming the field and the value passed.
+            ConfigError: listing every bad field with its value and what is expected.
         """
-        checks = {
-            "mode": self.mode in _MODES,
-            "tau": self.tau >= 0,
-            "dataset": self.dataset in _DATASETS,
-            "train_samples": self.train_samples >= 1,
-            "eval_samples": self.eval_samples >= 1,
-            "batch_size": self.batch_size >= 1,
-            "eval_batch_size": self.eval_batch_size >= 1,
-            "workers": self.workers >= 0,
-            "steps": self.steps >= 0,
-            "epochs": self.epochs >= 0 and (self.steps > 0 or self.epochs > 0),
-            "lr": self.lr > 0,
-            "momentum": 0 <= self.momentum < 1,
-            "weight_decay": self.weight_decay >= 0,
-            "halting_lr_mult": self.halting_lr_mult > 0,
-            "label_smoothing": 0 <= self.label_smoothing < 1,
-            "schedule": self.schedule in _SCHEDULES,
-            "boundaries": all(0 < b < 1 for b in self.boundaries) and list(self.boundaries) == sorted(self.boundaries),
-            "decay_rate": 0 < self.decay_rate <= 1,
-            "decay_epochs": self.decay_epochs > 0,
-            "warmup_steps": self.warmup_steps >= 0,
-            "amp": self.amp in _AMP,
-            "threads": self.threads >= 0,
-            "log_every": self.log_every >= 1,
-            "image_every": self.image_every >= 0,
-            "checkpoint_every": self.checkpoint_every >= 0,
-            "eval_every": self.eval_every >= 0,
-            "model_kwargs": isinstance(self.model_kwargs, dict),
-            "clutter": isinstance(self.clutter, dict),
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"invalid config value {name}={getattr(self, name)!r}")
+        bad_types = self._type_problems()
+        problems = list(bad_types.values()) + self._value_problems(skip=set(bad_types))
+        if problems:
+            raise ConfigError(f"invalid config: {'; '.join(problems)}")
         return self
+
+    def _type_problems(self) -> dict[str, str]:
+        hints = typing.get_type_hints(type(self))
+        problems = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            ok, converted, want = _check_type(value, hints[f.name])
+            if ok:
+                object.__setattr__(self, f.name, converted)
+            else:
+                problems[f.name] = f"{f.name}={value!r} (expected {want})"
+        return problems
+
+    def _value_problems(self, skip: set[str]) -> list[str]:
+        """Range checks of the fields whose type is right (``skip``: the others)."""
+        checks = {
+            "mode": (lambda: self.mode in _MODES, f"one of {', '.join(_MODES)}"),
+            "tau": (lambda: self.tau >= 0, ">= 0"),
+            "dataset": (lambda: self.dataset in _DATASETS, f"one of {', '.join(_DATASETS)}"),
+            "train_samples": (lambda: self.train_samples >= 1, ">= 1"),
+            "eval_samples": (lambda: self.eval_samples >= 1, ">= 1"),
+            "batch_size": (lambda: self.batch_size >= 1, ">= 1"),
+            "eval_batch_size": (lambda: self.eval_batch_size >= 1, ">= 1"),
+            "workers": (lambda: self.workers >= 0, ">= 0"),
+            "steps": (lambda: self.steps >= 0, ">= 0"),
+            "epochs": (lambda: self.epochs >= 0 and (self.steps > 0 or self.epochs > 0), ">= 0, and > 0 when steps is 0"),
+            "lr": (lambda: self.lr > 0, "> 0"),
+            "momentum": (lambda: 0 <= self.momentum < 1, "in [0, 1)"),
+            "weight_decay": (lambda: self.weight_decay >= 0, ">= 0"),
+            "halting_lr_mult": (lambda: self.halting_lr_mult > 0, "> 0"),
+            "label_smoothing": (lambda: 0 <= self.label_smoothing < 1, "in [0, 1)"),
+            "schedule": (lambda: self.schedule in _SCHEDULES, f"one of {', '.join(_SCHEDULES)}"),
+            "boundaries": (lambda: all(0 < b < 1 for b in self.boundaries) and list(self.boundaries) == sorted(self.boundaries),
+                           "increasing fractions in (0, 1)"),
+            "decay_rate": (lambda: 0 < self.decay_rate <= 1, "in (0, 1]"),
+            "decay_epochs": (lambda: self.decay_epochs > 0, "> 0"),
+            "warmup_steps": (lambda: self.warmup_steps >= 0, ">= 0"),
+            "image_size": (lambda: self.image_size >= 1, ">= 1"),
+            "label_offset": (lambda: self.label_offset >= 0, ">= 0"),
+            "amp": (lambda: self.amp in _AMP, f"one of {', '.join(_AMP)}"),
+            "device": (lambda: _DEVICE_RE.match(self.device) is not None, "auto, cpu, cuda, cuda:N or mps"),
+            "threads": (lambda: self.threads >= 0, ">= 0"),
+            "log_every": (lambda: self.log_every >= 1, ">= 1"),
+            "image_every": (lambda: self.image_every >= 0, ">= 0"),
+            "checkpoint_every": (lambda: self.checkpoint_every >= 0, ">= 0"),
+            "eval_every": (lambda: self.eval_every >= 0, ">= 0"),
+            "max_pixels": (lambda: self.max_pixels >= 1, ">= 1"),
+            "out_dir": (lambda: bool(self.out_dir), "a folder name"),
+        }
+        needs = {"epochs": {"steps"}}  # checks that read another field
+        problems = [f"{name}={getattr(self, name)!r} (must be {want})" for name, (ok, want) in checks.items()
+                    if name not in skip and not (needs.get(name, set()) & skip) and not ok()]
+        if self.resume is True and self.overwrite is True:
+            problems.append("resume=True and overwrite=True (choose one: continue the run, or replace it)")
+        from ..checkpoint import validate_model_spec
+
+        try:
+            if not {"model", "model_kwargs"} & skip:
+                validate_model_spec(self.model, self.model_kwargs)
+        except ValueError as e:
+            problems.append(f"model={self.model!r}, model_kwargs={self.model_kwargs!r}: {e}")
+        return problems
+
+    def differences(self, saved: dict[str, Any]) -> list[str]:
+        """Fields outside :data:`RESUME_MAY_CHANGE` whose value differs from ``saved``
+        (a run's :meth:`to_dict`), as ``"name: saved -> now"``."""
+        now = self.to_dict()
+        return [f"{k}: {saved.get(k, '<missing>')!r} -> {now[k]!r}" for k in now
+                if k not in RESUME_MAY_CHANGE and saved.get(k, _MISSING) != now[k]]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON/YAML friendly)."""
@@ -176,33 +288,65 @@ class TrainConfig:
         """Builds a config from a (partial) dict.
 
         Raises:
-            ValueError: unknown keys (listed) or invalid values.
+            ConfigError: not a mapping, unknown keys (listed) or invalid values.
         """
-        return cls().replace(**d)
+        if not isinstance(d, dict):
+            raise ConfigError(f"a config must be a mapping of config keys, got {type(d).__name__}")
+        return cls()._replaced(d)
 
     def replace(self, **changes: Any) -> TrainConfig:
-        """A copy with ``changes`` applied (unknown keys raise ``ValueError``)."""
+        """A copy with ``changes`` applied.
+
+        Raises:
+            ConfigError: unknown keys (listed) or invalid values.
+        """
+        return self._replaced(changes)
+
+    def _replaced(self, changes: dict[Any, Any]) -> TrainConfig:
         known = {f.name for f in fields(self)}
-        unknown = sorted(set(changes) - known)
+        unknown = sorted(str(k) for k in changes if k not in known)
         if unknown:
-            raise ValueError(f"unknown config keys {unknown}; known: {sorted(known)}")
+            raise ConfigError(f"unknown config keys {unknown}; known: {sorted(known)}")
         return dataclasses.replace(self, **changes)
+
+
+def yaml_load(text: str) -> Any:
+    """``yaml.safe_load`` that also reads ``1e-3`` / ``5e4`` as floats (YAML 1.2 numbers).
+
+    Raises:
+        ConfigError: text that is not valid YAML.
+    """
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML_FLOAT, list("-+0123456789."))
+    try:
+        return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"not valid YAML: {' '.join(str(e).split())}") from e
+
+
+_YAML_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X)
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
     """``["lr=0.05", "model_kwargs={base_channels: 8}"]`` -> dict (values parsed as YAML).
 
     Raises:
-        ValueError: an item without ``=``.
+        ConfigError: an item without ``=`` or with a value that is not YAML.
     """
-    import yaml
-
     out = {}
     for item in items:
         if "=" not in item:
-            raise ValueError(f"override must look like key=value, got {item!r}")
+            raise ConfigError(f"override must look like key=value, got {item!r}")
         key, value = item.split("=", 1)
-        out[key.strip().replace("-", "_")] = yaml.safe_load(value)
+        out[key.strip().replace("-", "_")] = yaml_load(value)
     return out
 
 
@@ -210,19 +354,22 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
     """Defaults, then the YAML file ``path``, then ``overrides`` (flags).
 
     Raises:
-        ValueError: the YAML is not a mapping, or has unknown keys / invalid values.
-        FileNotFoundError: ``path`` does not exist.
+        ConfigError: the file is missing or not YAML, not a mapping, or has unknown
+            keys / invalid values (all listed).
     """
-    import yaml
-
     values: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"config file {path} not found")
-        loaded = yaml.safe_load(path.read_text()) or {}
+            raise ConfigError(f"config file {path} not found")
+        try:
+            loaded = yaml_load(path.read_text()) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file {path} is not text: {e}") from e
+        except ConfigError as e:
+            raise ConfigError(f"config file {path}: {e}") from e
         if not isinstance(loaded, dict):
-            raise ValueError(f"config file {path} must hold a mapping of config keys, got {type(loaded).__name__}")
+            raise ConfigError(f"config file {path} must hold a mapping of config keys, got {type(loaded).__name__}")
         values.update(loaded)
     values.update(overrides or {})
     return TrainConfig.from_dict(values)

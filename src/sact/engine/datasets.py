@@ -2,7 +2,8 @@
 
 All datasets are turned into ``(images [B, C, H, W], labels [B])`` batches by
 :func:`collate`, whatever their items look like (Cluttered Fashion-MNIST dicts,
-``(image, label)`` tuples). The training order comes from a ``DistributedSampler``
+``(image, label)`` tuples); ``None`` items (unreadable images a folder dataset skipped,
+with a warning naming each) are left out and counted in :attr:`Batch.skipped`. The training order comes from a ``DistributedSampler``
 (also with one process) seeded with ``config.seed`` and the epoch, so an epoch's
 order is reproducible and a resumed run can skip exactly the batches already seen.
 """
@@ -16,7 +17,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
 
-__all__ = ["DataSpec", "build_datasets", "spec_from_sets", "default_preprocess", "collate", "SkipSampler", "train_loader", "eval_loader", "steps_per_epoch"]
+from ..errors import InputError
+
+__all__ = ["Batch", "DataSpec", "build_datasets", "spec_from_sets", "default_preprocess", "collate", "SkipSampler", "train_loader", "eval_loader", "steps_per_epoch"]
 
 
 @dataclass
@@ -50,14 +53,16 @@ def build_datasets(config, *, train: bool = True) -> DataSpec:
         return DataSpec(tr, ev, list(D.FASHION_MNIST_CLASSES), 1, D.cluttered_preprocess().to_dict())
     if config.dataset == "cifar10":
         if config.data_dir is None:
-            raise ValueError("dataset='cifar10' needs data_dir (the folder holding cifar-10-batches-py)")
+            raise InputError("dataset cifar10 needs a data folder (--data-dir: the folder holding cifar-10-batches-py)")
         tr = D.CIFAR10(config.data_dir, train=True, transform=D.cifar_train_transform()) if train else None
         ev = D.CIFAR10(config.data_dir, train=False, transform=D.cifar_eval_transform())
         return DataSpec(tr, ev, list(ev.classes), 3, D.cifar_preprocess().to_dict())
     if config.data_dir is None:
-        raise ValueError("dataset='imagenet' needs data_dir (the folder holding train/ and val/)")
-    tr = D.ImageNetFolder(config.data_dir, split="train", image_size=config.image_size, label_offset=config.label_offset) if train else None
-    ev = D.ImageNetFolder(config.data_dir, split="val", image_size=config.image_size, label_offset=config.label_offset)
+        raise InputError("dataset imagenet needs a data folder (--data-dir: the folder holding train/ and val/)")
+    opts = dict(image_size=config.image_size, label_offset=config.label_offset, strict=config.strict_data,
+                max_pixels=config.max_pixels)
+    tr = D.ImageNetFolder(config.data_dir, split="train", **opts) if train else None
+    ev = D.ImageNetFolder(config.data_dir, split="val", **opts)
     return DataSpec(tr, ev, list(ev.classes), 3, D.imagenet_preprocess(config.image_size).to_dict())
 
 
@@ -91,15 +96,35 @@ def spec_from_sets(train: Dataset, eval: Dataset, config) -> DataSpec:
     return DataSpec(train, eval, list(classes), int(first.shape[1]), pre)
 
 
-def collate(items: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Items (dicts with ``image``/``label`` or ``(image, label)`` pairs) -> ``(images, labels)``."""
-    if isinstance(items[0], dict):
-        images = [it["image"] for it in items]
-        labels = [int(it["label"]) for it in items]
+class Batch(tuple):
+    """``(images [B, C, H, W], labels [B])`` with :attr:`skipped`: items left out
+    because they were unreadable (``None``). ``B`` may be 0 when all were."""
+
+    skipped: int
+
+    def __new__(cls, images: torch.Tensor, labels: torch.Tensor, skipped: int = 0) -> Batch:
+        self = super().__new__(cls, (images, labels))
+        self.skipped = skipped
+        return self
+
+    def __reduce__(self):  # DataLoader workers pickle batches to the main process
+        return (Batch, (self[0], self[1], self.skipped))
+
+
+def collate(items: Sequence[Any]) -> Batch:
+    """Items (dicts with ``image``/``label`` or ``(image, label)`` pairs, or ``None`` for an
+    unreadable image) -> ``Batch(images, labels, skipped)``."""
+    kept = [it for it in items if it is not None]
+    skipped = len(items) - len(kept)
+    if not kept:
+        return Batch(torch.empty(0), torch.empty(0, dtype=torch.int64), skipped)
+    if isinstance(kept[0], dict):
+        images = [it["image"] for it in kept]
+        labels = [int(it["label"]) for it in kept]
     else:
-        images = [it[0] for it in items]
-        labels = [int(it[1]) for it in items]
-    return torch.stack(images), torch.tensor(labels, dtype=torch.int64)
+        images = [it[0] for it in kept]
+        labels = [int(it[1]) for it in kept]
+    return Batch(torch.stack(images), torch.tensor(labels, dtype=torch.int64), skipped)
 
 
 class SkipSampler(Sampler[int]):

@@ -11,14 +11,16 @@ gradient steps. The report folder gets:
 * ``table.png``, ``accuracy_vs_flops.png``, ``ponder_maps.png``;
 * ``vanilla/``, ``act/``, ``sact/`` -- checkpoints (``model.safetensors`` + ``model.json``),
   ``metrics.json`` and ``config.yaml`` of each model.
+
+The demo writes only these files (:func:`demo_files`). A folder that already holds any
+of them is refused unless ``overwrite``; then exactly those files are replaced and
+nothing else in the folder is touched.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import platform
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +29,23 @@ import numpy as np
 import torch
 
 from ..checkpoint import atomic_write_bytes
+from ..errors import OutputExistsError
+from ..fileio import OutputLock, check_output_folder, dumps_json, remove_stale_temp_files
 from .config import TrainConfig
 
-__all__ = ["DemoSettings", "PRESETS", "run_demo", "ponder_box_stats"]
+__all__ = ["DemoSettings", "PRESETS", "run_demo", "ponder_box_stats", "demo_files"]
 
 MODES = ("vanilla", "act", "sact")
+REPORT_FILES = ("report.md", "results.json", "table.png", "accuracy_vs_flops.png", "ponder_maps.png")
+_INIT = ("vanilla_init/model.safetensors", "vanilla_init/model.json")
+
+
+def demo_files(out: Path) -> list[Path]:
+    """Every file the demo writes into ``out`` (the report, each model's run files, the branch-point snapshot)."""
+    from .train import RUN_FILES
+
+    return ([out / name for name in REPORT_FILES] + [out / mode / name for mode in MODES for name in RUN_FILES]
+            + [out / name for name in _INIT])
 
 
 @dataclass(frozen=True)
@@ -166,7 +180,8 @@ def _maps(model, images: torch.Tensor, batch: int = 200) -> tuple[torch.Tensor, 
     return torch.cat(ponders), torch.cat(units)
 
 
-def _train_config(s: DemoSettings, mode: str, out: Path, *, steps: int, init: str | None, progress: bool) -> TrainConfig:
+def _train_config(s: DemoSettings, mode: str, out: Path, *, steps: int, init: str | None, progress: bool,
+                  overwrite: bool = False) -> TrainConfig:
     tau = {"vanilla": 0.0, "act": s.tau_act, "sact": s.tau_sact}[mode]
     return TrainConfig(
         model=s.model, mode=mode, model_kwargs={"base_channels": s.base_channels}, tau=tau, dataset="cluttered",
@@ -174,17 +189,20 @@ def _train_config(s: DemoSettings, mode: str, out: Path, *, steps: int, init: st
         clutter={"canvas_size": s.canvas_size}, batch_size=s.batch_size, eval_batch_size=200, steps=steps,
         lr=s.lr, schedule="piecewise", init=init, out_dir=str(out / mode), tensorboard=False, progress=progress,
         amp="none", device="cpu", threads=s.threads, seed=s.seed, log_every=10**9, image_every=0,
-        halting_lr_mult=s.halting_lr_mult if mode != "vanilla" else 1.0,
+        halting_lr_mult=s.halting_lr_mult if mode != "vanilla" else 1.0, overwrite=overwrite,
     )
 
 
 def run_demo(settings: DemoSettings, out_dir: str | Path, *, data_dir: str | None = None, download: bool = False,
-             progress: bool = True, command: str = "sact demo") -> dict:
+             progress: bool = True, command: str = "sact demo", overwrite: bool = False) -> dict:
     """Trains the three models, evaluates them and writes the report folder.
 
     Args:
         settings: what to train (see :data:`PRESETS`).
-        out_dir: report folder (created; earlier model folders in it are replaced).
+        out_dir: report folder (created). One holding files of an earlier demo is
+            refused unless ``overwrite``.
+        overwrite: replace the files of an earlier demo in ``out_dir`` (only those,
+            :func:`demo_files`; other files in the folder are left alone).
         data_dir: Fashion-MNIST folder (default: search, see :func:`sact.data.find_fashion_mnist`).
         download: allow torchvision to download Fashion-MNIST.
         progress: tqdm bars.
@@ -192,14 +210,42 @@ def run_demo(settings: DemoSettings, out_dir: str | Path, *, data_dir: str | Non
 
     Returns:
         The contents of ``results.json``.
+
+    Raises:
+        OutputExistsError: ``out_dir`` is a file, holds an earlier demo (without
+            ``overwrite``) or is being written by another ``sact demo``.
     """
+    out = Path(out_dir)
+    check_output_folder(out)
+    _check_previous_demo(out, overwrite)  # before the folder is created
+    with OutputLock(out, "demo"):
+        _check_previous_demo(out, overwrite)
+        for folder in {f.parent for f in demo_files(out)}:
+            remove_stale_temp_files(folder)  # of killed sact processes only
+        if overwrite:  # an old report must never describe new models
+            for name in REPORT_FILES:
+                (out / name).unlink(missing_ok=True)
+        return _run_demo(settings, out, data_dir=data_dir, download=download, progress=progress, command=command,
+                         overwrite=overwrite)
+
+
+def _check_previous_demo(out: Path, overwrite: bool) -> None:
+    found = [f for f in demo_files(out) if f.exists()]
+    if found and not overwrite:
+        names = ", ".join(str(f.relative_to(out)) for f in found[:4]) + (", ..." if len(found) > 4 else "")
+        raise OutputExistsError(
+            f"{out} holds an earlier demo run ({names}); pass --overwrite to replace the demo's files (nothing else "
+            "in the folder is touched), or choose another --out"
+        )
+
+
+def _run_demo(settings: DemoSettings, out: Path, *, data_dir, download, progress, command, overwrite) -> dict:
     from .. import data as D
     from ..checkpoint import load_checkpoint, save_checkpoint
+    from .state import STATE_FILE
     from .train import main as train_main
 
     start = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if settings.threads:
         torch.set_num_threads(settings.threads)
     D.find_fashion_mnist(data_dir, download=download)
@@ -218,18 +264,21 @@ def run_demo(settings: DemoSettings, out_dir: str | Path, *, data_dir: str | Non
             save_checkpoint(net, init_path, meta={"step": step})
 
     for mode in MODES:
-        shutil.rmtree(out / mode, ignore_errors=True)
         t = time.perf_counter()
         if mode == "vanilla":
-            cfg = _train_config(settings, mode, out, steps=pre + settings.finetune_steps, init=None, progress=progress)
+            cfg = _train_config(settings, mode, out, steps=pre + settings.finetune_steps, init=None, progress=progress,
+                                overwrite=overwrite)
             metrics[mode] = train_main(cfg, train_set=train, eval_set=test, step_callback=keep_init if pre else None)
         else:
             cfg = _train_config(settings, mode, out, steps=settings.finetune_steps,
-                                init=str(init_path) if pre else None, progress=progress)
+                                init=str(init_path) if pre else None, progress=progress, overwrite=overwrite)
             metrics[mode] = train_main(cfg, train_set=train, eval_set=test)
-        (out / mode / "train_state.pt").unlink(missing_ok=True)  # the report keeps weights only
+        (out / mode / STATE_FILE).unlink(missing_ok=True)  # written by this run; the report keeps weights only
         timings[mode] = time.perf_counter() - t
-    shutil.rmtree(out / "vanilla_init", ignore_errors=True)
+    for name in _INIT:  # the branch-point snapshot this run wrote
+        (out / name).unlink(missing_ok=True)
+    if (out / "vanilla_init").is_dir() and not any((out / "vanilla_init").iterdir()):
+        (out / "vanilla_init").rmdir()
 
     models = {mode: load_checkpoint(out / mode / "model") for mode in MODES}
     box = {}
@@ -258,5 +307,5 @@ def run_demo(settings: DemoSettings, out_dir: str | Path, *, data_dir: str | Non
 
     demo_report.write(out, results, models, test)
     results["total_time_s"] = time.perf_counter() - start
-    atomic_write_bytes(out / "results.json", json.dumps(results, indent=2).encode())
+    atomic_write_bytes(out / "results.json", dumps_json(results, indent=2).encode())
     return results

@@ -37,16 +37,27 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     """``"auto"`` -> ``cuda:<local_rank>`` when CUDA is available, else ``cpu``.
 
     Raises:
-        ValueError: a CUDA device is asked for but not available.
+        InputError: not a device name, or a CUDA device that is not available.
     """
+    from ..errors import InputError
+
     if name == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise InputError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from e
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device={name!r} but CUDA is not available")
+            raise InputError(f"device={name!r} but CUDA is not available")
         if device.index is None:
             device = torch.device(f"cuda:{local_rank}")
+        elif device.index >= torch.cuda.device_count():
+            raise InputError(f"device={name!r} but only {torch.cuda.device_count()} CUDA device(s) exist")
+    elif device.type not in ("cpu", "mps"):
+        raise InputError(f"device={name!r} is not supported; use auto, cpu, cuda or cuda:N")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"device={name!r} but MPS is not available")
     return device
 
 

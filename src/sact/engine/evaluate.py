@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from typing import Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import DataError
 from .amp import autocast
 from .distributed import DistInfo, all_reduce_sum
 
@@ -70,7 +72,7 @@ def evaluate(
         progress: show a tqdm bar (rank 0 only).
 
     Returns:
-        ``{"num_images", "top1", "top5" (only with more than 5 classes), "loss" (mean
+        ``{"num_images", "skipped_images" (unreadable, left out), "top1", "top5" (only with more than 5 classes), "loss" (mean
         cross entropy), "total_loss" (+ tau * ponder cost unless vanilla),
         "ponder_cost_mean", "ponder_cost_std", "flops_mean", "flops_std",
         "stages": [{"ponder_cost_mean", "ponder_cost_std", "num_units_mean",
@@ -83,9 +85,13 @@ def evaluate(
     model.eval()
     mode = getattr(getattr(model, "module", model), "mode", "sact")
     moments = _Moments()
-    count = 0
+    count = skipped = 0
     start = time.perf_counter()
-    for images, labels in tqdm(loader, desc="eval", leave=False, disable=not (progress and info.is_main)):
+    for batch in tqdm(loader, desc="eval", leave=False, disable=not (progress and info.is_main)):
+        images, labels = batch[0], batch[1]
+        skipped += getattr(batch, "skipped", 0)  # unreadable images (each named in a warning)
+        if images.shape[0] == 0:
+            continue
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
             out = model(images)
@@ -101,16 +107,19 @@ def evaluate(
             moments.add(f"stage{i}_ponder", s.ponder_cost.float())
             moments.add(f"stage{i}_units", s.num_units_mean.float())
         count += images.shape[0]
-    n = int(all_reduce_sum(torch.tensor([float(count)], dtype=torch.float64, device=device), info).item())
+    counts = all_reduce_sum(torch.tensor([float(count), float(skipped)], dtype=torch.float64, device=device), info)
+    n, skipped = int(counts[0].item()), int(counts[1].item())
+    if skipped and info.is_main:
+        warnings.warn(f"{skipped} unreadable image(s) were skipped in the evaluation (each named above)", stacklevel=2)
     if n == 0:
-        raise ValueError("evaluation set is empty")
+        raise DataError("evaluation set is empty" + (f" ({skipped} unreadable images skipped)" if skipped else ""))
     sums = moments.reduce(info, device)
     wall = time.perf_counter() - start
     model.train(was_training)
     ce, _ = _mean_std(sums["ce"], n)
     ponder, ponder_std = _mean_std(sums["ponder"], n)
     flops, flops_std = _mean_std(sums["flops"], n)
-    metrics = {"num_images": n, "top1": sums["top1"][0] / n}
+    metrics = {"num_images": n, "skipped_images": skipped, "top1": sums["top1"][0] / n}
     if "top5" in sums:
         metrics["top5"] = sums["top5"][0] / n
     metrics.update({

@@ -7,8 +7,18 @@ Run folder ``config.out_dir``:
 
 * ``model.safetensors`` + ``model.json`` -- the latest weights (:func:`sact.save_checkpoint`;
   meta: tau, step, metrics, preprocess, config, classes);
-* ``train_state.pt`` -- everything needed to continue exactly (:mod:`.state`);
-* ``config.yaml``, ``metrics.json`` (final evaluation), ``tb/`` (TensorBoard).
+* ``train_state.safetensors`` -- everything needed to continue exactly (:mod:`.state`);
+* ``config.yaml``, ``metrics.json`` (final evaluation, strict JSON), ``tb/`` (TensorBoard).
+
+A folder holding a previous run is never silently reused: :func:`main` refuses unless
+``config.resume`` (continue it: the training state must exist and every setting outside
+:data:`~sact.engine.config.RESUME_MAY_CHANGE` must match) or ``config.overwrite``
+(its files, :data:`RUN_FILES` and ``tb/events.out.tfevents.*``, are removed first). One
+process at a time writes a run folder (:class:`sact.fileio.OutputLock`).
+
+After every optimisation step the parameters and buffers are checked (on every rank):
+a NaN / inf stops the run before anything is saved, so the checkpoint on disk is always
+the last finite one.
 
 Resume is exact (bitwise on CPU) with ``workers=0`` at any step, and with worker
 processes at epoch boundaries: the data order is a pure function of (seed, epoch), the
@@ -22,6 +32,7 @@ import json
 import math
 import os
 import random
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -32,6 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import checkpoint as ckpt
+from ..errors import DataError, InputError, OutputExistsError, RunFailure
+from ..fileio import OutputLock, check_output_folder, dumps_json, remove_stale_temp_files
 from ..output import ModelOutput, ponder_loss
 from .amp import amp_dtype as _amp_dtype
 from .amp import autocast, grad_scaler
@@ -40,14 +53,19 @@ from .datasets import build_datasets, eval_loader, spec_from_sets, steps_per_epo
 from .distributed import DistInfo, all_reduce_sum, cleanup_distributed, resolve_device, setup_distributed
 from .evaluate import evaluate
 from .optim import build_optimizer, build_scheduler
-from .state import STATE_FILE, load_train_state, rng_state, save_train_state, set_rng_state
+from .state import (LEGACY_STATE_FILE, STATE_FILE, legacy_state_message, load_train_state, rng_state,
+                    save_train_state, set_rng_state)
 from .warm_start import warm_start
 
-__all__ = ["NonFiniteLossError", "compute_loss", "train_one_epoch", "main", "Run"]
+__all__ = ["NonFiniteLossError", "compute_loss", "train_one_epoch", "main", "Run", "RUN_FILES", "prepare_run_folder"]
+
+#: The files ``sact train`` writes into its run folder (besides ``tb/``).
+RUN_FILES = ("model.safetensors", "model.json", STATE_FILE, LEGACY_STATE_FILE, "config.yaml", "metrics.json")
 
 
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; training stopped before the bad update."""
+class NonFiniteLossError(RunFailure):
+    """The loss or the weights became NaN or infinite; training stopped and nothing of
+    the bad step was saved (exit 1)."""
 
 
 def compute_loss(out: ModelOutput, labels: torch.Tensor, *, tau: float, mode: str, label_smoothing: float = 0.0):
@@ -82,6 +100,7 @@ class Run:
     writer: object = None
     last_saved_step: int | None = None
     last_metrics: dict | None = None
+    skipped: int = 0  # unreadable training images left out
 
     @property
     def net(self) -> nn.Module:
@@ -124,24 +143,127 @@ def save(run: Run) -> None:
     run.last_saved_step = run.step
 
 
-def _restore(run: Run, state: dict) -> None:
-    saved = state["config"]
-    for key in ("model", "mode", "model_kwargs", "dataset", "batch_size", "seed"):
-        if saved.get(key) != getattr(run.config, key):
-            raise ckpt.CheckpointError(
-                f"cannot resume: {key}={getattr(run.config, key)!r} but the training state in {run.out_dir} has "
-                f"{saved.get(key)!r}"
-            )
+def check_resume_config(config: TrainConfig, saved: dict) -> None:
+    """Refuses a resume whose settings differ from the saved run's.
+
+    Raises:
+        InputError: listing every differing field (``name: saved -> now``).
+    """
+    diffs = config.differences(saved)
+    if diffs:
+        raise InputError(
+            f"cannot resume the run in {config.out_dir}: these settings differ from the saved run: {'; '.join(diffs)} "
+            "(only steps, epochs, logging, evaluation, device, threads and workers may change on --resume; "
+            "start a new run with another --out or --overwrite)"
+        )
+
+
+def _same_structure(fresh, loaded, where: str) -> None:
+    """Scheduler / scaler states: the same keys as this run's, of plain value types."""
+    if not isinstance(loaded, dict) or set(loaded) - set(fresh):
+        raise ckpt.CheckpointError(f"malformed {where} state in the training state: keys {sorted(map(str, loaded))}")
+    for k, v in loaded.items():
+        vals = v if isinstance(v, list) else [v]
+        if not all(x is None or isinstance(x, (bool, int, float, str)) for x in vals):
+            raise ckpt.CheckpointError(f"malformed {where} state in the training state: {k}={v!r}")
+
+
+def _restore(run: Run, state: dict, path: Path) -> None:
+    check_resume_config(run.config, state["config"])
     try:
         run.net.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise ckpt.CheckpointError(f"training state in {run.out_dir} does not fit the model: {e}") from e
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.scaler.load_state_dict(state["scaler"])
+        own = dict(enumerate(p for g in run.optimizer.param_groups for p in g["params"]))
+        opt = state["optimizer"]
+        for pid, entry in opt.get("state", {}).items():
+            for name, value in entry.items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and (
+                        pid not in own or value.shape != own[pid].shape):
+                    raise ValueError(f"optimizer state {pid}.{name} has shape {tuple(value.shape)}")
+        run.optimizer.load_state_dict(opt)
+        _same_structure(run.scheduler.state_dict(), state["scheduler"], "scheduler")
+        run.scheduler.load_state_dict(state["scheduler"])
+        _same_structure(run.scaler.state_dict() or state["scaler"], state["scaler"], "gradient scaler")
+        run.scaler.load_state_dict(state["scaler"])
+    except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise ckpt.CheckpointError(f"training state {path} does not fit this run: {' '.join(str(e).split())}") from e
     run.step = int(state["step"])
     run.last_saved_step = run.step
     set_rng_state(state["rng"])
+
+
+def _saved_config(path: Path) -> dict:
+    """The config stored in a training state, read from its header only."""
+    from .state import _decode
+
+    meta = ckpt.read_safetensors_header(path).get("__metadata__") or {}
+    try:
+        config = _decode(json.loads(meta["state"])["config"], {})
+    except (KeyError, TypeError, ValueError, RecursionError) as e:
+        raise ckpt.CheckpointError(f"{path} is not an sact training state: {e}") from e
+    if not isinstance(config, dict):
+        raise ckpt.CheckpointError(f"{path}: malformed config in the training state")
+    return config
+
+
+def _previous_run(out: Path) -> list[str]:
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    tb = out / "tb"
+    if tb.is_dir() and any(tb.glob("events.out.tfevents.*")):
+        found.append("tb/")
+    return found
+
+
+def prepare_run_folder(config: TrainConfig, *, clear: bool = True) -> None:
+    """Applies the run-folder rules before any work (rank 0 only; see the module docstring).
+
+    Args:
+        config: the run's config (``out_dir``, ``resume``, ``overwrite``).
+        clear: with ``overwrite``, remove the previous run's files (False: only check).
+
+    Raises:
+        OutputExistsError: ``out_dir`` is a file, or holds a previous run without
+            ``resume`` / ``overwrite``.
+        InputError: ``resume`` without a training state, or settings that differ from it.
+        CheckpointError: a legacy pickle state, or a malformed one.
+    """
+    out = Path(config.out_dir)
+    check_output_folder(out)
+    if clear:
+        remove_stale_temp_files(out)  # of killed sact processes only
+    state = out / STATE_FILE
+    if config.resume:
+        if not state.exists():
+            if (out / LEGACY_STATE_FILE).exists():
+                raise ckpt.CheckpointError(legacy_state_message(out / LEGACY_STATE_FILE))
+            raise InputError(f"--resume, but {out} holds no training state ({STATE_FILE}); nothing to continue "
+                             "(drop --resume to start a new run)")
+        check_resume_config(config, _saved_config(state))
+        return
+    previous = _previous_run(out)
+    if not previous:
+        return
+    if not config.overwrite:
+        raise OutputExistsError(
+            f"{out} holds a previous run ({', '.join(previous)}); pass --resume to continue it, --overwrite to "
+            "replace it, or choose another --out"
+        )
+    if not clear:
+        return
+    for name in RUN_FILES:
+        if (out / name).is_file():
+            (out / name).unlink()
+    for f in (out / "tb").glob("events.out.tfevents.*") if (out / "tb").is_dir() else ():
+        if f.is_file():
+            f.unlink()
+
+
+def _all_finite(module: nn.Module) -> torch.Tensor:
+    """0-dim bool tensor: every floating-point parameter and buffer of ``module`` is finite."""
+    ts = [t for t in (*module.parameters(), *module.buffers()) if t.is_floating_point()]
+    if not ts:
+        return torch.tensor(True)
+    peaks = torch._foreach_norm([t.detach() for t in ts], math.inf)  # max |x|: NaN / inf if any entry is
+    return torch.stack(peaks).isfinite().all()
 
 
 def _log_scalars(run: Run, prefix: str, values: dict) -> None:
@@ -174,13 +296,23 @@ def train_one_epoch(run: Run, loader, *, pbar=None, step_callback: Callable[[int
 
     Raises:
         NonFiniteLossError: the loss of a step is NaN/inf on any rank (checked before
-            the update, so the weights and the last checkpoint stay good).
+            the update), or the weights are after the update (checked on every rank
+            before anything is saved): the last checkpoint on disk stays the last
+            finite one.
     """
     cfg, model = run.config, run.model
     model.train()
-    for images, labels in loader:
+    for batch in loader:
         if run.step >= run.total_steps:
             break
+        images, labels = batch[0], batch[1]
+        run.skipped += getattr(batch, "skipped", 0)  # unreadable images, each named in a warning
+        if images.shape[0] == 0 or (getattr(batch, "skipped", 0) and images.shape[0] < 2):
+            # nothing (or, after skipping, one image: BatchNorm needs two) left to train on
+            if run.info.enabled:  # the other ranks would wait for this one's gradients
+                raise DataError(f"the unreadable images of a batch (named above) left fewer than 2 at step "
+                                f"{run.step + 1}")
+            continue
         images = images.to(run.device, non_blocking=True)
         labels = labels.to(run.device, non_blocking=True)
         with autocast(run.device, run.amp):
@@ -188,17 +320,21 @@ def train_one_epoch(run: Run, loader, *, pbar=None, step_callback: Callable[[int
         loss, ce = compute_loss(out, labels, tau=cfg.tau, mode=cfg.mode, label_smoothing=cfg.label_smoothing)
         bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=run.device)
         if all_reduce_sum(bad, run.info).item() > 0:
-            where = (f"the last good checkpoint is {run.out_dir / 'model.safetensors'} (step {run.last_saved_step})"
-                     if run.last_saved_step is not None else "no checkpoint was written yet")
             raise NonFiniteLossError(
                 f"non-finite loss ({loss.item()}) at step {run.step + 1} of {run.total_steps}; training stopped "
-                f"before the update; {where}. Lower the learning rate or check the data."
+                f"before the update; {_last_good(run)}. Lower the learning rate or check the data."
             )
         run.optimizer.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()
         run.scaler.step(run.optimizer)
         run.scaler.update()
         run.scheduler.step()
+        bad = (~_all_finite(run.net)).float().reshape(1).to(run.device)
+        if all_reduce_sum(bad, run.info).item() > 0:
+            raise NonFiniteLossError(
+                f"non-finite weights (NaN or inf) after step {run.step + 1} of {run.total_steps}; training stopped "
+                f"and nothing of this step was saved; {_last_good(run)}. Lower the learning rate or check the data."
+            )
         run.step += 1
         if step_callback is not None:
             step_callback(run.step, run.net)
@@ -223,6 +359,12 @@ def train_one_epoch(run: Run, loader, *, pbar=None, step_callback: Callable[[int
             model.train()
         if cfg.checkpoint_every and run.step % cfg.checkpoint_every == 0:
             save(run)
+
+
+def _last_good(run: Run) -> str:
+    if run.last_saved_step is None:
+        return "no checkpoint was written yet"
+    return f"the last good checkpoint is {run.out_dir / 'model.safetensors'} (step {run.last_saved_step})"
 
 
 def _build_model(config: TrainConfig, data) -> nn.Module:
@@ -253,12 +395,28 @@ def main(
 
     Raises:
         NonFiniteLossError: see :func:`train_one_epoch`.
-        sact.CheckpointError: unreadable or mismatched warm-start / resume files.
+        OutputExistsError, InputError: see :func:`prepare_run_folder`.
+        sact.CheckpointError: unreadable, forged or mismatched warm-start / resume files.
     """
-    from tqdm.auto import tqdm
-
     config = config.validate()
     device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
+    lock = None
+    if int(os.environ.get("RANK", "0")) == 0:  # the writer; other ranks follow (torchrun stops them if it fails)
+        prepare_run_folder(config, clear=False)  # refuse before anything is created
+        lock = OutputLock(config.out_dir, "train")
+        lock.acquire()  # before the folder is inspected: no other sact writes it meanwhile
+    try:
+        if lock is not None:
+            prepare_run_folder(config)
+        return _main(config, device, train_set=train_set, eval_set=eval_set, step_callback=step_callback)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _main(config: TrainConfig, device: torch.device, *, train_set, eval_set, step_callback) -> dict:
+    from tqdm.auto import tqdm
+
     info = setup_distributed(device)
     try:
         if config.threads:
@@ -273,7 +431,8 @@ def main(
             data.train = train_set if train_set is not None else data.train
             data.eval = eval_set if eval_set is not None else data.eval
         model = _build_model(config, data)
-        if config.init:
+        state_path = Path(config.out_dir) / STATE_FILE
+        if config.init and not config.resume:  # on resume every weight comes from the state
             warm_start(model, config.init)
         model.to(device)
         amp = _amp_dtype(config.amp, device)
@@ -284,9 +443,8 @@ def main(
         total = config.steps or config.epochs * spe
         run = Run(config, model, optimizer, build_scheduler(optimizer, total_steps=total, steps_per_epoch=spe, config=config),
                   grad_scaler(device, amp), device, amp, info, total, spe, data)
-        state_path = run.out_dir / STATE_FILE
-        if config.resume and state_path.exists():
-            _restore(run, load_train_state(state_path))
+        if config.resume:
+            _restore(run, load_train_state(state_path), state_path)
         if info.is_main:
             import yaml
 
@@ -305,10 +463,12 @@ def main(
             if run.step % spe == 0 or run.step >= total:
                 save(run)  # epoch end: always resumable, whatever checkpoint_every says
         pbar.close()
+        if run.skipped:
+            warnings.warn(f"{run.skipped} unreadable training image(s) were skipped (each named above)", stacklevel=2)
         metrics = run_eval(run)
         if info.is_main:
             save(run)
-            ckpt.atomic_write_bytes(run.out_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
+            ckpt.atomic_write_bytes(run.out_dir / "metrics.json", dumps_json(metrics, indent=2).encode())
             if run.writer is not None:
                 run.writer.close()
         return metrics

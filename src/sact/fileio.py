@@ -1,0 +1,230 @@
+"""Writing into the user's folders safely.
+
+* :func:`atomic_write_bytes`: a file is written to a temporary name in the same folder
+  and renamed into place, so a reader (or a crash) never sees half a file. The
+  temporary name is recognisable (``.NAME.sact-tmp.<host>.<pid>.<random>.tmp``).
+* :func:`remove_stale_temp_files`: at the start of a command writing into a folder,
+  temporary files left there by a killed sact process (same host, PID no longer
+  running) are removed -- and nothing else.
+* :class:`OutputLock`: one sact command at a time writes a multi-file output folder.
+* :func:`check_output_file` / :func:`check_output_folder`: an ``--out`` that clashes
+  with an existing file or folder is reported before any work.
+* :func:`dumps_json`: strict JSON (non-finite floats become ``null``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .errors import OutputExistsError
+
+__all__ = [
+    "atomic_write_bytes",
+    "remove_stale_temp_files",
+    "is_temp_file",
+    "OutputLock",
+    "check_output_file",
+    "check_output_folder",
+    "finite_or_none",
+    "dumps_json",
+]
+
+_HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:40] or "host"
+_TEMP_RE = re.compile(r"^\..+\.sact-tmp\.(?P<host>[A-Za-z0-9]+)\.(?P<pid>\d+)\.[a-z0-9_]+\.tmp$")
+_LOCK_RE = re.compile(r"^\.sact-[a-z0-9-]+\.lock$")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def is_temp_file(name: str) -> bool:
+    """True for the temporary names :func:`atomic_write_bytes` uses."""
+    return _TEMP_RE.match(name) is not None
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and ``os.replace``.
+
+    The temporary file ``.NAME.sact-tmp.<host>.<pid>.<random>.tmp`` sits next to
+    ``path``; it is removed on any error, and by :func:`remove_stale_temp_files` if the
+    process is killed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.sact-tmp.{_HOST}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Remove temporary files and locks of sact processes that no longer run.
+
+    Only names written by :func:`atomic_write_bytes` / :class:`OutputLock` on this host
+    whose process is gone are removed; every other file is left alone.
+
+    Returns:
+        The removed paths.
+    """
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        m = _TEMP_RE.match(entry.name)
+        if m is not None:
+            stale = m["host"] == _HOST and not _pid_alive(int(m["pid"]))
+        elif _LOCK_RE.match(entry.name):
+            owner = _read_lock(entry)
+            stale = owner is not None and owner[0] == _HOST and not _pid_alive(owner[1])
+        else:
+            continue
+        if stale and entry.is_file() and not entry.is_symlink():
+            entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def _read_lock(path: Path) -> tuple[str, int] | None:
+    try:
+        host, pid = path.read_text().split()[:2]
+        return host, int(pid)
+    except (OSError, ValueError):
+        return None
+
+
+class OutputLock:
+    """Held while one sact command writes a multi-file output folder.
+
+    ``folder/.sact-<command>.lock`` is created exclusively with this host and PID; a
+    second command finds it and refuses. A lock whose process is gone (same host) is
+    stale and taken over.
+
+    Args:
+        folder: the output folder (created).
+        command: the command's name (``train``, ``demo``, ``ponder-map``...).
+
+    Raises:
+        OutputExistsError: another live process holds the folder.
+    """
+
+    def __init__(self, folder: str | Path, command: str) -> None:
+        self.folder = Path(folder)
+        self.path = self.folder / f".sact-{command}.lock"
+        self.command = command
+        self._held = False
+
+    def __enter__(self) -> OutputLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def acquire(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = _read_lock(self.path)
+                if owner is not None and owner[0] == _HOST and not _pid_alive(owner[1]):
+                    self.path.unlink(missing_ok=True)  # stale: its process is gone
+                    continue
+                who = f"process {owner[1]} on {owner[0]}" if owner else "another process"
+                raise OutputExistsError(
+                    f"{self.folder} is being written by another `sact {self.command}` ({who}); wait for it to "
+                    f"finish or choose another output folder (remove {self.path} if no such process runs)"
+                ) from None
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{_HOST} {os.getpid()}\n")
+            self._held = True
+            return
+        raise OutputExistsError(f"cannot take the lock {self.path}")
+
+    def release(self) -> None:
+        if self._held:
+            self.path.unlink(missing_ok=True)
+            self._held = False
+
+
+def _first_existing(path: Path) -> Path:
+    p = path
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_output_folder(path: str | Path, what: str = "--out") -> Path:
+    """``path`` must be a folder or creatable as one (no file in the way).
+
+    Raises:
+        OutputExistsError: ``path`` or one of its parents is an existing file.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputExistsError(f"{what} {path} is an existing file, not a folder")
+    anchor = _first_existing(path)
+    if not anchor.is_dir():
+        raise OutputExistsError(f"{what} {path}: {anchor} is a file, so the folder cannot be created")
+    return path
+
+
+def check_output_file(path: str | Path, *, overwrite: bool = False, what: str = "--out") -> Path:
+    """``path`` may be written as a file: not a folder, no file in the way of its
+    folder, and not an existing file unless ``overwrite``.
+
+    Raises:
+        OutputExistsError: any of the above.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise OutputExistsError(f"{what} {path} is an existing folder; name a file")
+    check_output_folder(path.parent, what=f"{what} {path}: folder")
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"{what} {path} already exists; pass --overwrite to replace it, or choose another name")
+    return path
+
+
+def finite_or_none(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, inf) replaced by None, recursively."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_none(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_none(v) for v in obj]
+    if hasattr(obj, "item") and hasattr(obj, "dtype") and getattr(obj, "ndim", 1) == 0:  # numpy / torch scalar
+        return finite_or_none(obj.item())
+    return obj
+
+
+def dumps_json(obj: Any, **kwargs: Any) -> str:
+    """``json.dumps`` that always writes valid JSON: NaN / inf become ``null``."""
+    return json.dumps(finite_or_none(obj), allow_nan=False, **kwargs)
