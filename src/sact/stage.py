@@ -378,7 +378,7 @@ class AdaptiveStage(nn.Module):
             ))
         return self._rates_cache
 
-    def flops_from_counts(self, x: Tensor, active: Tensor, dilated: Tensor) -> Tensor:
+    def flops_from_counts(self, x: Tensor, active: Tensor, dilated: Tensor, hw: int | None = None) -> Tensor:
         """``[B]`` FLOPs of a SACT stage from its per-unit position counts.
 
         The same formulas as the units' and branches' ``flops`` (their ``masked_flop_rates`` /
@@ -389,9 +389,12 @@ class AdaptiveStage(nn.Module):
             active: ``[U, B]`` int64, positions unit ``n`` (and halting branch ``n``) ran at;
                 row 0 is every position of the stage's map.
             dilated: ``[U, B]`` int64, positions of the 3x3-dilated active set (row 0 unused).
+            hw: positions of the stage's map (default: read from ``active[0]``; pass it when
+                tracing, e.g. under ``torch.export``, where the value is data-dependent).
         """
         rd, ra, re, hr, hi = self._flop_rates()
-        hw = int(active[0, 0]) if active.shape[1] else 0
+        if hw is None:
+            hw = int(active[0, 0]) if active.shape[1] else 0
         coef_a = torch.tensor([a + h for a, h in zip(ra, hr)], dtype=active.dtype, device=active.device)
         coef_d = torch.tensor(rd, dtype=active.dtype, device=active.device)
         total = (coef_a[:, None] * active).sum(0) + (coef_d[:, None] * dilated).sum(0)
@@ -416,7 +419,7 @@ class AdaptiveStage(nn.Module):
             u, b, h, w = masks.shape
             active = masks.view(u, b, -1).sum(2)
             dilated = dilate_mask(masks.view(u * b, 1, h, w).to(torch.float32)).view(u, b, -1).sum(2).long()
-            return self.flops_from_counts(x, active, dilated)
+            return self.flops_from_counts(x, active, dilated, hw)
         rd, ra, re, hr, hi = self._flop_rates()
         # cum[k]: FLOPs of units 1..k and halting branches 0..k (an image that ran k + 1 units)
         cum, acc = [], 0
