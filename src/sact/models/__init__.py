@@ -108,6 +108,9 @@ def create_model(
         features_only: return the stages' feature maps instead of logits (timm): the
             model's ``forward`` returns a list of ``[B, C_s, H_s, W_s]``, described by
             ``model.feature_info``; ``forward_features`` still gives ponder maps and FLOPs.
+            A checkpoint of it holds the whole network: :func:`sact.load_checkpoint`
+            returns the classifier; ``create_model(name, features_only=True,
+            pretrained=path)`` the backbone again.
         out_indices: stages returned with ``features_only`` (default: all; negative ok).
         **kwargs: keyword arguments of the builder (``num_classes`` (0: no classifier),
             ``in_chans``, ``eps``, ``base_width`` / ``base_channels``, ...).
@@ -150,10 +153,7 @@ def create_model(
 
         load_pretrained(model, pretrained)
     if features_only:
-        model.set_features_only(out_indices)
-        model.sact_config["kwargs"].update(
-            features_only=True, **({} if out_indices is None else {"out_indices": list(model.out_indices)})
-        )
+        model.set_features_only(out_indices)  # not in sact_config: checkpoints hold the whole network
     return model
 
 

@@ -51,7 +51,9 @@ DEFAULT_DENSE_ABOVE = {
     "SparsePreActBottleneck": 0.6,
     "SparsePreActBottleneck@small": 0.85,
     "SparsePreActBasic": 0.25,
-    "SparseBasicBlock": 0.25,
+    # pure PyTorch: break-even 0.30-0.41 at 64x56x56 and 256x14x14, batch 1 and 8 (two runs of
+    # benchmarks.sparse_speed.break_even_rows, 1 thread, SACT_NATIVE=0)
+    "SparseBasicBlock": 0.3,
 }
 SMALL_MAP = 256
 #: The native kernels split a row set across threads (one chunk each, single-threaded
