@@ -67,9 +67,11 @@ def test_forward_head_of_forward_features_is_the_forward(name, mode):
 def test_fx_tracing_fails_with_a_pointer_to_features_only():
     from torchvision.models.feature_extraction import create_feature_extractor
 
-    model = tiny("resnet20_cifar").eval()
-    with pytest.raises(TypeError, match="features_only=True"):
-        create_feature_extractor(model, return_nodes=["layer1"])
+    for training in (False, True):
+        model = tiny("resnet20_cifar").train(training)
+        with pytest.raises(TypeError, match="features_only=True"):
+            create_feature_extractor(model, return_nodes=["layer1"])
+        assert model.training == training and all(m.training == training for m in model.modules())
 
 
 # ---- reset_classifier ---------------------------------------------------------------------

@@ -143,6 +143,11 @@ class AdaptiveResNet(nn.Module):
         """
         return None
 
+    def train(self, mode: bool = True) -> "AdaptiveResNet":
+        """``nn.Module.train``; also remembers the mode before the switch (see :meth:`forward_features`)."""
+        self.__dict__["_training_before_switch"] = self.training
+        return super().train(mode)
+
     # ---- the forward pass -----------------------------------------------------------------
 
     def forward_features(
@@ -164,6 +169,9 @@ class AdaptiveResNet(nn.Module):
             num_stages: run only the first ``num_stages`` stages (detection backbones).
         """
         if isinstance(x, torch.fx.Proxy):
+            # torchvision's create_feature_extractor switched the model to train mode before
+            # tracing and does not switch it back when tracing fails: undo that switch.
+            nn.Module.train(self, self.__dict__.get("_training_before_switch", self.training))
             raise TypeError(
                 "sact models cannot be traced by torch.fx (the halting loop is data-dependent), so torchvision's "
                 "create_feature_extractor does not apply: use sact.create_model(name, features_only=True) or "
@@ -280,7 +288,7 @@ class AdaptiveResNet(nn.Module):
         """What the weights expect, as timm's ``pretrained_cfg``.
 
         Keys: ``architecture``, ``input_size`` ``(C, H, W)``, ``mean`` / ``std`` (``None`` for
-        per-image standardisation), ``interpolation``, ``crop_pct``, ``num_classes``,
+        per-image standardisation or no stated preprocessing), ``interpolation``, ``crop_pct``, ``num_classes``,
         ``classifier``, ``first_conv``, ``preprocess`` (the :class:`sact.data.Preprocess`
         dict), and ``file`` / ``url`` when the weights came from ``create_model(pretrained=...)``.
         The preprocessing is the checkpoint's (``checkpoint_meta["preprocess"]``) when the
@@ -292,8 +300,8 @@ class AdaptiveResNet(nn.Module):
         pre = Preprocess.from_dict(meta["preprocess"]) if isinstance(meta.get("preprocess"), dict) else None
         pre = pre or self.default_preprocess()
         size = (pre.image_size if pre is not None else None) or self.default_input_size
-        mean = std = None
-        if pre is None or pre.kind == "unit":
+        mean = std = None  # unknown, or per-image standardisation
+        if pre is not None and pre.kind == "unit":
             mean, std = (0.0,) * self.in_chans, (1.0,) * self.in_chans
         elif pre.kind == "inception":
             mean, std = (0.5,) * self.in_chans, (0.5,) * self.in_chans
