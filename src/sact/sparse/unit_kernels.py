@@ -6,7 +6,8 @@ per-image channel sums ``S`` ``[B, C]`` (for the halting branches' global term) 
 FLOPs are not counted here: the stage loop counts them with the units' own formulas.
 
 Known units (:class:`~sact.units.Bottleneck`, :class:`~sact.units.PreActBasicUnit`,
-torchvision's :class:`~sact.models.resnet.BasicBlock`) get a gather-GEMM-scatter path with batch norm folded into the convolutions, and a dense path
+torchvision's :class:`~sact.models.resnet.BasicBlock`) get a gather-GEMM-scatter path with
+batch norm folded into the convolutions, and a dense path
 on a zero-copy channels-last view of ``X`` used when the active fraction is above
 ``dense_above`` (the break-even point). Any other unit runs as ``unit(x, mask)``
 (:class:`DenseMaskedUnit`). The reference's pre-activation bottleneck
