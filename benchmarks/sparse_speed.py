@@ -263,8 +263,10 @@ def markdown(rows: list[dict], env: dict, command: str, break_even: list[dict] |
 
 def break_even_rows(*, batches=(1, 8), reps: int = 5) -> list[dict]:
     """Time one unit's sparse path against its dense path over disc masks of growing area."""
-    from sact.sparse.kernels import Geometry, RowSet, SparseBottleneck, SparsePreActBasic
+    from sact.models import BasicBlock
     from sact.sparse.rows import image_index, neighbour_table
+    from sact.sparse.rowset import Geometry, RowSet
+    from sact.sparse.unit_kernels import SparseBasicBlock, SparseBottleneck, SparsePreActBasic
     from sact.units import Bottleneck, PreActBasicUnit
 
     cases = [
@@ -272,6 +274,8 @@ def break_even_rows(*, batches=(1, 8), reps: int = 5) -> list[dict]:
         ("Bottleneck", lambda: Bottleneck(512, 128), 28, SparseBottleneck),
         ("Bottleneck", lambda: Bottleneck(1024, 256), 14, SparseBottleneck),
         ("PreActBasicUnit", lambda: PreActBasicUnit(16, 16), 32, SparsePreActBasic),
+        ("BasicBlock", lambda: BasicBlock(64, 64), 56, SparseBasicBlock),
+        ("BasicBlock", lambda: BasicBlock(256, 256), 14, SparseBasicBlock),
     ]
     out = []
     for unit_name, build, side, cls in cases:

@@ -107,9 +107,10 @@ def test_stem_and_head_pool_before_bn():
         y, _ = m.forward_stem(x)
         torch.testing.assert_close(y, F.conv2d(x, m.stem.weight, m.stem.bias, padding=1))  # no BN / activation
         feat = torch.randn(2, m.num_features, 4, 4)
-        logits, _ = m.forward_head(feat)
-        want = F.linear(lrelu(bn(m.head_bn, feat.mean((2, 3), keepdim=True))).flatten(1), m.fc.weight, m.fc.bias)
-        torch.testing.assert_close(logits, want)
+        logits = m.forward_head(feat)
+        pre = lrelu(bn(m.head_bn, feat.mean((2, 3), keepdim=True))).flatten(1)
+        torch.testing.assert_close(logits, F.linear(pre, m.fc.weight, m.fc.bias))
+        torch.testing.assert_close(m.forward_head(feat, pre_logits=True), pre)
         # BN + lrelu before pooling (the torchvision order) would differ
         other = F.linear(lrelu(bn(m.head_bn, feat)).mean((2, 3)), m.fc.weight, m.fc.bias)
         assert not torch.allclose(logits, other)

@@ -22,9 +22,12 @@ REPRESENTATIVE = ("resnet20_cifar", "resnet50", "resnet50_v2")
 
 def model_params(modes=MODES):
     """``(name, mode)`` pairs for every registered model, deeper ones marked slow."""
+    # resnet18's stages have 2 units: the tiny model's halting is trivial there; resnet34
+    # covers the same (basic) units
     return [
         pytest.param(name, mode, marks=() if name in REPRESENTATIVE else pytest.mark.slow)
         for name in sact.list_models()
+        if name != "resnet18"
         for mode in modes
     ]
 

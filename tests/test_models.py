@@ -47,7 +47,9 @@ def test_registry():
     with pytest.raises(ValueError, match="does not accept"):
         sact.create_model("resnet20_cifar", widht=3)
     with pytest.raises(ValueError, match="num_classes"):
-        sact.create_model("resnet50", num_classes=0)
+        sact.create_model("resnet50", num_classes=-1)
+    for n in ["resnet18", "resnet34"]:
+        assert n in names
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -177,7 +179,8 @@ def test_act_counts_only_running_images():
     assert (f_min < f_max).all()
 
 
-@pytest.mark.parametrize("name,tv", [("resnet50", torchvision.models.resnet50), ("resnet101", torchvision.models.resnet101)])
+@pytest.mark.parametrize("name,tv", [("resnet18", torchvision.models.resnet18), ("resnet34", torchvision.models.resnet34),
+                                     ("resnet50", torchvision.models.resnet50), ("resnet101", torchvision.models.resnet101)])
 @pytest.mark.parametrize("mode", MODES)
 def test_torchvision_weights(name, tv, mode):
     ref = tv(num_classes=10).eval()
@@ -239,8 +242,8 @@ def test_halting_branch_init():
         SACTHalting(0)
 
 
-@pytest.mark.parametrize("mode", ["act", "sact"])
-@pytest.mark.parametrize("name", ["resnet20_cifar", "resnet50", "resnet50_v2"])
+@pytest.mark.parametrize("name, mode", [(n, m) for n in ("resnet20_cifar", "resnet50", "resnet50_v2") for m in ("act", "sact")]
+                         + [("resnet34", "sact")])
 def test_stage_flops_equal_the_per_step_count(name, mode):
     """The stage counts FLOPs once from the final unit counts (the rates, vectorised); this
     equals summing every unit's and branch's ``flops(x, mask)`` over the loop's masks."""

@@ -43,8 +43,8 @@ def test_registry_defaults():
         assert m.sact_config["name"] == f"resnet{depth}_v2"
     with pytest.raises(ValueError, match="layers must be 4"):
         ResNetV2(layers=(3, 4, 6))
-    with pytest.raises(ValueError, match="got 0, 3, 64, 64"):
-        ResNetV2(num_classes=0)
+    with pytest.raises(ValueError, match="got 1001, 0, 64, 64"):
+        ResNetV2(in_chans=0)
     with pytest.raises(ValueError, match="stride=0"):
         PreActBottleneck(8, 16, 4, stride=0)
 
@@ -173,8 +173,9 @@ def test_stem_and_head():
         conv = F.conv2d(x, m.conv1.weight, m.conv1.bias, stride=2, padding=3)  # no BN / ReLU in the stem
         torch.testing.assert_close(y, F.max_pool2d(F.pad(conv, (0, 1, 0, 1), value=float("-inf")), 3, 2))
         feat = torch.randn(2, m.num_features, 3, 3)
-        logits, flops = m.forward_head(feat)
+        logits = m.forward_head(feat)
         pn = m.postnorm
         want = F.relu(F.batch_norm(feat, pn.running_mean, pn.running_var, pn.weight, pn.bias, False, 0.0, 1e-5))
         torch.testing.assert_close(logits, F.linear(want.mean((2, 3)), m.logits.weight, m.logits.bias))
-        assert flops.tolist() == [2 * m.num_features * 5] * 2
+        torch.testing.assert_close(m.forward_head(feat, pre_logits=True), want.mean((2, 3)))
+        assert m.get_classifier() is m.logits and m.head_flops() == 2 * m.num_features * 5

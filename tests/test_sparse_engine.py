@@ -97,7 +97,7 @@ def test_all_active_and_all_halted(name, mode, bias):
     assert max(int(s.num_units.max()) for s in sparse.stages) == expected
 
 
-@pytest.mark.parametrize("name", ["resnet32_cifar", "resnet101", "resnet101_v2"])
+@pytest.mark.parametrize("name", ["resnet32_cifar", "resnet34", "resnet101", "resnet101_v2"])
 def test_dense_fallback_and_sparse_path_agree(name):
     model = small_model(name, "sact", halting_bias=0.0)
     x = torch.randn(2, 3, 19, 21, dtype=torch.float64)

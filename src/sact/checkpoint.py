@@ -89,7 +89,8 @@ def save_checkpoint(model: nn.Module, path: str | Path, *, meta: dict[str, Any] 
     model = getattr(model, "_orig_mod", model)
     config = getattr(model, "sact_config", None)
     if config is None:
-        raise CheckpointError("model has no sact_config; build it with sact.create_model(...)")
+        raise CheckpointError("model has no sact_config; build it with sact.create_model(name) (a model of your own: "
+                              "register its builder with sact.register_model first, docs/custom_units.md)")
     weights, sidecar = checkpoint_paths(path)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     # The header also carries the hash of the tensor bytes, so corruption of the data

@@ -81,9 +81,15 @@ def _evaluating(model: nn.Module):
 def total_stride(model: nn.Module) -> int:
     """The network's total stride: input size / last stage's size (CIFAR 4, ImageNet 32).
 
-    Measured once per model with a small zero input through ``forward_features`` (so it
-    holds for any registered architecture) and cached.
+    From ``model.feature_info`` (the stride of the last stage, known from the modules)
+    for models of the package's protocol (:class:`sact.models.AdaptiveResNet`); for any
+    other model measured once with a small zero input through ``forward_features`` and
+    cached (the model's train/eval mode is restored).
     """
+    from .models.base import AdaptiveResNet, stage_feature_info
+
+    if isinstance(model, AdaptiveResNet):
+        return int(stage_feature_info(model)[-1]["reduction"])
     if model in _STRIDES:
         return _STRIDES[model]
     param = next(model.parameters())
@@ -173,7 +179,8 @@ def ponder_map(
 
     Args:
         model: a model from :func:`sact.create_model` / :func:`sact.load_checkpoint`
-            (any mode; ACT maps are constant per stage, vanilla ones equal ``U``).
+            (any mode; ACT maps are constant per stage, vanilla ones equal ``U``), a
+            or a model of your own following :class:`sact.models.AdaptiveResNet`'s protocol.
             Run in eval mode (restored afterwards) without gradients.
         image: PIL image (any mode: L, RGB, RGBA, P, CMYK, I;16, 1, ...), tensor
             ``[H, W]`` / ``[C, H, W]`` (uint8 in [0, 255], floats in [0, 1]) or numpy
@@ -196,6 +203,9 @@ def ponder_map(
     """
     from .data import to_float_image
 
+    if getattr(model, "features_only", False):
+        raise ValueError("ponder_map needs a classification model, got a features_only one; build it without "
+                         "features_only (or call model.forward_features(x): its .stages hold the ponder maps)")
     pre = model_preprocess(model, preprocess)
     x01 = to_float_image(image, pre.in_chans)  # [C, H, W] in [0, 1]
     if crop:

@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..models.base import AdaptiveResNet
+from ..models.base import AdaptiveResNet, stage_feature_info
 from ..stage import StageOutput
 
 __all__ = ["BackboneOutput", "SACTBackbone", "freeze_batchnorm", "load_backbone_weights", "stem_modules"]
@@ -95,18 +95,9 @@ def stem_modules(model: AdaptiveResNet) -> list[nn.Module]:
     return [getattr(model, n) for n in names]
 
 
-def _stage_strides(model: AdaptiveResNet, probe_size: int = 64) -> dict[str, int]:
-    """Stage name -> stride of its output relative to the input (from a tiny probe run)."""
-    was_training = model.training
-    model.eval()  # no BN statistics updates from the probe
-    with torch.no_grad():
-        x, _ = model.forward_stem(torch.zeros(1, model.in_chans, probe_size, probe_size))
-        strides = {}
-        for name, stage in zip(model.stage_names, model.stages):
-            x, _ = stage(x)
-            strides[name] = probe_size // x.shape[-1]
-    model.train(was_training)
-    return strides
+def _stage_strides(model: AdaptiveResNet) -> dict[str, int]:
+    """Stage name -> stride of its output relative to the input (``model.feature_info``, no forward pass)."""
+    return {d["module"]: d["reduction"] for d in stage_feature_info(model)}
 
 
 def load_backbone_weights(model: AdaptiveResNet, path: str | Path) -> AdaptiveResNet:

@@ -15,11 +15,11 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from ..flops import conv_flops, linear_flops
+from ..flops import conv_flops
 from ..halting import make_halting
 from ..stage import AdaptiveStage
 from ..units import PreActBasicUnit
-from .base import AdaptiveResNet
+from .base import AdaptiveResNet, make_classifier
 
 __all__ = ["CifarResNet"]
 
@@ -38,13 +38,16 @@ class CifarResNet(AdaptiveResNet):
     Args:
         layers: units per stage, e.g. ``(5, 5, 5)`` for ResNet-32.
         mode: ``"vanilla"``, ``"act"`` or ``"sact"``.
-        num_classes: size of the classifier (10).
+        num_classes: size of the classifier (10; 0: none, ``fc`` is ``nn.Identity``).
         in_chans: input channels (3; 1 for Fashion-MNIST).
         base_channels: channels of the first stage (16).
         eps: halting threshold ``1 - eps``.
     """
 
     stage_names = ("layer1", "layer2", "layer3")
+    first_conv = "stem"
+    stem_stride = 1
+    default_input_size = 32
 
     def __init__(
         self,
@@ -59,13 +62,14 @@ class CifarResNet(AdaptiveResNet):
         super().__init__()
         if len(layers) != 3 or any(int(n) < 1 for n in layers):
             raise ValueError(f"layers must be 3 positive unit counts, got {layers}")
-        if num_classes < 1 or in_chans < 1 or base_channels < 1 or base_channels % 2:
+        if num_classes < 0 or in_chans < 1 or base_channels < 1 or base_channels % 2:
             raise ValueError(
-                f"num_classes, in_chans must be positive and base_channels positive and even, got "
+                f"num_classes must be >= 0, in_chans positive and base_channels positive and even, got "
                 f"{num_classes}, {in_chans}, {base_channels}"
             )
         self.mode = mode
         self.in_chans = in_chans
+        self.num_classes = num_classes
         norm = partial(nn.BatchNorm2d, eps=1e-3, momentum=0.1)
         self.stem = nn.Conv2d(in_chans, base_channels, 3, padding=1, bias=True)
         in_ch = base_channels
@@ -93,7 +97,7 @@ class CifarResNet(AdaptiveResNet):
         self.num_features = in_ch
         self.head_bn = norm(in_ch)
         self.head_act = nn.LeakyReLU(LRELU_SLOPE)
-        self.fc = nn.Linear(in_ch, num_classes)
+        self.fc = make_classifier(in_ch, num_classes)
         for name, m in self.named_modules():
             if ".halting." in f".{name}.":
                 continue
@@ -109,8 +113,13 @@ class CifarResNet(AdaptiveResNet):
         y = self.stem(x)
         return y, conv_flops(self.stem, torch.full((x.shape[0],), y.shape[-2] * y.shape[-1], device=x.device))
 
-    def forward_head(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``[B, C, H, W]`` -> (logits ``[B, K]``, FLOPs ``[B]``); pool before the BN."""
+    def forward_pre_logits(self, x: Tensor) -> Tensor:
+        """``[B, C, H, W]`` -> ``[B, C]``: global mean, then BN and leaky ReLU (pool before the BN)."""
         pooled = x.mean(dim=(2, 3), keepdim=True)
-        logits = self.fc(torch.flatten(self.head_act(self.head_bn(pooled)), 1))
-        return logits, torch.full((x.shape[0],), linear_flops(self.fc), device=x.device)
+        return torch.flatten(self.head_act(self.head_bn(pooled)), 1)
+
+    def default_preprocess(self):
+        """The reference's CIFAR evaluation: per-image standardisation (:func:`sact.data.cifar_preprocess`)."""
+        from ..data.transforms import Preprocess
+
+        return Preprocess(kind="standardize", in_chans=self.in_chans) if self.in_chans in (1, 3) else None

@@ -29,11 +29,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..flops import conv_flops, linear_flops, mask_positions, masked_flops
+from ..flops import conv_flops, mask_positions, masked_flops
 from ..halting import make_halting
 from ..stage import AdaptiveStage
 from ..units import Conv2dSame, NormFactory, masked_add
-from .base import AdaptiveResNet
+from .base import AdaptiveResNet, make_classifier
 
 __all__ = ["PreActBottleneck", "ResNetV2", "MaxPool2dSame", "BN_MOMENTUM", "BN_EPS"]
 
@@ -166,7 +166,7 @@ class ResNetV2(AdaptiveResNet):
     Args:
         layers: units per stage, e.g. ``(3, 4, 23, 3)`` for ResNet-101.
         mode: ``"vanilla"``, ``"act"`` or ``"sact"``.
-        num_classes: classifier size (1001: the reference's background class + 1000).
+        num_classes: classifier size (1001: the reference's background class + 1000; 0: none).
         in_chans: input channels.
         base_width: bottleneck channels of the first stage (64); stage ``i`` has
             ``base_width * 2**i`` inner and 4x that output channels.
@@ -176,6 +176,9 @@ class ResNetV2(AdaptiveResNet):
     """
 
     stage_names = ("block1", "block2", "block3", "block4")
+    classifier_name = "logits"
+    stem_stride = 4
+    default_input_size = 224
 
     def __init__(
         self,
@@ -191,13 +194,14 @@ class ResNetV2(AdaptiveResNet):
         super().__init__()
         if len(layers) != 4 or any(int(n) < 1 for n in layers):
             raise ValueError(f"layers must be 4 positive unit counts, got {layers}")
-        if min(num_classes, in_chans, base_width, stem_width) < 1:
+        if num_classes < 0 or min(in_chans, base_width, stem_width) < 1:
             raise ValueError(
-                f"num_classes, in_chans, base_width, stem_width must be positive, got {num_classes}, {in_chans}, "
-                f"{base_width}, {stem_width}"
+                f"num_classes must be >= 0 and in_chans, base_width, stem_width positive, got {num_classes}, "
+                f"{in_chans}, {base_width}, {stem_width}"
             )
         self.mode = mode
         self.in_chans = in_chans
+        self.num_classes = num_classes
         norm = partial(nn.BatchNorm2d, eps=BN_EPS, momentum=BN_MOMENTUM)
         # conv2d_same 7x7/2: explicit pad 3/3 then VALID == PyTorch padding=3.
         self.conv1 = nn.Conv2d(in_chans, stem_width, 7, stride=2, padding=3, bias=True)
@@ -215,7 +219,7 @@ class ResNetV2(AdaptiveResNet):
         self.num_features = in_ch
         self.postnorm = norm(in_ch)
         self.relu = nn.ReLU()
-        self.logits = nn.Linear(in_ch, num_classes)  # the reference's 1x1 conv on the pooled features
+        self.logits = make_classifier(in_ch, num_classes)  # the reference's 1x1 conv on the pooled features
         for name, m in self.named_modules():
             if ".halting." in f".{name}.":
                 continue  # halting branches keep their own initialisation (bias -3)
@@ -232,10 +236,16 @@ class ResNetV2(AdaptiveResNet):
         flops = conv_flops(self.conv1, torch.full((x.shape[0],), y.shape[-2] * y.shape[-1], device=x.device))
         return self.pool1(y), flops
 
-    def forward_head(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``[B, C, H, W]`` -> (logits ``[B, K]``, FLOPs ``[B]``): postnorm BN + ReLU, mean, linear."""
-        pooled = self.relu(self.postnorm(x)).mean(dim=(2, 3))
-        return self.logits(pooled), torch.full((x.shape[0],), linear_flops(self.logits), device=x.device)
+    def forward_pre_logits(self, x: Tensor) -> Tensor:
+        """``[B, C, H, W]`` -> ``[B, C]``: postnorm BN + ReLU, then the global mean."""
+        return self.relu(self.postnorm(x)).mean(dim=(2, 3))
+
+    def default_preprocess(self):
+        """The reference's Inception evaluation (:func:`sact.data.imagenet_preprocess`), what its weights expect."""
+        from ..data.transforms import Preprocess, imagenet_preprocess
+
+        pre = imagenet_preprocess(self.default_input_size)
+        return pre if self.in_chans == 3 else (Preprocess(**{**pre.to_dict(), "in_chans": 1}) if self.in_chans == 1 else None)
 
 
 def build_resnet_v2(layers: tuple[int, int, int, int]):

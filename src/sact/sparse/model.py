@@ -23,9 +23,10 @@ class SparseModel(nn.Module):
 
     def __init__(self, model: nn.Module, *, dense_above=None, chunk_rows: int = 768, poison: bool = False) -> None:
         super().__init__()
-        for attr in ("forward_stem", "forward_head", "stages"):
+        for attr in ("forward_features", "stages"):
             if not hasattr(model, attr):
-                raise ValueError(f"to_sparse needs an adaptive ResNet (with {attr!r}); got {type(model).__name__}")
+                raise ValueError(f"to_sparse needs a model following sact.models.AdaptiveResNet's protocol (with "
+                                 f"{attr!r}; docs/custom_units.md); got {type(model).__name__}")
         self.model = model.eval()
         self.executors = nn.ModuleList(
             make_executor(s, dense_above=dense_above, chunk_rows=chunk_rows, poison=poison) or nn.Identity()
@@ -60,7 +61,8 @@ class SparseModel(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> ModelOutput:
-        """``x`` ``[B, C_in, H, W]`` -> :class:`~sact.ModelOutput` equal to ``model.eval()(x)``."""
+        """``x`` ``[B, C_in, H, W]`` -> :class:`~sact.ModelOutput` equal to ``model.eval()(x)``
+        (a ``features_only`` model: its list of stage maps)."""
         if x.dim() != 4:
             raise ValueError(f"expected an image batch [B, C, H, W], got shape {tuple(x.shape)}")
         if x.device.type == "cpu":
@@ -89,8 +91,9 @@ def to_sparse(
     dense model's count.
 
     Args:
-        model: an adaptive ResNet (``sact.create_model`` or a subclass of
-            :class:`sact.models.AdaptiveResNet`); put in eval mode, weights shared.
+        model: an adaptive network: built by ``sact.create_model``, or any model of
+            :class:`sact.models.AdaptiveResNet`'s protocol (``docs/custom_units.md``); put in
+            eval mode, weights shared.
         dense_above: active fraction above which a unit runs densely on a view of the
             same buffer (float, dict ``{"SparseBottleneck": f, "SparsePreActBasic": f}``,
             or ``None`` for the measured break-even defaults). ``1.0`` = always sparse,

@@ -5,8 +5,9 @@ Every kernel works on the stage's row buffer ``X`` ``(N + 1, C)`` (see
 per-image channel sums ``S`` ``[B, C]`` (for the halting branches' global term) up to date.
 FLOPs are not counted here: the stage loop counts them with the units' own formulas.
 
-Known units (:class:`~sact.units.Bottleneck`, :class:`~sact.units.PreActBasicUnit`) get
-a gather-GEMM-scatter path with batch norm folded into the convolutions, and a dense path
+Known units (:class:`~sact.units.Bottleneck`, :class:`~sact.units.PreActBasicUnit`,
+torchvision's :class:`~sact.models.resnet.BasicBlock`) get a gather-GEMM-scatter path with
+batch norm folded into the convolutions, and a dense path
 on a zero-copy channels-last view of ``X`` used when the active fraction is above
 ``dense_above`` (the break-even point). Any other unit runs as ``unit(x, mask)``
 (:class:`DenseMaskedUnit`). The reference's pre-activation bottleneck
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..models.resnet import BasicBlock
 from ..models.resnet_v2 import PreActBottleneck
 from ..units import Bottleneck, PreActBasicUnit
 from . import native
@@ -31,6 +33,7 @@ from .rowset import RowSet, chunks, refresh_sums
 __all__ = [
     "SparseBottleneck",
     "SparsePreActBasic",
+    "SparseBasicBlock",
     "SparsePreActBottleneck",
     "DenseMaskedUnit",
     "RowBottleneck0",
@@ -49,6 +52,9 @@ DEFAULT_DENSE_ABOVE = {
     "SparsePreActBottleneck": 0.6,
     "SparsePreActBottleneck@small": 0.85,
     "SparsePreActBasic": 0.25,
+    # pure PyTorch: break-even 0.30-0.41 at 64x56x56 and 256x14x14, batch 1 and 8 (two runs of
+    # benchmarks.sparse_speed.break_even_rows, 1 thread, SACT_NATIVE=0)
+    "SparseBasicBlock": 0.3,
 }
 SMALL_MAP = 256
 #: The native kernels split a row set across threads (one chunk each, single-threaded
@@ -217,22 +223,100 @@ class SparsePreActBottleneck(_BottleneckRows):
                   fold_conv_bn(u.conv3, None), u.conv1.weight.dtype)
 
 
-class SparsePreActBasic(_UnitKernel):
-    """:class:`~sact.units.PreActBasicUnit` (stride 1, same channels) on rows, ``bn2`` folded into ``conv1``.
+def _act_(t: Tensor, slope: float) -> Tensor:
+    """In-place ReLU (``slope == 0``) or leaky ReLU."""
+    return t.relu_() if slope == 0.0 else F.leaky_relu_(t, slope)
 
-    ``bn1`` + leaky ReLU are applied to the gathered neighbour rows and the out-of-image
-    ones are zeroed afterwards (TF SAME zero padding comes after the activation).
+
+class _BasicRows(_UnitKernel):
+    """A stride-1 basic block with an identity shortcut on rows, BN folded.
+
+    ``y = act_out(x + conv2(act_mid(conv1(pre(x)))))`` with two 3x3 convolutions, where
+    ``pre`` is the identity or a pre-activation ``act_pre(bn(x))`` (the buffers ``s0`` /
+    ``t0``; zero padding comes after it, as in the dense unit), ``act_mid`` / ``act_pre``
+    ReLU or leaky ReLU (``slope_mid`` / ``slope_pre``), ``act_out`` a ReLU
+    (``final_relu``) or the identity, and every BN after a convolution folded into it.
+    Sparse path: ``conv1`` on the dilated rows (gathered 3x3 neighbour rows -> one ``addmm``
+    per chunk, into a scratch buffer with a zero pad row), then per chunk of active rows:
+    gather -> ``addmm`` (``conv2``) -> residual (+ ReLU) -> write back. Dense path: the two
+    convolutions on the buffer's channels-last view. Subclasses fold their unit in
+    :meth:`refresh` (:meth:`_set`).
     """
 
-    def __init__(self, unit: PreActBasicUnit, *, dense_above: float) -> None:
+    final_relu: bool = False
+
+    def __init__(self, unit: nn.Module, *, dense_above: float) -> None:
         super().__init__()
         _ref(self, "unit", unit)
         self.dense_above = dense_above
-        self.slope1 = float(unit.act1.negative_slope)
-        self.slope2 = float(unit.act2.negative_slope)
-        for name in ("s1", "t1", "w1", "b1", "w2", "b2", "m1", "m2"):
+        self.slope_pre = 0.0
+        self.slope_mid = 0.0
+        for name in ("s0", "t0", "w1", "b1", "w2", "b2", "m1", "m2"):
             self.register_buffer(name, torch.empty(0), persistent=False)
         self.refresh()
+
+    def _set(self, pre: tuple[Tensor, Tensor] | None, c1: tuple[Tensor, Tensor], c2: tuple[Tensor, Tensor],
+             dt: torch.dtype) -> None:
+        """Store the folded ``(weight, bias)`` of both convolutions and the optional pre-activation BN."""
+        if pre is not None:
+            self.s0, self.t0 = pre[0].to(dt), pre[1].to(dt)
+        self.w1, self.b1 = c1[0].to(dt), c1[1].to(dt)
+        self.w2, self.b2 = c2[0].to(dt), c2[1].to(dt)
+        self.m1, self.m2 = conv_as_matrix(c1[0]).to(dt), conv_as_matrix(c2[0]).to(dt)
+
+    def run_dense(self, X: Tensor, S: Tensor, rows: RowSet) -> None:
+        g = rows.geo
+        v = rows_view(X, g.batch, g.height, g.width)
+        p = v
+        if self.s0.numel():
+            p = _act_(v * self.s0.view(1, -1, 1, 1) + self.t0.view(1, -1, 1, 1), self.slope_pre)
+        r = _act_(F.conv2d(p, self.w1, self.b1, padding=1), self.slope_mid)
+        r = F.conv2d(r, self.w2, self.b2, padding=1)
+        if not rows.all_active:
+            r.mul_(rows.mask(r.dtype))
+        v.add_(r)
+        if self.final_relu:
+            v.relu_()  # halted positions are >= 0 already: ReLU keeps them
+        refresh_sums(X, S, g)
+
+    def run_sparse(self, X: Tensor, S: Tensor, rows: RowSet) -> None:
+        g = rows.geo
+        c = g.channels
+        pad = g.n
+        dil = rows.dilated
+        t1 = g.scratch(g.n + 1, self.m1.shape[1], X, pad_row=True)
+        for s, e in chunks(dil.numel(), g.chunk):
+            nb = g.nbr.index_select(0, dil[s:e])  # (m, 9)
+            p = X.index_select(0, nb.view(-1)).view(e - s, 9, c)  # restricted im2col (pad row: zeros)
+            if self.s0.numel():
+                _act_(p.mul_(self.s0).add_(self.t0), self.slope_pre)
+                p.masked_fill_((nb == pad).unsqueeze(-1), 0.0)  # zero padding after BN + activation
+            t1.index_copy_(0, dil[s:e], _act_(torch.addmm(self.b1, p.view(e - s, 9 * c), self.m1), self.slope_mid))
+        idx, nbr = rows.idx, rows.nbr
+        for s, e in chunks(idx.numel(), g.chunk):
+            ic = idx[s:e]
+            r = torch.addmm(self.b2, t1.index_select(0, nbr[s:e].reshape(-1)).view(e - s, -1), self.m2)
+            img = g.img.index_select(0, ic)
+            old = X.index_select(0, ic)
+            if self.final_relu:
+                new = r.add_(old).relu_()
+                S.index_add_(0, img, (new - old).to(S.dtype))
+            else:
+                S.index_add_(0, img, r.to(S.dtype))
+                new = old.add_(r)
+            X.index_copy_(0, ic, new)
+
+
+def _conv3x3(conv: nn.Conv2d) -> bool:
+    return (conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv.stride == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1)
+
+
+class SparsePreActBasic(_BasicRows):
+    """:class:`~sact.units.PreActBasicUnit` (the reference's CIFAR unit; stride 1, same channels) on rows:
+    ``y = x + conv2(lrelu2(bn2(conv1(lrelu(bn1(x))))))``, ``bn2`` folded into ``conv1``, no ReLU after the sum."""
+
+    final_relu = False
 
     @staticmethod
     def supports(unit: nn.Module) -> bool:
@@ -245,58 +329,44 @@ class SparsePreActBasic(_UnitKernel):
             and foldable_bn(unit.bn2)
             and isinstance(unit.act1, nn.LeakyReLU)
             and isinstance(unit.act2, nn.LeakyReLU)
-            and unit.conv1.kernel_size == (3, 3)
-            and unit.conv2.kernel_size == (3, 3)
-            and unit.conv2.padding == (1, 1)
-            and unit.conv1.groups == unit.conv2.groups == 1
-            and unit.conv1.dilation == unit.conv2.dilation == (1, 1)
+            and unit.conv1.kernel_size == (3, 3)  # Conv2dSame: padding 1 at stride 1
+            and unit.conv1.groups == 1
+            and unit.conv1.dilation == (1, 1)
+            and _conv3x3(unit.conv2)
         )
 
     @torch.no_grad()
     def refresh(self) -> None:
         """Re-fold the unit's current weights."""
         u = self.unit
-        dt = u.conv1.weight.dtype
-        s1, t1 = bn_scale_shift(u.bn1)
-        w1, b1 = fold_conv_bn(u.conv1, u.bn2)
-        w2, b2 = fold_conv_bn(u.conv2, None)
-        for name, val in (("s1", s1), ("t1", t1), ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
-            setattr(self, name, val.to(dt))
-        self.m1 = conv_as_matrix(w1).to(dt)
-        self.m2 = conv_as_matrix(w2).to(dt)
+        self.slope_pre = float(u.act1.negative_slope)
+        self.slope_mid = float(u.act2.negative_slope)
+        self._set(bn_scale_shift(u.bn1), fold_conv_bn(u.conv1, u.bn2), fold_conv_bn(u.conv2, None), u.conv1.weight.dtype)
 
 
-    def run_dense(self, X: Tensor, S: Tensor, rows: RowSet) -> None:
-        g = rows.geo
-        v = rows_view(X, g.batch, g.height, g.width)
-        p = F.leaky_relu_(v * self.s1.view(1, -1, 1, 1) + self.t1.view(1, -1, 1, 1), self.slope1)
-        r = F.leaky_relu_(F.conv2d(p, self.w1, self.b1, padding=1), self.slope2)
-        r = F.conv2d(r, self.w2, self.b2, padding=1)
-        if not rows.all_active:
-            r.mul_(rows.mask(r.dtype))
-        v.add_(r)
-        refresh_sums(X, S, g)
+class SparseBasicBlock(_BasicRows):
+    """torchvision's :class:`~sact.models.resnet.BasicBlock` (ResNet-18/34; stride 1, identity shortcut) on rows:
+    ``y = relu(x + bn2(conv2(relu(bn1(conv1(x))))))``, both BNs folded."""
 
-    def run_sparse(self, X: Tensor, S: Tensor, rows: RowSet) -> None:
-        g = rows.geo
-        c = g.channels
-        pad = g.n
-        dil = rows.dilated
-        t1 = g.scratch(g.n + 1, c, X, pad_row=True)
-        for s, e in chunks(dil.numel(), g.chunk):
-            nb = g.nbr.index_select(0, dil[s:e])  # (m, 9)
-            p = X.index_select(0, nb.view(-1)).view(e - s, 9, c)
-            p.mul_(self.s1).add_(self.t1)
-            F.leaky_relu_(p, self.slope1)
-            p.masked_fill_((nb == pad).unsqueeze(-1), 0.0)  # zero padding after BN + activation
-            t = F.leaky_relu_(torch.addmm(self.b1, p.view(e - s, 9 * c), self.m1), self.slope2)
-            t1.index_copy_(0, dil[s:e], t)
-        idx, nbr = rows.idx, rows.nbr
-        for s, e in chunks(idx.numel(), g.chunk):
-            ic = idx[s:e]
-            r = torch.addmm(self.b2, t1.index_select(0, nbr[s:e].reshape(-1)).view(e - s, 9 * c), self.m2)
-            S.index_add_(0, g.img.index_select(0, ic), r.to(S.dtype))
-            X.index_copy_(0, ic, X.index_select(0, ic).add_(r))
+    final_relu = True
+
+    @staticmethod
+    def supports(unit: nn.Module) -> bool:
+        return (
+            isinstance(unit, BasicBlock)
+            and unit.stride == 1
+            and unit.downsample is None
+            and foldable_bn(unit.bn1)
+            and foldable_bn(unit.bn2)
+            and _conv3x3(unit.conv1)
+            and _conv3x3(unit.conv2)
+        )
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Re-fold the unit's current weights."""
+        u = self.unit
+        self._set(None, fold_conv_bn(u.conv1, u.bn1), fold_conv_bn(u.conv2, u.bn2), u.conv1.weight.dtype)
 
 
 class DenseMaskedUnit(_UnitKernel):
@@ -320,7 +390,7 @@ class DenseMaskedUnit(_UnitKernel):
 
 def make_unit_kernel(unit: nn.Module, *, dense_above: float | dict | None = None) -> nn.Module:
     """The fastest kernel that computes ``unit`` exactly (falls back to :class:`DenseMaskedUnit`)."""
-    for cls in (SparseBottleneck, SparsePreActBottleneck, SparsePreActBasic):
+    for cls in (SparseBottleneck, SparsePreActBottleneck, SparsePreActBasic, SparseBasicBlock):
         if cls.supports(unit):
             name = cls.__name__
             table = dict(DEFAULT_DENSE_ABOVE)
