@@ -45,7 +45,7 @@ MAX_HEADER_BYTES = 100_000_000
 # Generous for real networks (ImageNet-21k has 21843 classes; the widest ResNet in use
 # has base width 128), small enough that a forged header cannot ask for a giant model.
 _KWARG_BOUNDS: dict[str, tuple[type, float, float]] = {
-    "num_classes": (int, 1, 100_000),
+    "num_classes": (int, 0, 100_000),  # 0: a headless model (features, timm's convention)
     "in_chans": (int, 1, 64),
     "base_channels": (int, 2, 1024),
     "base_width": (int, 1, 1024),
@@ -216,7 +216,7 @@ def validate_model_spec(name: Any, kwargs: dict[str, Any]) -> None:
     """Checks a model name and builder arguments before anything is built.
 
     The name must be registered, every argument accepted by its builder, of the right
-    type and within bounds (``num_classes`` <= 100000, ``in_chans`` <= 64,
+    type and within bounds (``0 <= num_classes <= 100000``, ``in_chans`` <= 64,
     ``base_channels`` / ``base_width`` / ``stem_width`` <= 1024, ``0 < eps < 1``,
     ``mode`` one of vanilla / act / sact; other numeric arguments within +-4096).
 
@@ -229,13 +229,14 @@ def validate_model_spec(name: Any, kwargs: dict[str, Any]) -> None:
     if not isinstance(name, str) or name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}")
     params = inspect.signature(_REGISTRY[name]).parameters
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     problems = []
     for key, value in kwargs.items():
         if key == "mode":
             if value not in MODES:
                 problems.append(f"mode={value!r} (expected one of {', '.join(MODES)})")
             continue
-        if key not in params:
+        if key not in params and not takes_any:
             problems.append(f"{key}={value!r} (not an argument of {name}; accepted: "
                             f"{', '.join(sorted(p for p in params if p != 'mode'))})")
             continue
@@ -274,12 +275,21 @@ def _expected_state(name: str, kwargs: dict[str, Any]) -> dict[str, tuple[str, l
     return {k: (_DTYPES.get(v.dtype, str(v.dtype)), list(v.shape)) for k, v in model.state_dict().items()}
 
 
+_FLOAT_CODES = {"F16", "BF16", "F32", "F64"}
+
+
+def _fits(got: tuple[str, list[int]], want: tuple[str, list[int]]) -> bool:
+    """Same shape, and the same dtype or both floating point (loading casts, as ``load_state_dict`` does:
+    a model saved in float64 or bfloat16 loads into the float32 architecture)."""
+    return got[1] == want[1] and (got[0] == want[0] or {got[0], want[0]} <= _FLOAT_CODES)
+
+
 def _check_tensors(weights: Path, header: dict, expected: dict, label: str) -> None:
     got = {k: (v["dtype"], v["shape"]) for k, v in header.items() if k != "__metadata__"}
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
     wrong = sorted(f"{k}: {got[k][0]}{got[k][1]} vs {expected[k][0]}{expected[k][1]}"
-                   for k in set(got) & set(expected) if got[k] != expected[k])
+                   for k in set(got) & set(expected) if not _fits(got[k], expected[k]))
     if missing or unexpected or wrong:
         raise CheckpointError(
             f"{weights} does not fit model {label}: missing {missing[:5]}, unexpected {unexpected[:5]}, "

@@ -1,6 +1,6 @@
 """Native CPU kernels of the sparse engine (C++/OpenMP), compiled on first use.
 
-The row kernels of :mod:`sact.sparse.kernels` have two implementations: pure PyTorch (the
+The row kernels of :mod:`sact.sparse.unit_kernels` and :mod:`sact.sparse.halting_kernels` have two implementations: pure PyTorch (the
 reference, used on CUDA and wherever the native kernels are unavailable) and the fused
 C++ kernels of ``csrc/rows.cpp``, which gather, multiply, apply the epilogue and scatter
 per chunk of rows without returning to Python (one chunk per thread with single-threaded

@@ -10,7 +10,7 @@
 // whose gathers and epilogues are split across threads. GEMMs are ATen's (MKL / oneDNN /
 // OpenBLAS, whatever torch was built with); everything else is plain loops.
 //
-// These kernels must compute what the pure-PyTorch kernels of sact/sparse/kernels.py
+// These kernels must compute what the pure-PyTorch kernels of sact/sparse/unit_kernels.py and halting_kernels.py
 // compute (tests/test_sparse_native.py compares them on random rows).
 
 #include <ATen/ATen.h>
