@@ -136,7 +136,8 @@ def test_select_workloads_filters():
 
 def test_quick_run_writes_checked_rows_and_never_overwrites(tmp_path, capsys):
     wls = [Workload("resnet20_cifar", 32, 2, None, TINY), Workload("resnet20_cifar", 32, 2, 0.5, TINY)]
-    opts = dict(reps=2, warmup=0, threads=1, out=tmp_path / "res", stem="sparse_speed_t", progress=False, command="test")
+    opts = dict(reps=2, warmup=0, threads=1, out=tmp_path / "res", stem="sparse_speed_t", progress=False,
+                command="test")
     doc = run_benchmark(wls, options=BenchOptions(**opts))
     files = [tmp_path / "res" / "sparse_speed_t.json", tmp_path / "res" / "sparse_speed_t.md"]
     assert all(p.is_file() for p in files)
@@ -173,7 +174,8 @@ def test_quick_run_writes_checked_rows_and_never_overwrites(tmp_path, capsys):
 
 
 def test_cli_rejects_bad_arguments(tmp_path, capsys):
-    for argv in (["--models", TRAINED], ["--tag", "../x"], ["--batch", "0"], ["--reps", "0"]):
+    for argv in (["--models", TRAINED], ["--tag", "../x"], ["--batch", "0"], ["--reps", "0"], ["--threads", "0"],
+                 ["--checkpoint", str(tmp_path / "missing"), "--models", TRAINED]):
         args = build_parser().parse_args(["bench", "--out", str(tmp_path), *argv])
         assert run_cli(args) == 2, argv
         err = capsys.readouterr().err.strip().splitlines()
@@ -259,7 +261,8 @@ def test_profile_accounts_for_every_call_exactly():
     c = _TickingExecutor.COST
     for stage, s in zip(model.stages, rec.stages):
         u = stage.num_units
-        assert s.start == c["start"] and sorted(s.units) == list(range(1, u)) and sorted(s.halting) == list(range(u - 1))
+        assert s.start == c["start"] and sorted(s.units) == list(range(1, u))
+        assert sorted(s.halting) == list(range(u - 1))
         assert sorted(s.accumulate) == list(range(u)) and s.output == c["output"]
         want = c["start"] + (u - 1) * (c["unit"] + c["halting"]) + u * c["accumulate"] + c["output"]
         assert s.timed == want and s.total == want and s.loop == 0.0  # the fake clock only moves in calls

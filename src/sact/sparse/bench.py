@@ -43,7 +43,7 @@ import re
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -264,7 +264,8 @@ def _inputs(wl: Workload, v: _Variants, trained: TrainedModel | None, seed: int)
 
 
 def time_rounds(fns: dict[str, Callable[[], object]], *, warmup: int, reps: int,
-                clock: Callable[[], float] = time.perf_counter) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+                clock: Callable[[], float] = time.perf_counter,
+                ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Call every function once per round, ``warmup`` untimed rounds then ``reps`` timed ones.
 
     The order rotates by one each round (A B C, B C A, C A B, ...), so no variant always
@@ -456,7 +457,8 @@ def _header(doc: dict) -> list[str]:
         "",
         f"CPU: {env['cpu']} ({env['cpu_count']} cores), threads: {env['threads']}, torch {env['torch']}, "
         f"sact {env['sact']}, native kernels: {env['native_kernels']}, MALLOC: {env['malloc']}, "
-        f"load average at start {_f(load[0])}, at end {_f(load_end[0])}",
+        f"load average at start {_f(load[0])}"
+        + ("" if env.get("loadavg_end") is None else f", at end {_f(load_end[0])}"),
         "",
     ]
 
@@ -591,6 +593,8 @@ def run_benchmark(workloads: Sequence[Workload], *, options: BenchOptions, train
             "trained": None if trained is None else f"{trained.source}: {trained.description}",
             "rows": [],
         }
+        if options.progress:
+            print(_header(doc)[2], file=sys.stderr)  # the environment, before anything is measured
         cache = _ModelCache(trained)
         bar = tqdm(workloads, desc="sparse benchmark", file=sys.stderr, disable=not options.progress)
         for wl in bar:
@@ -691,23 +695,28 @@ def run_cli(args: argparse.Namespace, *, prog: str = "sact bench") -> int:
     """Run the benchmark from parsed arguments; returns the exit status.
 
     0: done and every check passed; 1: a check failed (sparse FLOPs or halting maps differ
-    from the dense model's) or the run failed; 2: bad arguments or inputs (one line on stderr).
+    from the dense model's) or the run failed (the rows measured so far stay in the files);
+    2: bad arguments or inputs, or a result file exists (one line on stderr).
     """
     try:
         if args.batch is not None and min(args.batch) < 1:
             raise BenchError(f"--batch sizes must be positive, got {args.batch}")
+        for flag, value, low in (("--reps", args.reps, 1), ("--warmup", args.warmup, 0),
+                                 ("--threads", args.threads, 1)):
+            if value is not None and value < low:
+                raise BenchError(f"{flag} must be at least {low}, got {value}")
+        if args.tag is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", args.tag):
+            raise BenchError(f"--tag must be letters, digits, '_', '.' or '-' (a file name), got {args.tag!r}")
         if args.models is not None and TRAINED in args.models and not args.checkpoint:
             raise BenchError(f"--models {TRAINED} needs --checkpoint")
         reps = args.reps if args.reps is not None else (3 if args.quick else 10)
         warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
         base = "break_even" if args.break_even else "sparse_speed"
         stem = base + (f"_{args.tag}" if args.tag else ("_quick" if args.quick else ""))
-        try:
-            options = BenchOptions(reps=reps, warmup=warmup, threads=args.threads, out=Path(args.out), stem=stem,
-                                   overwrite=args.overwrite, profile=args.profile, seed=args.seed,
-                                   progress=not args.no_progress, command=_command_line(args, prog))
-        except ValueError as e:
-            raise BenchError(str(e).replace("stem", "--tag").replace("reps", "--reps")) from e
+        options = BenchOptions(reps=reps, warmup=warmup, threads=args.threads, out=Path(args.out), stem=stem,
+                               overwrite=args.overwrite, profile=args.profile, seed=args.seed,
+                               progress=not args.no_progress, command=_command_line(args, prog))
+        _check_free(options)  # before any warning or work
         if args.break_even:
             doc = run_break_even(options=options, batches=tuple(args.batch or (1, 8)))
             print(markdown(doc))
@@ -728,6 +737,9 @@ def run_cli(args: argparse.Namespace, *, prog: str = "sact bench") -> int:
     except (BenchError, WorkloadError) as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return getattr(e, "code", 2)
+    except RuntimeError as e:  # a failure while measuring: the rows measured so far are in the files
+        print(f"{prog}: failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", file=sys.stderr)
+        return 1
     print(markdown(doc))
     json_path, md_path = options.paths
     print(f"wrote {json_path} and {md_path}", file=sys.stderr)

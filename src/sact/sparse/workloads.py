@@ -147,7 +147,8 @@ def object_directions(model: nn.Module, *, image_size: int, seed: int = 1234) ->
     return dirs  # type: ignore[return-value]
 
 
-def impose_object_halting(model: nn.Module, directions: list[list[Tensor]], *, alpha: float = OBJECT_ALPHA) -> nn.Module:
+def impose_object_halting(model: nn.Module, directions: list[list[Tensor]], *,
+                          alpha: float = OBJECT_ALPHA) -> nn.Module:
     """Set every SACT branch to halt zero (background) positions after unit 0; in place.
 
     ``local logit = 8 - alpha * d . act(bn(x)) / |d|^2`` (the centre tap of the 3x3 conv),
