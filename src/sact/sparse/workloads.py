@@ -1,18 +1,21 @@
 """The benchmark's workloads: models with imposed object halting, and a trained checkpoint on real canvases.
 
 **Imposed object halting** (:func:`object_model`). The input is zero except for one
-textured disc per image (the "object", :func:`object_inputs`); background positions then
-carry exactly zero features in every unit. Each SACT halting branch is set to
+textured disc per image (the "object", :func:`object_inputs`); background positions away
+from the disc then carry zero features (or only what the convolutions' biases add). Each
+SACT halting branch is set to
 
     local logit = 8 - alpha * d . act(bn(x)) / |d|^2,    global term 0,
 
 where ``d`` is the mean of ``act(bn(x))`` over the object's positions at that branch,
 measured once per model on a calibration image with nothing halting
 (:func:`object_directions`). Background positions (``x = 0``) get ``sigmoid(8) = 0.9997``
-and halt after unit 0; object positions (``x ~ d``) get about ``sigmoid(8 - alpha)`` and run
-every unit. Projecting on ``d`` (rather than summing the channels) works for every layout:
-the features of the pre-activation ``*_v2`` models are signed. The disc radius sets the
-FLOP ratio; :func:`calibrate_radius` finds the radius for a target ratio.
+and halt after unit 0; positions whose features point along ``d`` (the object, and the
+background its receptive field reaches) get ``sigmoid(8 - 40 * projection)`` and keep
+running once the projection is above about 0.3, so even a 23-unit stage runs to its end
+there. Projecting on ``d`` (rather than summing the channels) works for every layout: the
+features of the pre-activation ``*_v2`` models are signed. The disc radius sets the FLOP
+ratio; :func:`calibrate_radius` finds the radius for a target ratio.
 
 **Trained model** (:func:`load_trained`): a SACT / ACT checkpoint with its own halting, on
 the Cluttered Fashion-MNIST test canvases of its own evaluation set (canvas size, seed and
@@ -38,8 +41,10 @@ __all__ = ["object_inputs", "object_directions", "impose_object_halting", "impos
 
 #: Logit of the local halting term on zero (background) features: sigmoid(8) = 0.9997 halts.
 BACKGROUND_LOGIT = 8.0
-#: Logit drop on object features: object positions get about sigmoid(8 - 12) = 0.018 per unit.
-OBJECT_ALPHA = 12.0
+#: Logit drop on object features (``alpha``): a projection of 0.3 on the object's direction
+#: gives sigmoid(8 - 12) = 0.018 per unit, the object itself sigmoid(-32). Large enough that
+#: the 17-22 branches of a deep stage do not add up to halting on the object.
+OBJECT_ALPHA = 40.0
 #: Local halting bias that makes nothing halt (sigmoid(-30) ~ 1e-13 per unit).
 NO_HALT_LOGIT = -30.0
 
