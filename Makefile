@@ -35,8 +35,11 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q tests
 
+# The sparse engine's speed benchmark (docs/sparse.md); results in ./sact_bench/ unless
+# BENCH_ARGS says otherwise, e.g. make bench BENCH_ARGS="--quick" or "--out DIR --tag NAME".
+BENCH_ARGS ?=
 bench: setup
-	$(BIN)/python benchmarks/sparse_speed.py
+	$(BIN)/sact bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,40 +1,26 @@
-"""``sact bench``: time the sparse engine against the dense models on this machine.
+"""``sact bench``: time the sparse engine against the vanilla and dense SACT models on this machine.
 
-Wraps ``benchmarks/sparse_speed.py`` (the same options); see ``docs/sparse.md``.
+The benchmark is :mod:`sact.sparse.bench` (also ``python -m sact.sparse.bench``); results
+go to ``./sact_bench/`` or ``--out``. See ``docs/sparse.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import sys
-from pathlib import Path
-
-
-def _load_benchmark():
-    # The benchmark script lives in the repository, next to the package's src/ folder.
-    path = Path(__file__).resolve().parents[3] / "benchmarks" / "sparse_speed.py"
-    if not path.is_file():
-        raise FileNotFoundError(f"benchmark script not found at {path}; run from a source checkout")
-    spec = importlib.util.spec_from_file_location("sact_sparse_speed", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="time the sparse engine against the dense models (writes benchmarks/results)")
-    try:
-        _load_benchmark().add_arguments(p)
-    except FileNotFoundError:
-        p.add_argument("rest", nargs=argparse.REMAINDER)
+    from ..sparse.bench import add_arguments
+
+    p = sub.add_parser("bench", help="time the sparse engine against the vanilla and dense models (-> ./sact_bench)",
+                       description="Time the sparse engine (sact.to_sparse) against the vanilla network (NCHW and "
+                       "channels-last) and the dense SACT model, interleaved, with medians and spread over rounds; "
+                       "results in OUT/sparse_speed[_TAG].{json,md}.")
+    add_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        bench = _load_benchmark()
-    except FileNotFoundError as e:
-        print(f"sact bench: {e}", file=sys.stderr)
-        return 2
-    return bench.main(args, command="sact bench " + " ".join(sys.argv[2:]))
+    from ..sparse.bench import run_cli
+
+    return run_cli(args, prog="sact bench")
