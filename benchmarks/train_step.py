@@ -46,9 +46,13 @@ def environment(threads: int) -> dict:
             "loadavg_start": list(os.getloadavg())}
 
 
-def make_step(name: str, mode: str, x: torch.Tensor, y: torch.Tensor, *, compile_model: bool, tau: float = 0.01):
+def make_step(name: str, mode: str, x: torch.Tensor, y: torch.Tensor, *, compile_model: bool, channels_last: bool,
+              tau: float = 0.01):
     torch.manual_seed(0)
     model = sact.create_model(name, mode=mode, num_classes=int(y.max()) + 1).train()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     fwd = torch.compile(model) if compile_model else model
 
@@ -67,11 +71,12 @@ def quartiles(v: list[float]) -> tuple[float, float]:
     return q[0], q[2]
 
 
-def bench(name: str, size: int, batch: int, classes: int, *, reps: int, warmup: int, compile_model: bool) -> dict:
+def bench(name: str, size: int, batch: int, classes: int, *, reps: int, warmup: int, compile_model: bool,
+          channels_last: bool) -> dict:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, size, size, generator=g)
     y = torch.randint(0, classes, (batch,), generator=g)
-    steps = {m: make_step(name, m, x, y, compile_model=compile_model) for m in MODES}
+    steps = {m: make_step(name, m, x, y, compile_model=compile_model, channels_last=channels_last) for m in MODES}
     for _ in range(warmup):
         for s in steps.values():
             s()
@@ -81,7 +86,8 @@ def bench(name: str, size: int, batch: int, classes: int, *, reps: int, warmup: 
             t0 = time.perf_counter()
             s()
             times[m].append(time.perf_counter() - t0)
-    row = {"model": name, "image": size, "batch": batch, "compile": compile_model, "reps": reps,
+    row = {"model": name, "image": size, "batch": batch, "compile": compile_model, "channels_last": channels_last,
+           "reps": reps,
            "ms": {m: 1e3 * statistics.median(v) for m, v in times.items()}}
     for m in ("act", "sact"):
         ratios = [a / b for a, b in zip(times[m], times["vanilla"])]
@@ -99,9 +105,9 @@ def markdown(rows: list[dict], env: dict, command: str) -> str:
              f"{env.get('loadavg_end', [float('nan')])[0]:.2f} at end", "",
              "One SGD step (forward + loss + backward + update); ratios are per-round (interleaved) medians, "
              "with the interquartile range and min-max over the rounds.", "",
-             "| model | image | batch | compile | ms vanilla / ACT / SACT | ACT / vanilla (IQR; range) "
+             "| model | image | batch | layout | compile | ms vanilla / ACT / SACT | ACT / vanilla (IQR; range) "
              "| SACT / vanilla (IQR; range) | load |",
-             "|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ms = r["ms"]
 
@@ -110,7 +116,8 @@ def markdown(rows: list[dict], env: dict, command: str) -> str:
             a, b = r[f"{m}_ratio_range"]
             return f"{r[f'{m}_ratio']:.2f} ({lo:.2f}-{hi:.2f}; {a:.2f}-{b:.2f})"
 
-        lines.append(f"| {r['model']} | {r['image']} | {r['batch']} | {'yes' if r['compile'] else 'no'} | "
+        layout = "channels-last" if r.get("channels_last") else "NCHW"
+        lines.append(f"| {r['model']} | {r['image']} | {r['batch']} | {layout} | {'yes' if r['compile'] else 'no'} | "
                      f"{ms['vanilla']:.0f} / {ms['act']:.0f} / {ms['sact']:.0f} | {cell('act')} | {cell('sact')} | "
                      f"{r['loadavg']:.1f} |")
     return "\n".join(lines) + "\n"
@@ -123,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--models", nargs="*", default=None, help="restrict to these models")
     p.add_argument("--compile", action="store_true", help="also time the models under torch.compile")
+    p.add_argument("--layouts", nargs="+", default=["nchw", "channels-last"], choices=["nchw", "channels-last"],
+                   help="memory formats of model and input to time (default both)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--tag", default="")
     args = p.parse_args(argv)
@@ -139,14 +148,16 @@ def main(argv: list[str] | None = None) -> int:
     for name, size, batch, classes in ROWS:
         if args.models and name not in args.models:
             continue
-        for compiled in ((False, True) if args.compile else (False,)):
-            row = bench(name, size, batch, classes, reps=args.reps, warmup=args.warmup, compile_model=compiled)
-            rows.append(row)
-            print(f"{name} b{batch} compile={compiled}: ms {row['ms']}, ACT/vanilla {row['act_ratio']:.2f}, "
-                  f"SACT/vanilla {row['sact_ratio']:.2f}", file=sys.stderr)
-            args.out.mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(stem.with_suffix(".json"), json.dumps({"env": env, "command": command, "rows": rows},
-                                                                      indent=2).encode())
+        for layout in args.layouts:
+            for compiled in ((False, True) if args.compile else (False,)):
+                row = bench(name, size, batch, classes, reps=args.reps, warmup=args.warmup, compile_model=compiled,
+                            channels_last=layout == "channels-last")
+                rows.append(row)
+                print(f"{name} b{batch} {layout} compile={compiled}: ms {row['ms']}, "
+                      f"ACT/vanilla {row['act_ratio']:.2f}, SACT/vanilla {row['sact_ratio']:.2f}", file=sys.stderr)
+                args.out.mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(stem.with_suffix(".json"),
+                                   json.dumps({"env": env, "command": command, "rows": rows}, indent=2).encode())
     env["loadavg_end"] = list(os.getloadavg())
     md = markdown(rows, env, command)
     atomic_write_bytes(stem.with_suffix(".json"), json.dumps({"env": env, "command": command, "rows": rows},
