@@ -154,3 +154,28 @@ def test_native_bottleneck_kernels_equal_pure_and_keep_sums(built, name, kernel_
     untouched[idx] = False
     assert torch.equal(Xn[untouched], X[untouched])  # only active rows change
     assert not torch.equal(Xn[idx], X[idx])  # and they do change
+
+
+@pytest.mark.parametrize("name", ["resnet50", "resnet50_v2"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_halting_step_equals_the_generic_loop(built, name, dtype):
+    """The row executor's native step (recurrence + accumulation + next index set) is an
+    accelerated copy of the stage loop's generic path: same unit counts, maps and outputs."""
+    varied = 0
+    for bias in (0.0, -1.0, 1.0):
+        model = small_model(name, "sact", dtype=dtype, halting_bias=bias)
+        x = torch.randn(3, 3, 37, 35, dtype=dtype)
+        fused = to_sparse(model, poison=True)
+        generic = to_sparse(model, poison=True)
+        for e in generic.executors:
+            e.fused_step = False
+        with torch.no_grad():
+            a, b = fused(x), generic(x)
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        assert_same(b, a, atol=tol)
+        for s, t in zip(a.stages, b.stages):
+            assert torch.equal(s.num_units, t.num_units)
+            assert torch.equal(s.ponder_map, t.ponder_map)
+            assert torch.equal(s.halting_distribution, t.halting_distribution)
+        varied += sum(int(s.num_units.unique().numel() > 1) for s in a.stages)
+    assert varied > 0

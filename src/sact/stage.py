@@ -93,10 +93,10 @@ class Where:
             Built on first use from the running positions.
     """
 
-    def __init__(self, active: Tensor | None = None, idx: Tensor | None = None, *, dtype: torch.dtype | None = None,
-                 shape: tuple[int, int, int, int] | None = None) -> None:
+    def __init__(self, active: Tensor | HaltingState | None = None, idx: Tensor | None = None, *,
+                 dtype: torch.dtype | None = None, shape: tuple[int, int, int, int] | None = None) -> None:
         self.idx = idx
-        self._active, self._dtype, self._shape = active, dtype, shape
+        self._active, self._dtype, self._shape = active, dtype, shape  # active: bool [S], or a state (lazy)
         self._mask: Tensor | None = None
         self._cache: dict = {}  # executors keep what the unit and the branch after it share
 
@@ -110,7 +110,8 @@ class Where:
         if self._active is None:
             return None
         if self._mask is None:
-            m = self._active.to(self._dtype)
+            active = self._active
+            m = (~active.finished if isinstance(active, HaltingState) else active).to(self._dtype)
             self._mask = m.unsqueeze(1) if m.dim() == 3 else m.view(-1, 1, 1, 1).expand(self._shape)
         return self._mask
 
@@ -144,6 +145,10 @@ class StageRun(Protocol):
     def output(self) -> Tensor:
         """``[B, C, H, W]`` the stage output ``sum_n p^n x^n`` (vanilla: the last unit's output)."""
         ...
+
+    # Optional (compacting runs): ``fused_step(n, state, proba, where, dist_n, eps) -> idx``, an
+    # accelerated copy of the halting step + accumulation + next index set of the loop below,
+    # updating ``state`` and ``dist_n`` in place (tested equal to the generic path).
 
 
 class StageExecutor(Protocol):
@@ -234,6 +239,8 @@ def run_stage(stage: "AdaptiveStage", x: Tensor, executor: StageExecutor | None 
     shape = (b, h, w) if spatial else (b,)
     state = HaltingState.initial(feats.new_empty(shape))  # at least float32 (see HaltingState)
     dist = torch.zeros((num_u, *shape), dtype=state.cumsum.dtype, device=dev)
+    fused = getattr(run, "fused_step", None)
+    n_pos = state.cumsum.numel()
     where = Where()
     for n in range(num_u):
         if n > 0:
@@ -245,6 +252,10 @@ def run_stage(stage: "AdaptiveStage", x: Tensor, executor: StageExecutor | None 
             proba = run.halting(n, where)
             if per_step_flops:
                 flops = flops + stage.halting[n].flops(run.features, where.mask)
+        if fused is not None:  # the same step, accumulation and next index set, in one native call
+            idx = fused(n, state, proba, where, dist[n], stage.eps)
+            where = Where(state, None if idx.numel() == n_pos else idx, dtype=feats.dtype, shape=(b, 1, h, w))
+            continue
         if where.idx is None:
             state, weight = halting_step(state, proba, eps=stage.eps)
             dist[n] = weight

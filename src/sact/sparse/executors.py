@@ -62,6 +62,8 @@ class _RowRun:
         self.S = X[: self.geo.n].view(b, h * w, -1).sum(1, dtype=acc)
         self.O: Tensor | None = None  # stage output rows
         self._everything: RowSet | None = None
+        if self.geo.native and ex.fused_step:
+            self.fused_step = self._fused_step  # the loop's step + accumulation, fused natively
 
     @property
     def features(self) -> Tensor:
@@ -107,6 +109,14 @@ class _RowRun:
         g = self.geo
         return self.O.view(g.batch, g.height, g.width, -1).permute(0, 3, 1, 2)
 
+    def _fused_step(self, n: int, state, proba: Tensor | None, where: Where, dist_n: Tensor, eps: float) -> Tensor:
+        """The loop's halting step, accumulation and next index set in one native call (CPU)."""
+        X, g = self.X, self.geo
+        if self.O is None:
+            self.O = g.scratch(g.n, X.shape[1], X)
+        p = None if proba is None else proba.reshape(-1)
+        return native.halting_step_rows(state, dist_n.view(-1), self.O, X, where.idx, p, eps, first=n == 0)
+
 
 class RowExecutor(nn.Module):
     """SACT stages on a row buffer: units and halting branches at the active rows only.
@@ -129,6 +139,8 @@ class RowExecutor(nn.Module):
         _ref(self, "stage", stage)
         self.chunk_rows = chunk_rows
         self.poison = poison
+        #: use the native fused halting step (CPU, native kernels loaded); False: the generic loop
+        self.fused_step = True
         self.unit_kernels = nn.ModuleList(make_unit_kernel(u, dense_above=dense_above) for u in stage.units[1:])
         self.halting_kernels = nn.ModuleList(make_halting_kernel(b) for b in stage.halting)
         u0 = stage.units[0]

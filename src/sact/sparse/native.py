@@ -152,6 +152,18 @@ def accumulate_rows(out: Tensor, X: Tensor, idx: Tensor, w: Tensor) -> None:
     torch.ops.sact_native.accumulate_rows(out, X, idx, w)
 
 
+def halting_step_rows(state, dist: Tensor, O: Tensor, X: Tensor, idx: Tensor | None, proba: Tensor | None, eps: float,
+                      *, first: bool) -> Tensor:
+    """:func:`sact.act.halting_step` at the running rows ``idx`` (``None``: all), in place on the full
+    :class:`~sact.act.HaltingState` ``state``, fused with the stage output accumulation (see
+    ``csrc/rows.cpp``). Returns the rows still running."""
+    empty = dist.new_empty(0)
+    return torch.ops.sact_native.halting_step_rows(
+        state.cumsum, state.remainder, state.ponder_cost, state.num_units, state.finished, dist, O, X,
+        idx if idx is not None else torch.empty(0, dtype=torch.long), idx is None,
+        empty if proba is None else proba, float(eps), first)
+
+
 if __name__ == "__main__":  # python -m sact.sparse.native: build ahead of time
     build(verbose=True)
     print("sact native kernels built:", _build_name())

@@ -27,6 +27,7 @@ from ..models.resnet_v2 import PreActBottleneck
 from ..units import Bottleneck, PreActBasicUnit
 from . import native
 from .fold import bn_scale_shift, conv_as_matrix, fold_conv_bn, foldable_bn
+from .gemm import linear, linear_add
 from .rows import rows_view
 from .rowset import RowSet, chunks, refresh_sums
 
@@ -107,7 +108,7 @@ class _BottleneckRows(_UnitKernel):
         super().__init__()
         _ref(self, "unit", unit)
         self.dense_above = dense_above
-        for name in ("s0", "t0", "m1", "b1", "w2", "b2", "m2", "m3", "b3"):
+        for name in ("s0", "t0", "m1", "b1", "w2", "b2", "m2", "m3", "b3", "wt1", "wt3"):
             self.register_buffer(name, torch.empty(0), persistent=False)
         self.refresh()
 
@@ -116,9 +117,10 @@ class _BottleneckRows(_UnitKernel):
         if pre is not None:
             self.s0, self.t0 = pre[0].to(dt), pre[1].to(dt)
         self.m1, self.b1 = conv_as_matrix(c1[0]).to(dt), c1[1].to(dt)
-        self.w2, self.b2 = c2[0].to(dt), c2[1].to(dt)
+        self.w2, self.b2 = c2[0].to(dt).contiguous(memory_format=torch.channels_last), c2[1].to(dt)
         self.m2 = conv_as_matrix(c2[0]).to(dt)
         self.m3, self.b3 = conv_as_matrix(c3[0]).to(dt), c3[1].to(dt)
+        self.wt1, self.wt3 = self.m1.t().contiguous(), self.m3.t().contiguous()  # (out, in) for oneDNN
 
     def _conv1_input(self, x: Tensor) -> Tensor:
         if self.s0.numel() == 0:
@@ -130,14 +132,14 @@ class _BottleneckRows(_UnitKernel):
         g = rows.geo
         width = self.m1.shape[1]
         xr = X[: g.n]
-        t = torch.addmm(self.b1, self._conv1_input(xr), self.m1).relu_()  # (N, width)
+        t = linear(self._conv1_input(xr), self.wt1, self.b1, relu=True)  # (N, width)
         t = F.conv2d(t.view(g.batch, g.height, g.width, width).permute(0, 3, 1, 2), self.w2, self.b2, padding=1)
         t = t.relu_().permute(0, 2, 3, 1).reshape(g.n, width)
-        if rows.all_active and self.final_relu:
-            xr.addmm_(t, self.m3).add_(self.b3).relu_()  # residual accumulated inside the GEMM
+        if rows.all_active:
+            y = linear_add(t, xr, self.wt3, self.b3)  # conv3 + bias + residual in one product
+            xr.copy_(y.relu_() if self.final_relu else y)
         else:
-            r = torch.addmm(self.b3, t, self.m3)
-            xr.add_(r) if rows.all_active else xr.addcmul_(r, rows.active.to(r.dtype).unsqueeze(1))
+            xr.addcmul_(linear(t, self.wt3, self.b3), rows.active.to(t.dtype).unsqueeze(1))
             if self.final_relu:
                 xr.relu_()  # halted rows are >= 0 already: ReLU keeps them
         refresh_sums(X, S, g)
@@ -153,7 +155,7 @@ class _BottleneckRows(_UnitKernel):
                                    pre_scale=self.s0 if self.s0.numel() else None,
                                    pre_shift=self.t0 if self.t0.numel() else None, final_relu=self.final_relu)
             return
-        t1.index_copy_(0, dil, torch.addmm(self.b1, self._conv1_input(X.index_select(0, dil)), self.m1).relu_())
+        t1.index_copy_(0, dil, linear(self._conv1_input(X.index_select(0, dil)), self.wt1, self.b1, relu=True))
         idx, nbr = rows.idx, rows.nbr
         resum = rows.fraction > 0.5  # one pass over X is cheaper than per-chunk deltas then
         for s, e in chunks(idx.numel(), g.chunk):
@@ -416,7 +418,7 @@ class RowBottleneck0(nn.Module):
         super().__init__()
         _ref(self, "unit", unit)
         self.stride = unit.stride
-        for name in ("w2", "b2", "m1", "b1", "m3", "b3", "md", "bd"):
+        for name in ("w2", "b2", "wt1", "b1", "wt3", "b3", "wtd", "bd"):
             self.register_buffer(name, torch.empty(0), persistent=False)
         self.refresh()
 
@@ -455,12 +457,12 @@ class RowBottleneck0(nn.Module):
         w1, b1 = fold_conv_bn(u.conv1, u.bn1)
         w2, b2 = fold_conv_bn(u.conv2, u.bn2)
         w3, b3 = fold_conv_bn(u.conv3, u.bn3)
-        self.m1, self.b1 = conv_as_matrix(w1).to(dt), b1.to(dt)
+        self.wt1, self.b1 = w1.to(dt).flatten(1).contiguous(), b1.to(dt)  # (out, in) 1x1 weights
         self.w2, self.b2 = w2.to(dt).contiguous(memory_format=torch.channels_last), b2.to(dt)
-        self.m3, self.b3 = conv_as_matrix(w3).to(dt), b3.to(dt)
+        self.wt3, self.b3 = w3.to(dt).flatten(1).contiguous(), b3.to(dt)
         if u.downsample is not None:
             wd, bd = fold_conv_bn(u.downsample[0], u.downsample[1])
-            self.md, self.bd = conv_as_matrix(wd).to(dt), bd.to(dt)
+            self.wtd, self.bd = wd.to(dt).flatten(1).contiguous(), bd.to(dt)
 
     def forward(self, x: Tensor, *, poison: bool = False) -> Tensor:
         """``x`` ``[B, C_in, H, W]`` -> rows ``(B*H'*W' + 1, C)`` (last row zero)."""
@@ -468,28 +470,19 @@ class RowBottleneck0(nn.Module):
         b, cin, h, w = x.shape
         x = x.contiguous(memory_format=torch.channels_last)
         rows_in = x.permute(0, 2, 3, 1).reshape(b * h * w, cin)
-        width = self.m1.shape[1]
-        t = torch.addmm(self.b1, rows_in, self.m1).relu_()
+        width = self.wt1.shape[0]
+        t = linear(rows_in, self.wt1, self.b1, relu=True)
         t = F.conv2d(t.view(b, h, w, width).permute(0, 3, 1, 2), self.w2, self.b2, stride=self.stride, padding=1)
         ho, wo = t.shape[-2:]
         n = b * ho * wo
         t = t.relu_().permute(0, 2, 3, 1).reshape(n, width)
-        out = x.new_empty(n + 1, u.out_channels)
-        if poison:
-            out.fill_(float("nan"))
-        out[n].zero_()
-        o = out[:n]
         if u.downsample is not None:
             s = u.downsample[0].stride[0]
             xs = x[:, :, ::s, ::s] if s > 1 else x
-            sc_rows = xs.permute(0, 2, 3, 1).reshape(n, cin)
-            torch.addmm(self.b3 + self.bd, t, self.m3, out=o)
-            o.addmm_(sc_rows, self.md)
+            shortcut = linear(xs.permute(0, 2, 3, 1).reshape(n, cin), self.wtd, self.bd)
         else:
-            torch.addmm(self.b3, t, self.m3, out=o)
-            o.add_(rows_in)
-        o.relu_()
-        return out
+            shortcut = rows_in
+        return _with_pad_row(linear_add(t, shortcut, self.wt3, self.b3).relu_(), poison)
 
 
 class RowPreActBottleneck0(nn.Module):
@@ -505,7 +498,7 @@ class RowPreActBottleneck0(nn.Module):
         super().__init__()
         _ref(self, "unit", unit)
         self.stride = unit.stride
-        for name in ("s0", "t0", "m1", "b1", "w2", "b2", "m3", "b3", "ms", "bs"):
+        for name in ("s0", "t0", "wt1", "b1", "w2", "b2", "wt3", "b3", "wts", "bs"):
             self.register_buffer(name, torch.empty(0), persistent=False)
         self.refresh()
 
@@ -534,12 +527,12 @@ class RowPreActBottleneck0(nn.Module):
         w2, b2 = fold_conv_bn(u.conv2, u.conv2_bn)
         w3, b3 = fold_conv_bn(u.conv3, None)
         self.s0, self.t0 = s0.to(dt), t0.to(dt)
-        self.m1, self.b1 = conv_as_matrix(w1).to(dt), b1.to(dt)
+        self.wt1, self.b1 = w1.to(dt).flatten(1).contiguous(), b1.to(dt)  # (out, in) 1x1 weights
         self.w2, self.b2 = w2.to(dt).contiguous(memory_format=torch.channels_last), b2.to(dt)
-        self.m3, self.b3 = conv_as_matrix(w3).to(dt), b3.to(dt)
+        self.wt3, self.b3 = w3.to(dt).flatten(1).contiguous(), b3.to(dt)
         if u.shortcut is not None:
             ws, bs = fold_conv_bn(u.shortcut, None)
-            self.ms, self.bs = conv_as_matrix(ws).to(dt), bs.to(dt)
+            self.wts, self.bs = ws.to(dt).flatten(1).contiguous(), bs.to(dt)
 
     def forward(self, x: Tensor, *, poison: bool = False) -> Tensor:
         """``x`` ``[B, C_in, H, W]`` -> rows ``(B*H'*W' + 1, C)`` (last row zero)."""
@@ -548,22 +541,26 @@ class RowPreActBottleneck0(nn.Module):
         s = self.stride
         x = x.contiguous(memory_format=torch.channels_last)
         p = x.permute(0, 2, 3, 1).reshape(b * h * w, cin).mul(self.s0).add_(self.t0).relu_()  # pre-activation rows
-        width = self.m1.shape[1]
-        t = torch.addmm(self.b1, p, self.m1).relu_()
+        width = self.wt1.shape[0]
+        t = linear(p, self.wt1, self.b1, relu=True)
         t = F.conv2d(t.view(b, h, w, width).permute(0, 3, 1, 2), self.w2, self.b2, stride=s, padding=1)
         ho, wo = t.shape[-2:]
         n = b * ho * wo
         t = t.relu_().permute(0, 2, 3, 1).reshape(n, width)
-        out = x.new_empty(n + 1, u.out_channels)
-        if poison:
-            out.fill_(float("nan"))
-        out[n].zero_()
-        o = out[:n]
-        torch.addmm(self.b3, t, self.m3, out=o)
         if u.shortcut is not None:
             ps = p.view(b, h, w, cin)[:, ::s, ::s].reshape(n, cin) if s > 1 else p
-            o.addmm_(ps, self.ms).add_(self.bs)
+            shortcut = linear(ps, self.wts, self.bs)
         else:
             xs = x[:, :, ::s, ::s] if s > 1 else x
-            o.add_(xs.permute(0, 2, 3, 1).reshape(n, cin))
-        return out
+            shortcut = xs.permute(0, 2, 3, 1).reshape(n, cin)
+        return _with_pad_row(linear_add(t, shortcut, self.wt3, self.b3), poison)
+
+
+def _with_pad_row(y: Tensor, poison: bool) -> Tensor:
+    """``(n, C)`` rows -> a fresh ``(n + 1, C)`` row buffer whose last row is zero."""
+    out = y.new_empty(y.shape[0] + 1, y.shape[1])
+    if poison:
+        out.fill_(float("nan"))
+    out[:-1].copy_(y)
+    out[-1].zero_()
+    return out

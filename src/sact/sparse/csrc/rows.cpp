@@ -392,6 +392,109 @@ void accumulate_rows(Tensor out, Tensor X, Tensor idx, Tensor w) {
   });
 }
 
+template <typename scalar_t, typename state_t>
+Tensor halting_step_rows_impl(Tensor& cumsum, Tensor& remainder, Tensor& ponder, Tensor& num_units, Tensor& finished,
+                              Tensor& dist, Tensor& O, const Tensor& X, const Tensor& idx, bool everything,
+                              const Tensor& p, double eps, bool first) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t C = X.size(1);
+  const int64_t na = everything ? cumsum.numel() : idx.numel();
+  const int64_t* ip = everything ? nullptr : idx.data_ptr<int64_t>();
+  state_t* cs = cumsum.data_ptr<state_t>();
+  state_t* rem = remainder.data_ptr<state_t>();
+  state_t* pc = ponder.data_ptr<state_t>();
+  int64_t* nu = num_units.data_ptr<int64_t>();
+  bool* fin = finished.data_ptr<bool>();
+  state_t* dp = dist.data_ptr<state_t>();
+  scalar_t* op = O.data_ptr<scalar_t>();
+  const scalar_t* xp = X.data_ptr<scalar_t>();
+  const bool last = p.numel() == 0;  // the last unit always halts: h = 1
+  const Tensor pc_ = last ? p : p.to(cumsum.scalar_type()).contiguous();
+  const state_t* hp = last ? nullptr : pc_.data_ptr<state_t>();
+  // The threshold as halting_step compares it: `cumsum >= 1.0 - eps` in the state's dtype.
+  const state_t thr = static_cast<state_t>(1.0 - eps);
+  std::vector<uint8_t> keep(na);
+  at::parallel_for(0, na, 64, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) {
+      const int64_t r = everything ? i : ip[i];
+      // halting_step on a running position (finished is false here):
+      const state_t h = last ? state_t(1) : hp[i];
+      const state_t c = cs[r] + h;
+      const bool cur = c >= thr;
+      const state_t hz = cur ? state_t(0) : h;  // h is zeroed where the position halts
+      const state_t w = cur ? rem[r] : hz;     // just halted: the remainder
+      pc[r] = pc[r] + (cur ? rem[r] : state_t(1));
+      rem[r] = rem[r] - hz;
+      nu[r] += 1;
+      fin[r] = cur;
+      cs[r] = c;
+      dp[r] = w;
+      keep[i] = !cur;
+      // the stage output: O[r] (+)= w * X[r], rounded like the accumulation kernels
+      const acc_t ws = static_cast<acc_t>(static_cast<scalar_t>(w));
+      scalar_t* o = op + r * C;
+      const scalar_t* x = xp + r * C;
+      if (first) {
+        for (int64_t j = 0; j < C; ++j) o[j] = static_cast<scalar_t>(ws * static_cast<acc_t>(x[j]));
+      } else {
+        for (int64_t j = 0; j < C; ++j)
+          o[j] = static_cast<scalar_t>(static_cast<acc_t>(o[j]) +
+                                       static_cast<acc_t>(static_cast<scalar_t>(ws * static_cast<acc_t>(x[j]))));
+      }
+    }
+  });
+  int64_t count = 0;
+  for (int64_t i = 0; i < na; ++i) count += keep[i];
+  Tensor next = at::empty({count}, cumsum.options().dtype(at::kLong));
+  int64_t* np = next.data_ptr<int64_t>();
+  for (int64_t i = 0, j = 0; i < na; ++i)
+    if (keep[i]) np[j++] = everything ? i : ip[i];
+  return next;
+}
+
+// One step of the halting recurrence (sact.act.halting_step) at the running rows idx (all
+// rows if `everything`), in place on the full state (cumsum, remainder, ponder, num_units,
+// finished: [N]), writing the halting distribution's row `dist` [N] and accumulating the
+// stage output O [N, C] += w * X (O = w * X when `first`). p: the rows' halting
+// probabilities, empty for the last unit (h = 1). Returns the rows still running, sorted.
+Tensor halting_step_rows(Tensor cumsum, Tensor remainder, Tensor ponder, Tensor num_units, Tensor finished,
+                         Tensor dist, Tensor O, Tensor X, Tensor idx, bool everything, Tensor p, double eps,
+                         bool first) {
+  check_rows_buffer(X, "X");
+  check_rows_buffer(O, "O");
+  const int64_t N = cumsum.numel();
+  TORCH_CHECK(O.size(0) == N && O.size(1) == X.size(1) && X.size(0) >= N && O.scalar_type() == X.scalar_type(),
+              "O must be (N, C) of X's dtype");
+  for (const Tensor* t : {&cumsum, &remainder, &ponder, &dist}) {
+    TORCH_CHECK(t->is_contiguous() && t->numel() == N && t->scalar_type() == cumsum.scalar_type() &&
+                    t->device().is_cpu(),
+                "state tensors must be contiguous CPU tensors of one dtype with N entries");
+  }
+  TORCH_CHECK(cumsum.scalar_type() == at::kFloat || cumsum.scalar_type() == at::kDouble, "state must be float32/64");
+  TORCH_CHECK(num_units.is_contiguous() && num_units.numel() == N && num_units.scalar_type() == at::kLong,
+              "num_units must be int64 with N entries");
+  TORCH_CHECK(finished.is_contiguous() && finished.numel() == N && finished.scalar_type() == at::kBool,
+              "finished must be bool with N entries");
+  if (!everything) {
+    check_index(idx, "idx");
+    const int64_t* ip = idx.data_ptr<int64_t>();
+    for (int64_t i = 0; i < idx.numel(); ++i) TORCH_CHECK(ip[i] >= 0 && ip[i] < N, "row index out of range");
+  }
+  const int64_t na = everything ? N : idx.numel();
+  TORCH_CHECK(p.numel() == 0 || (p.numel() == na && p.device().is_cpu()), "p must have one entry per running row");
+  Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, X.scalar_type(), "halting_step_rows", [&] {
+    if (cumsum.scalar_type() == at::kDouble) {
+      out = halting_step_rows_impl<scalar_t, double>(cumsum, remainder, ponder, num_units, finished, dist, O, X, idx,
+                                                     everything, p, eps, first);
+    } else {
+      out = halting_step_rows_impl<scalar_t, float>(cumsum, remainder, ponder, num_units, finished, dist, O, X, idx,
+                                                    everything, p, eps, first);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(sact_native, m) {
@@ -402,6 +505,9 @@ TORCH_LIBRARY(sact_native, m) {
         "Tensor shift, float slope, bool identity, Tensor glob, int hw) -> Tensor");
   m.def("dilate_rows(Tensor idx, Tensor nbr) -> Tensor");
   m.def("accumulate_rows(Tensor(a!) out, Tensor X, Tensor idx, Tensor w) -> ()");
+  m.def("halting_step_rows(Tensor(a!) cumsum, Tensor(b!) remainder, Tensor(c!) ponder, Tensor(d!) num_units, "
+        "Tensor(e!) finished, Tensor(f!) dist, Tensor(g!) O, Tensor X, Tensor idx, bool everything, Tensor p, "
+        "float eps, bool first) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(sact_native, CPU, m) {
@@ -409,4 +515,5 @@ TORCH_LIBRARY_IMPL(sact_native, CPU, m) {
   m.impl("halting_rows", &halting_rows);
   m.impl("dilate_rows", &dilate_rows);
   m.impl("accumulate_rows", &accumulate_rows);
+  m.impl("halting_step_rows", &halting_step_rows);
 }
