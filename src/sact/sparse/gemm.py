@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["onednn_available", "linear", "linear_add"]
+__all__ = ["onednn_available", "use_onednn", "linear", "linear_add"]
 
 _ONEDNN_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _state: dict = {"ok": None}
@@ -31,7 +31,8 @@ def onednn_available() -> bool:
     return _state["ok"]
 
 
-def _use_onednn(x: Tensor) -> bool:
+def use_onednn(x: Tensor) -> bool:
+    """True when products with ``x`` (rows) go through oneDNN: CPU, float32 / bfloat16 / float16."""
     return x.device.type == "cpu" and x.dtype in _ONEDNN_DTYPES and onednn_available()
 
 
@@ -46,7 +47,7 @@ def linear(x: Tensor, wt: Tensor, b: Tensor, *, relu: bool = False) -> Tensor:
     Returns:
         A new ``(M, N)`` contiguous tensor.
     """
-    if _use_onednn(x):
+    if use_onednn(x):
         return torch.ops.mkldnn._linear_pointwise(x, wt, b, "relu" if relu else "none", [], "")
     y = torch.addmm(b, x, wt.t())
     return y.relu_() if relu else y
@@ -54,6 +55,6 @@ def linear(x: Tensor, wt: Tensor, b: Tensor, *, relu: bool = False) -> Tensor:
 
 def linear_add(x: Tensor, other: Tensor, wt: Tensor, b: Tensor) -> Tensor:
     """``x @ wt.T + b + other`` (a 1x1 convolution plus a residual), as a new ``(M, N)`` tensor."""
-    if _use_onednn(x):
+    if use_onednn(x):
         return torch.ops.mkldnn._linear_pointwise.binary(x, other, wt, b, "add")
     return torch.addmm(other, x, wt.t()).add_(b)

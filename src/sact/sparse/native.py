@@ -125,16 +125,21 @@ def use_for(x: Tensor) -> bool:
 
 
 def bottleneck_rows(X, S, t1, idx, dil, nbr, m1, b1, m2, b2, m3, b3, hw: int, chunk: int, min_rows: int, *,
-                    pre_scale: Tensor | None = None, pre_shift: Tensor | None = None, final_relu: bool = True) -> None:
+                    pre_scale: Tensor | None = None, pre_shift: Tensor | None = None, final_relu: bool = True,
+                    wt: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
     """Fused sparse bottleneck (see ``csrc/rows.cpp``): updates ``X`` at ``idx`` and ``S`` in place.
 
     ``pre_scale`` / ``pre_shift`` (``[C]``): a pre-activation unit's BN, applied with a ReLU to
     the rows conv1 reads; ``final_relu=False`` for pre-activation units (no ReLU after the sum).
+    ``wt``: the three weights as ``(out, in)`` matrices: the products then run through oneDNN
+    (:mod:`sact.sparse.gemm`) with the bias and ReLU fused; ``None``: ``m1, m2, m3`` with at::mm.
     """
     empty = X.new_empty(0)
+    wt1, wt2, wt3 = wt if wt is not None else (empty, empty, empty)
     torch.ops.sact_native.bottleneck_rows(X, S, t1, idx, dil, nbr, m1, b1, m2, b2, m3, b3,
                                           empty if pre_scale is None else pre_scale,
-                                          empty if pre_shift is None else pre_shift, final_relu, hw, chunk, min_rows)
+                                          empty if pre_shift is None else pre_shift, final_relu, wt1, wt2, wt3,
+                                          hw, chunk, min_rows)
 
 
 def halting_rows(X, idx, dil, nbr, wz, cz, scale, shift, slope: float, identity: bool, glob, hw: int) -> Tensor:

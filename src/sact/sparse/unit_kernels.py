@@ -27,7 +27,7 @@ from ..models.resnet_v2 import PreActBottleneck
 from ..units import Bottleneck, PreActBasicUnit
 from . import native
 from .fold import bn_scale_shift, conv_as_matrix, fold_conv_bn, foldable_bn
-from .gemm import linear, linear_add
+from .gemm import linear, linear_add, use_onednn
 from .rows import rows_view
 from .rowset import RowSet, chunks, refresh_sums
 
@@ -108,7 +108,7 @@ class _BottleneckRows(_UnitKernel):
         super().__init__()
         _ref(self, "unit", unit)
         self.dense_above = dense_above
-        for name in ("s0", "t0", "m1", "b1", "w2", "b2", "m2", "m3", "b3", "wt1", "wt3"):
+        for name in ("s0", "t0", "m1", "b1", "w2", "b2", "m2", "m3", "b3", "wt1", "wt2", "wt3"):
             self.register_buffer(name, torch.empty(0), persistent=False)
         self.refresh()
 
@@ -121,6 +121,7 @@ class _BottleneckRows(_UnitKernel):
         self.m2 = conv_as_matrix(c2[0]).to(dt)
         self.m3, self.b3 = conv_as_matrix(c3[0]).to(dt), c3[1].to(dt)
         self.wt1, self.wt3 = self.m1.t().contiguous(), self.m3.t().contiguous()  # (out, in) for oneDNN
+        self.wt2 = self.m2.t().contiguous()
 
     def _conv1_input(self, x: Tensor) -> Tensor:
         if self.s0.numel() == 0:
@@ -153,7 +154,8 @@ class _BottleneckRows(_UnitKernel):
             native.bottleneck_rows(X, S, t1, rows.idx, dil, g.nbr, self.m1, self.b1, self.m2, self.b2, self.m3,
                                    self.b3, g.hw, g.chunk, NATIVE_MIN_ROWS,
                                    pre_scale=self.s0 if self.s0.numel() else None,
-                                   pre_shift=self.t0 if self.t0.numel() else None, final_relu=self.final_relu)
+                                   pre_shift=self.t0 if self.t0.numel() else None, final_relu=self.final_relu,
+                                   wt=(self.wt1, self.wt2, self.wt3) if use_onednn(X) else None)
             return
         t1.index_copy_(0, dil, linear(self._conv1_input(X.index_select(0, dil)), self.wt1, self.b1, relu=True))
         idx, nbr = rows.idx, rows.nbr

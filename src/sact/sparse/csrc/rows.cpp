@@ -17,6 +17,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -37,6 +38,42 @@ void check_rows_buffer(const Tensor& X, const char* name) {
 void check_index(const Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.is_contiguous(), name,
               " must be a contiguous int64 CPU tensor");
+}
+
+// ---- matrix products: oneDNN where torch has it (about 2x MKL's sgemm on CPUs where MKL runs
+// its AVX2 path, e.g. AMD; see sact/sparse/gemm.py), else at::mm.
+
+const c10::OperatorHandle* onednn_linear_op() {
+  static const c10::OperatorHandle* op = []() -> const c10::OperatorHandle* {
+    auto h = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+    return h ? new c10::OperatorHandle(*h) : nullptr;
+  }();
+  return op;
+}
+
+// Rows of a gathered operand are padded to a multiple of this, so that oneDNN sees few
+// distinct shapes (it builds a kernel per shape and caches it).
+constexpr int64_t kRowBucket = 32;
+
+int64_t padded_rows(int64_t m, bool onednn) { return onednn ? (m + kRowBucket - 1) / kRowBucket * kRowBucket : m; }
+
+// A (>= m rows) times a 1x1 convolution: oneDNN computes A @ wt^T + b (+ ReLU) for all of A's
+// rows (bias fused); at::mm computes A[:m] @ mat (the caller adds the bias).
+Tensor rows_product(const Tensor& A, int64_t m, const Tensor& mat, const Tensor& wt, const Tensor& b, bool relu,
+                    bool onednn) {
+  if (onednn) {
+    std::vector<c10::IValue> stack;
+    stack.reserve(6);
+    stack.emplace_back(A);
+    stack.emplace_back(wt);
+    stack.emplace_back(b);
+    stack.emplace_back(std::string(relu ? "relu" : "none"));
+    stack.emplace_back(c10::List<std::optional<at::Scalar>>());
+    stack.emplace_back(c10::IValue());
+    onednn_linear_op()->callBoxed(&stack);
+    return stack[0].toTensor();
+  }
+  return at::mm(A.narrow(0, 0, m), mat);
 }
 
 // Chunks of `total` rows: enough to give every thread work when there are at least
@@ -107,7 +144,8 @@ template <typename scalar_t>
 void bottleneck_rows_impl(Tensor& X, Tensor& S, Tensor& t1, const Tensor& idx, const Tensor& dil,
                           const Tensor& nbr, const Tensor& m1, const Tensor& b1, const Tensor& m2,
                           const Tensor& b2, const Tensor& m3, const Tensor& b3, const Tensor& pre_scale,
-                          const Tensor& pre_shift, bool final_relu, int64_t hw, int64_t chunk, int64_t min_rows) {
+                          const Tensor& pre_shift, bool final_relu, const Tensor& wt1, const Tensor& wt2,
+                          const Tensor& wt3, int64_t hw, int64_t chunk, int64_t min_rows) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t C = X.size(1), W = m1.size(1), N = nbr.size(0);
   const int64_t na = idx.numel(), nd = dil.numel();
@@ -127,6 +165,8 @@ void bottleneck_rows_impl(Tensor& X, Tensor& S, Tensor& t1, const Tensor& idx, c
   acc_t* Sp = S.data_ptr<acc_t>();
   const auto opts = X.options();
   const bool all_dil = nd == N;
+  // oneDNN products (bias and ReLU fused) when the caller passed the (out, in) weights
+  const bool dnn = wt1.numel() > 0 && onednn_linear_op() != nullptr;
 
   // conv1 (1x1) + bias + ReLU at the dilated rows, into t1.
   for_each_chunk(plan_chunks(nd, chunk, min_rows), [&](int64_t s, int64_t e) {
@@ -135,7 +175,9 @@ void bottleneck_rows_impl(Tensor& X, Tensor& S, Tensor& t1, const Tensor& idx, c
     if (all_dil && !pre) {
       A = X.narrow(0, s, m);  // rows s..e are contiguous
     } else {
-      A = at::empty({m, C}, opts);
+      const int64_t mp = padded_rows(m, dnn);
+      A = at::empty({mp, C}, opts);
+      if (mp > m) A.narrow(0, m, mp - m).zero_();
       scalar_t* Ap = A.data_ptr<scalar_t>();
       at::parallel_for(0, m, 64, [&](int64_t b, int64_t f) {
         for (int64_t i = b; i < f; ++i) {
@@ -153,13 +195,16 @@ void bottleneck_rows_impl(Tensor& X, Tensor& S, Tensor& t1, const Tensor& idx, c
         }
       });
     }
-    Tensor R = all_dil ? t1.narrow(0, s, m) : at::empty({m, W}, opts);
-    at::mm_out(R, A, m1);
-    scalar_t* Rp = R.data_ptr<scalar_t>();
+    const Tensor R = rows_product(A, m, m1, wt1, b1, true, dnn);
+    const scalar_t* Rp = R.data_ptr<scalar_t>();
     at::parallel_for(0, m, 64, [&](int64_t b, int64_t f) {
       for (int64_t i = b; i < f; ++i) {
         const scalar_t* r = Rp + i * W;
         scalar_t* dst = Tp + (all_dil ? s + i : dp[s + i]) * W;
+        if (dnn) {  // bias and ReLU are in the product
+          std::memcpy(dst, r, W * sizeof(scalar_t));
+          continue;
+        }
         for (int64_t j = 0; j < W; ++j) {
           const acc_t v = static_cast<acc_t>(r[j]) + static_cast<acc_t>(b1p[j]);
           dst[j] = static_cast<scalar_t>(v > acc_t(0) ? v : acc_t(0));
@@ -172,7 +217,9 @@ void bottleneck_rows_impl(Tensor& X, Tensor& S, Tensor& t1, const Tensor& idx, c
   std::mutex lock;
   for_each_chunk(plan_chunks(na, chunk, min_rows), [&](int64_t s, int64_t e) {
     const int64_t m = e - s;
-    Tensor G = at::empty({m, 9 * W}, opts);
+    const int64_t mp = padded_rows(m, dnn);
+    Tensor G = at::empty({mp, 9 * W}, opts);
+    if (mp > m) G.narrow(0, m, mp - m).zero_();
     scalar_t* Gp = G.data_ptr<scalar_t>();
     at::parallel_for(0, m, 32, [&](int64_t b, int64_t f) {
       for (int64_t i = b; i < f; ++i) {
@@ -180,17 +227,17 @@ void bottleneck_rows_impl(Tensor& X, Tensor& S, Tensor& t1, const Tensor& idx, c
         for (int64_t k = 0; k < 9; ++k) std::memcpy(Gp + (i * 9 + k) * W, Tp + nb[k] * W, W * sizeof(scalar_t));
       }
     });
-    Tensor R = at::empty({m, W}, opts);
-    at::mm_out(R, G, m2);
-    scalar_t* Rp = R.data_ptr<scalar_t>();
-    at::parallel_for(0, m * W, 4096, [&](int64_t b, int64_t f) {
-      for (int64_t i = b; i < f; ++i) {
-        const acc_t v = static_cast<acc_t>(Rp[i]) + static_cast<acc_t>(b2p[i % W]);
-        Rp[i] = static_cast<scalar_t>(v > acc_t(0) ? v : acc_t(0));
-      }
-    });
-    Tensor Y = at::empty({m, C}, opts);
-    at::mm_out(Y, R, m3);
+    Tensor R = rows_product(G, m, m2, wt2, b2, true, dnn);
+    if (!dnn) {
+      scalar_t* Rp = R.data_ptr<scalar_t>();
+      at::parallel_for(0, m * W, 4096, [&](int64_t b, int64_t f) {
+        for (int64_t i = b; i < f; ++i) {
+          const acc_t v = static_cast<acc_t>(Rp[i]) + static_cast<acc_t>(b2p[i % W]);
+          Rp[i] = static_cast<scalar_t>(v > acc_t(0) ? v : acc_t(0));
+        }
+      });
+    }
+    const Tensor Y = rows_product(R, m, m3, wt3, b3, false, dnn);
     const scalar_t* Yp = Y.data_ptr<scalar_t>();
     at::parallel_for(0, m, 16, [&](int64_t b, int64_t f) {
       SumAccumulator<acc_t> sums(Sp, C, &lock);
@@ -202,7 +249,7 @@ void bottleneck_rows_impl(Tensor& X, Tensor& S, Tensor& t1, const Tensor& idx, c
         for (int64_t j = 0; j < C; ++j) {
           // (conv3 + bias) + residual, then ReLU (post-activation units only): the order of
           // the pure-PyTorch kernel.
-          const scalar_t r = static_cast<scalar_t>(static_cast<acc_t>(y[j]) + static_cast<acc_t>(b3p[j]));
+          const scalar_t r = dnn ? y[j] : static_cast<scalar_t>(static_cast<acc_t>(y[j]) + static_cast<acc_t>(b3p[j]));
           acc_t v = static_cast<acc_t>(r) + static_cast<acc_t>(x[j]);
           if (final_relu) v = v > acc_t(0) ? v : acc_t(0);
           const scalar_t nv = static_cast<scalar_t>(v);
@@ -219,7 +266,7 @@ void bottleneck_rows_impl(Tensor& X, Tensor& S, Tensor& t1, const Tensor& idx, c
 // to date; t1 (N+1, W) scratch whose last row is zero (conv2's padding).
 void bottleneck_rows(Tensor X, Tensor S, Tensor t1, Tensor idx, Tensor dil, Tensor nbr, Tensor m1, Tensor b1,
                      Tensor m2, Tensor b2, Tensor m3, Tensor b3, Tensor pre_scale, Tensor pre_shift, bool final_relu,
-                     int64_t hw, int64_t chunk, int64_t min_rows) {
+                     Tensor wt1, Tensor wt2, Tensor wt3, int64_t hw, int64_t chunk, int64_t min_rows) {
   check_rows_buffer(X, "X");
   check_rows_buffer(t1, "t1");
   check_index(idx, "idx");
@@ -239,9 +286,17 @@ void bottleneck_rows(Tensor X, Tensor S, Tensor t1, Tensor idx, Tensor dil, Tens
   }
   TORCH_CHECK((pre_scale.numel() == 0 && pre_shift.numel() == 0) || (pre_scale.numel() == C && pre_shift.numel() == C),
               "pre_scale and pre_shift must both be empty or have C entries");
+  const bool with_wt = wt1.numel() > 0;
+  TORCH_CHECK(!with_wt || (wt1.sizes() == at::IntArrayRef({W, C}) && wt2.sizes() == at::IntArrayRef({W, 9 * W}) &&
+                           wt3.sizes() == at::IntArrayRef({C, W})),
+              "wt1, wt2, wt3 must be empty or the (out, in) weights");
+  for (const Tensor* t : {&wt1, &wt2, &wt3}) {
+    TORCH_CHECK(t->numel() == 0 || (t->scalar_type() == X.scalar_type() && t->is_contiguous() && t->device().is_cpu()),
+                "wt1, wt2, wt3 must be contiguous CPU tensors of X's dtype");
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, X.scalar_type(), "bottleneck_rows", [&] {
     bottleneck_rows_impl<scalar_t>(X, S, t1, idx, dil, nbr, m1, b1, m2, b2, m3, b3, pre_scale, pre_shift, final_relu,
-                                   hw, chunk, min_rows);
+                                   wt1, wt2, wt3, hw, chunk, min_rows);
   });
 }
 
@@ -500,7 +555,7 @@ Tensor halting_step_rows(Tensor cumsum, Tensor remainder, Tensor ponder, Tensor 
 TORCH_LIBRARY(sact_native, m) {
   m.def("bottleneck_rows(Tensor(a!) X, Tensor(b!) S, Tensor(c!) t1, Tensor idx, Tensor dil, Tensor nbr, Tensor m1, "
         "Tensor b1, Tensor m2, Tensor b2, Tensor m3, Tensor b3, Tensor pre_scale, Tensor pre_shift, bool final_relu, "
-        "int hw, int chunk, int min_rows) -> ()");
+        "Tensor wt1, Tensor wt2, Tensor wt3, int hw, int chunk, int min_rows) -> ()");
   m.def("halting_rows(Tensor X, Tensor idx, Tensor dil, Tensor nbr, Tensor wz, Tensor cz, Tensor scale, "
         "Tensor shift, float slope, bool identity, Tensor glob, int hw) -> Tensor");
   m.def("dilate_rows(Tensor idx, Tensor nbr) -> Tensor");
