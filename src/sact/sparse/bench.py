@@ -507,9 +507,10 @@ def markdown(doc: dict) -> str:
 
 def _break_even_markdown(doc: dict) -> str:
     lines = _header(doc) + [
-        f"Sparse path / dense path time of one row kernel on the same buffer (process CPU time, median of "
-        f"{doc['settings']['reps']} repeats, one thread, centred disc active sets); break-even = the active "
-        "fraction where the ratio crosses 1 (1.0: the sparse path always wins).",
+        f"Sparse path / dense path time of one row kernel on the same buffer "
+        f"({'wall-clock' if doc['settings'].get('clock', 'cpu') == 'wall' else 'process CPU'} time, median of "
+        f"{doc['settings']['reps']} repeats, {doc['settings']['threads']} thread(s), centred disc active sets); "
+        "break-even = the active fraction where the ratio crosses 1 (1.0: the sparse path always wins).",
         "",
         "| unit | kernel | batch | active fraction: sparse/dense time | break-even |",
         "|---|---|---|---|---|",
@@ -614,7 +615,8 @@ def run_benchmark(workloads: Sequence[Workload], *, options: BenchOptions, train
 
 
 def run_break_even(*, options: BenchOptions, batches: Sequence[int] = (1, 8)) -> dict:
-    """Measure the break-even active fraction of every unit kernel (:mod:`sact.sparse.break_even`), one thread.
+    """Measure the break-even active fraction of every unit kernel (:mod:`sact.sparse.break_even`):
+    wall-clock time at the benchmark's thread count (the configuration the defaults are for).
 
     Writes ``options.paths`` after every unit, like :func:`run_benchmark`.
     """
@@ -624,10 +626,9 @@ def run_break_even(*, options: BenchOptions, batches: Sequence[int] = (1, 8)) ->
 
     _check_free(options)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # CPU time at more threads counts OpenMP spin-waits
     try:
-        doc = {"format": FORMAT, "version": 1, "command": options.command, "env": environment(1),
-               "settings": {"reps": options.reps, "threads": 1}, "break_even": []}
+        doc = {"format": FORMAT, "version": 1, "command": options.command, "env": environment(threads),
+               "settings": {"reps": options.reps, "threads": threads, "clock": "wall"}, "break_even": []}
         todo = [(name, build, side, b) for name, build, side in UNIT_CASES for b in batches]
         for name, build, side, b in tqdm(todo, desc="break-even", file=sys.stderr, disable=not options.progress):
             res = break_even(build(), side, batch=b, reps=options.reps)

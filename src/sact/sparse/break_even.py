@@ -33,7 +33,9 @@ UNIT_CASES: tuple[tuple[str, Callable[[], nn.Module], int], ...] = (
     ("Bottleneck 256x56x56", lambda: Bottleneck(256, 64), 56),
     ("Bottleneck 512x28x28", lambda: Bottleneck(512, 128), 28),
     ("Bottleneck 1024x14x14", lambda: Bottleneck(1024, 256), 14),
+    ("Bottleneck 2048x7x7", lambda: Bottleneck(2048, 512), 7),
     ("PreActBottleneck 256x56x56", lambda: PreActBottleneck(256, 256, 64), 56),
+    ("PreActBottleneck 1024x14x14", lambda: PreActBottleneck(1024, 1024, 256), 14),
     ("BasicBlock 64x56x56", lambda: BasicBlock(64, 64), 56),
     ("PreActBasicUnit 16x32x32", lambda: PreActBasicUnit(16, 16), 32),
     ("PreActBasicUnit 64x8x8", lambda: PreActBasicUnit(64, 64), 8),
@@ -52,21 +54,25 @@ def _disc_rows(side: int, batch: int, fraction: float) -> torch.Tensor:
 
 
 def break_even(unit: nn.Module, side: int, *, batch: int = 1, reps: int = 5,
-               fractions=FRACTIONS) -> dict | None:
+               fractions=FRACTIONS, clock: str = "wall") -> dict | None:
     """Sparse / dense time of one unit kernel over disc-shaped active sets.
 
     Args:
         unit: a stride-1 residual unit (eval mode is set).
         side: map side.
         batch: images.
-        reps: timed repeats per point (median of process CPU time; one untimed first).
+        reps: timed repeats per point (median; one untimed first).
         fractions: active fractions to try.
+        clock: ``"wall"`` (``time.perf_counter``) or ``"cpu"`` (``time.process_time``).
 
     Returns:
         ``{"kernel", "batch", "points": [(fraction, sparse/dense)], "break_even"}`` (``break_even``:
         the interpolated fraction where the ratio crosses 1, 1.0 if sparse always wins,
         ``None`` if it never does), or ``None`` when the unit has no sparse/dense pair.
     """
+    if clock not in ("wall", "cpu"):
+        raise ValueError(f"clock must be 'wall' or 'cpu', got {clock!r}")
+    now = time.perf_counter if clock == "wall" else time.process_time
     kernel = make_unit_kernel(unit.eval(), dense_above=1.0)
     if not (hasattr(kernel, "run_sparse") and hasattr(kernel, "run_dense")):
         return None
@@ -84,10 +90,10 @@ def break_even(unit: nn.Module, side: int, *, batch: int = 1, reps: int = 5,
                 for path in ("sparse", "dense"):
                     X, S = x0.clone(), torch.zeros(batch, c)
                     rows = RowSet(idx, geo, idx.numel() == geo.n)  # the set's bookkeeping is timed too
-                    t0 = time.process_time()
+                    t0 = now()
                     getattr(kernel, f"run_{path}")(X, S, rows)
                     if rep:
-                        times[path].append(time.process_time() - t0)
+                        times[path].append(now() - t0)
             points.append((idx.numel() / geo.n, statistics.median(times["sparse"]) / statistics.median(times["dense"])))
     crossing = next((f0 + (1 - r0) * (f1 - f0) / (r1 - r0) for (f0, r0), (f1, r1) in zip(points, points[1:])
                      if r0 < 1 <= r1), None)

@@ -44,14 +44,15 @@ __all__ = [
 ]
 
 #: Active fraction above which a unit runs densely on the buffer view: the measured
-#: break-even points (docs/sparse.md). Bottlenecks on small maps (at most
-#: ``SMALL_MAP`` positions per image, e.g. 14x14) gain even at full activity because
-#: the dense convolution is less efficient there.
+#: break-even points (``sact bench --break-even``, docs/sparse.md). ``@small``: maps of at
+#: most ``SMALL_MAP`` positions per image (e.g. 14x14), where the dense convolution is less
+#: efficient.
 DEFAULT_DENSE_ABOVE = {
-    "SparseBottleneck": 0.6,
-    "SparseBottleneck@small": 0.85,
-    "SparsePreActBottleneck": 0.6,
-    "SparsePreActBottleneck@small": 0.85,
+    # native kernels with oneDNN products: sparse wins up to 0.91-1.0 (2 threads, wall clock)
+    "SparseBottleneck": 0.9,
+    "SparseBottleneck@small": 0.9,
+    "SparsePreActBottleneck": 0.9,
+    "SparsePreActBottleneck@small": 0.9,
     "SparsePreActBasic": 0.25,
     # pure PyTorch: break-even 0.30-0.41 at 64x56x56 and 256x14x14, batch 1 and 8 (two runs of
     # benchmarks.sparse_speed.break_even_rows, 1 thread, SACT_NATIVE=0)

@@ -312,12 +312,16 @@ Tensor halting_rows_impl(const Tensor& X, const Tensor& idx, const Tensor& dil, 
   const int64_t* ip = idx.data_ptr<int64_t>();
   const int64_t* dp = dil.data_ptr<int64_t>();
   const int64_t* np = nbr.data_ptr<int64_t>();
+  const auto st = X.scalar_type();
+  const bool dnn = (st == at::kFloat || st == at::kBFloat16 || st == at::kHalf) && onednn_linear_op() != nullptr;
   // The dilated rows, after BN + activation unless those are folded into wz (identity).
   Tensor A;
   if (identity && all_dil) {
     A = X.narrow(0, 0, N);
   } else {
-    A = at::empty({nd, C}, X.options());
+    const int64_t ndp = padded_rows(nd, dnn);
+    A = at::empty({ndp, C}, X.options());
+    if (ndp > nd) A.narrow(0, nd, ndp - nd).zero_();
     scalar_t* Ap = A.data_ptr<scalar_t>();
     const Tensor sc = identity ? Tensor() : scale.to(acc_type).contiguous();
     const Tensor tc = identity ? Tensor() : shift.to(acc_type).contiguous();
@@ -342,9 +346,11 @@ Tensor halting_rows_impl(const Tensor& X, const Tensor& idx, const Tensor& dil, 
     });
   }
   // Z (nd, 9): the nine per-tap projections of the dilated rows (one GEMM).
-  const Tensor Zm = at::mm(A, wz.to(X.scalar_type()).contiguous());
+  // (oneDNN adds cz as the product's bias; at::mm's result gets it below)
+  const Tensor Zm = dnn ? rows_product(A, nd, Tensor(), wz.to(st).t().contiguous(), cz.to(st).contiguous(), false, true)
+                        : at::mm(A, wz.to(st).contiguous());
   const scalar_t* Zmp = Zm.data_ptr<scalar_t>();
-  const Tensor czc = cz.to(acc_type).contiguous();
+  const Tensor czc = dnn ? at::zeros({9}, X.options().dtype(acc_type)) : cz.to(acc_type).contiguous();
   const acc_t* czp = czc.data_ptr<acc_t>();
   // Scatter into a row-indexed table whose pad row (N) is zero: Z[row, k] (rounded like the pure kernel).
   std::vector<scalar_t> Z((N + 1) * 9);
