@@ -24,6 +24,7 @@ import hashlib
 import inspect
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -61,9 +62,13 @@ class CheckpointError(InputError):
 
 
 def checkpoint_paths(path: str | Path, default_name: str = "model") -> tuple[Path, Path]:
-    """``(NAME.safetensors, NAME.json)`` for ``NAME``, either file, or a folder (``folder/default_name``)."""
+    """``(NAME.safetensors, NAME.json)`` for ``NAME``, either file, or a folder (``folder/default_name``).
+
+    A folder is an existing directory or a string ending in ``/`` (``"runs/new/"`` ->
+    ``runs/new/model.safetensors``, also before the folder exists).
+    """
     p = Path(path)
-    if p.is_dir():
+    if p.is_dir() or (isinstance(path, str) and path.endswith(("/", os.sep))):
         p = p / default_name
     if p.suffix in (".safetensors", ".json"):
         p = p.with_suffix("")
@@ -76,7 +81,8 @@ def save_checkpoint(model: nn.Module, path: str | Path, *, meta: dict[str, Any] 
     Args:
         model: the model; must carry ``sact_config`` (set by ``create_model``). A
             ``DistributedDataParallel`` / ``torch.compile`` wrapper is unwrapped.
-        path: ``NAME``, ``NAME.safetensors`` or a folder (then ``folder/model``).
+        path: ``NAME``, ``NAME.safetensors`` or a folder (then ``folder/model``): an
+            existing folder, or a string ending in ``/`` (the folder is created).
         meta: JSON-serialisable extras (tau, metrics, preprocessing, config);
             non-finite floats are stored as ``null`` (the files are strict JSON).
 
@@ -292,7 +298,8 @@ def non_finite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
     return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
-def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu", eval_mode: bool = True,
+def load_checkpoint(path: str | Path, *, map_location: str | torch.device | None = None,
+                    device: str | torch.device | None = None, eval_mode: bool = True,
                     allow_non_finite: bool = False) -> nn.Module:
     """Rebuild the model of a checkpoint and load its weights.
 
@@ -302,7 +309,8 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
 
     Args:
         path: ``NAME``, ``NAME.safetensors``, ``NAME.json`` or a folder holding ``model.*``.
-        map_location: device for the weights.
+        map_location: device for the weights (default ``"cpu"``).
+        device: the same as ``map_location`` (the name ``nn.Module.to`` uses); give one of the two.
         eval_mode: return the model in eval mode (default).
         allow_non_finite: load weights holding NaN / inf (refused by default: such a
             model computes nothing useful, and evaluating it writes NaN metrics).
@@ -318,6 +326,9 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
 
     from .models import create_model
 
+    if device is not None and map_location is not None and torch.device(device) != torch.device(map_location):
+        raise ValueError(f"load_checkpoint: device={device!r} and map_location={map_location!r} differ; pass one")
+    target = device if device is not None else (map_location if map_location is not None else "cpu")
     doc = read_checkpoint_meta(path)
     weights, sidecar = checkpoint_paths(path)
     if not weights.is_file():
@@ -352,6 +363,6 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
         model.load_state_dict(state)
     except (ValueError, RuntimeError) as e:
         raise CheckpointError(f"{weights} does not fit model {label}: {e}") from e
-    model.to(map_location)
+    model.to(target)
     model.checkpoint_meta = doc.get("meta", {})
     return model.eval() if eval_mode else model
