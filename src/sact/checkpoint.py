@@ -35,7 +35,7 @@ from .errors import InputError
 from .fileio import atomic_write_bytes, dumps_json, finite_or_none
 
 __all__ = ["checkpoint_paths", "save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "validate_model_spec",
-           "non_finite_tensors", "read_safetensors_header", "atomic_write_bytes", "CheckpointError"]
+           "trained_input_size", "non_finite_tensors", "read_safetensors_header", "atomic_write_bytes", "CheckpointError"]
 
 FORMAT = "sact-checkpoint"
 VERSION = 1
@@ -291,6 +291,31 @@ def _check_tensors(weights: Path, header: dict, expected: dict, label: str) -> N
             f"wrong dtype/shape {wrong[:5]}" + (f" (and {len(missing) + len(unexpected) + len(wrong) - 15} more)"
                                                 if len(missing) + len(unexpected) + len(wrong) > 15 else "")
         )
+
+
+def trained_input_size(meta: dict[str, Any] | None) -> tuple[int, int, int] | None:
+    """``(C, H, W)`` of the images a checkpoint's model was trained on, from its ``meta``.
+
+    ``meta["input_size"]`` (written by ``sact train`` and the demo); for older checkpoints,
+    the preprocessing's ``in_chans`` and ``image_size``, or the canvas of a Cluttered
+    Fashion-MNIST training config. ``None`` when the checkpoint does not say.
+    """
+    if not isinstance(meta, dict):
+        return None
+    size = meta.get("input_size")
+    if isinstance(size, list) and len(size) == 3 and all(type(v) is int and v > 0 for v in size):
+        return tuple(size)
+    pre = meta.get("preprocess") if isinstance(meta.get("preprocess"), dict) else {}
+    chans = pre.get("in_chans") if type(pre.get("in_chans")) is int else None
+    if chans and type(pre.get("image_size")) is int and pre["image_size"] > 0:
+        return chans, pre["image_size"], pre["image_size"]
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    if config.get("dataset") == "cluttered":
+        clutter = config.get("clutter") if isinstance(config.get("clutter"), dict) else {}
+        canvas = clutter.get("canvas_size", 64)
+        if type(canvas) is int and canvas > 0:
+            return 1, canvas, canvas
+    return None
 
 
 def non_finite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
