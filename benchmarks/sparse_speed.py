@@ -331,7 +331,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", nargs="*", default=None, help="restrict to these models")
     p.add_argument("--batch", type=int, nargs="*", default=None, help="restrict to these batch sizes")
     p.add_argument("--checkpoint", type=str, default=None,
-                   help="a trained SACT checkpoint (default: the demo's reports/demo/sact/model.safetensors if present)")
+                   help="a trained SACT checkpoint (default: reports/demo/sact/model.safetensors if present)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for sparse_speed*.json / .md")
     p.add_argument("--tag", type=str, default="", help="suffix of the result file names")
     p.add_argument("--no-break-even", action="store_true", help="skip the per-unit break-even measurement")

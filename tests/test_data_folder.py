@@ -203,3 +203,15 @@ def test_bad_flags_are_one_line_exit_2(flags, match, tree, tmp_path, capsys):
     assert code == 2
     assert match in error_line(capsys.readouterr().err, "train")
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())  # nothing written
+
+
+def test_eval_flags_are_checked(tree, tmp_path, capsys):
+    sact.save_checkpoint(sact.create_model("resnet20_cifar", base_channels=4), tmp_path / "ck",
+                         meta={"config": {"dataset": "folder", "val_fraction": 0.25, "image_size": 16}})
+    base = ["eval", str(tmp_path / "ck"), "--data-dir", str(tree), "--out", str(tmp_path / "m.json"), "--no-progress"]
+    for flags, match in ((["--val-fraction", "2"], "val_fraction=2"), (["--eval-samples", "0"], "eval_samples=0")):
+        assert main([*base, *flags]) == 2
+        assert match in error_line(capsys.readouterr().err, "eval")
+    # without stored preprocessing, the folder's images get the dataset's default at the trained size
+    assert main([*base, "--eval-samples", "3"]) == 0
+    assert json.loads((tmp_path / "m.json").read_text())["num_images"] == 3

@@ -35,7 +35,8 @@ from .errors import InputError
 from .fileio import atomic_write_bytes, dumps_json, finite_or_none
 
 __all__ = ["checkpoint_paths", "save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "validate_model_spec",
-           "trained_input_size", "non_finite_tensors", "read_safetensors_header", "atomic_write_bytes", "CheckpointError"]
+           "trained_input_size", "non_finite_tensors", "read_safetensors_header", "atomic_write_bytes",
+           "CheckpointError"]
 
 FORMAT = "sact-checkpoint"
 VERSION = 1

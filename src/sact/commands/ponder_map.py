@@ -29,8 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "ponder-map",
         help="ponder-cost maps (where the network spent its computation) of images and folders",
         description="Write, for every image: <name>_image.png, <name>_ponder.png (viridis, colour bar), "
-        "<name>_overlay.png (with colour bar), <name>_stages.png, <name>_ponder.npy (summed map, float32); results.jsonl and "
-        "an index.html gallery. Exit status 1 if any input was skipped.",
+        "<name>_overlay.png (with colour bar), <name>_stages.png, <name>_ponder.npy (summed map, float32); "
+        "results.jsonl and an index.html gallery. Exit status 1 if any input was skipped.",
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files and folders (searched recursively)")
     p.add_argument("--checkpoint", required=True, help="checkpoint written by sact.save_checkpoint / sact train")

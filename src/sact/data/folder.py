@@ -45,7 +45,8 @@ def _visible(path: Path, root: Path) -> bool:
     return not any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
-def list_class_folders(root: str | Path, classes: Sequence[str] | None = None) -> tuple[list[str], list[tuple[str, int]]]:
+def list_class_folders(root: str | Path,
+                       classes: Sequence[str] | None = None) -> tuple[list[str], list[tuple[str, int]]]:
     """The classes and image files of a class-folder tree.
 
     Args:

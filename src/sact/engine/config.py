@@ -104,8 +104,8 @@ class TrainConfig:
         data_seed: cluttered only, seed of the canvases (test canvases use ``data_seed + 1``).
         clutter: cluttered only, :class:`sact.data.ClutterConfig` fields.
         image_size: input side of image-folder datasets (imagenet, folder).
-        label_offset: ImageNet: added to the folder labels (1 for the reference's 1001-class models,
-            whose index 0 is background).
+        label_offset: image folders (imagenet, folder): added to the labels (1 for the
+            reference's 1001-class models, whose index 0 is background).
         batch_size: images per optimisation step per process.
         eval_batch_size: images per evaluation batch.
         workers: DataLoader worker processes (0: load in the training process).
@@ -323,7 +323,8 @@ class TrainConfig:
         (a run's :meth:`to_dict`), as ``"name: saved -> now"``. A field the saved run
         lacks (saved by an older sact) counts as its default value."""
         now = self.to_dict()
-        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory() for f in fields(self)}
+        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                    for f in fields(self)}
         saved = {k: saved.get(k, defaults[k]) for k in now}
         return [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now if k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
 

@@ -227,8 +227,8 @@ def _folder_datasets(config, *, train: bool, eval_preprocess: dict | None) -> Da
     else:
         pre, reason = folder_preprocess(config, in_chans=in_chans)
     opts = dict(label_offset=config.label_offset, strict=config.strict_data, max_pixels=config.max_pixels)
-    tr = ImageFolderDataset(train_samples, classes, transform=D.imagenet_train_transform(pre.image_size, preprocess=pre),
-                            **opts) if train else None
+    augment = D.imagenet_train_transform(pre.image_size, preprocess=pre)
+    tr = ImageFolderDataset(train_samples, classes, transform=augment, **opts) if train else None
     ev = _subset(ImageFolderDataset(val_samples, classes, transform=pre, **opts), config)
     size = pre.image_size or config.image_size
     return DataSpec(tr, ev, classes, pre.in_chans, pre.to_dict(), input_size=(pre.in_chans, size, size),
