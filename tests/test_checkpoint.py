@@ -100,3 +100,14 @@ def test_errors(tmp_path):
         {"format": "sact-checkpoint", "version": 1, "model": {"name": "resnet9", "kwargs": {}}, "meta": {}}))
     with pytest.raises(CheckpointError, match="unknown model 'resnet9'"):
         sact.load_checkpoint(tmp_path / "bad")
+
+
+def test_trained_input_size_from_new_and_older_metas():
+    from sact.checkpoint import trained_input_size
+
+    assert trained_input_size({"input_size": [1, 64, 48]}) == (1, 64, 48)
+    assert trained_input_size({"preprocess": {"kind": "inception", "in_chans": 3, "image_size": 224}}) == (3, 224, 224)
+    assert trained_input_size({"config": {"dataset": "cluttered", "clutter": {"canvas_size": 48}}}) == (1, 48, 48)
+    assert trained_input_size({"config": {"dataset": "cluttered"}}) == (1, 64, 64)  # the canvas default
+    for meta in ({}, None, {"input_size": [0, 1, 1]}, {"input_size": "big"}, {"preprocess": {"kind": "unit"}}):
+        assert trained_input_size(meta) is None

@@ -215,3 +215,12 @@ def test_eval_flags_are_checked(tree, tmp_path, capsys):
     # without stored preprocessing, the folder's images get the dataset's default at the trained size
     assert main([*base, "--eval-samples", "3"]) == 0
     assert json.loads((tmp_path / "m.json").read_text())["num_images"] == 3
+
+
+def test_builtin_datasets_keep_their_preprocessing_and_say_so(tmp_path):
+    sact.save_checkpoint(sact.create_model("resnet20_cifar", base_channels=4, in_chans=1), tmp_path / "ck",
+                         meta={"preprocess": sact.data.imagenet_preprocess(64).to_dict()})
+    cfg = TrainConfig(model="resnet20_cifar", dataset="cluttered", init=str(tmp_path / "ck"), train_samples=8)
+    with pytest.warns(UserWarning, match="keeps its own preprocessing"):
+        spec = build_datasets(cfg)
+    assert spec.preprocess["kind"] == "unit" and spec.preprocess["image_size"] == 64 and spec.input_size == (1, 64, 64)
