@@ -224,3 +224,11 @@ def test_builtin_datasets_keep_their_preprocessing_and_say_so(tmp_path):
     with pytest.warns(UserWarning, match="keeps its own preprocessing"):
         spec = build_datasets(cfg)
     assert spec.preprocess["kind"] == "unit" and spec.preprocess["image_size"] == 64 and spec.input_size == (1, 64, 64)
+
+
+def test_eval_refuses_data_with_more_classes_than_the_model(tree, tmp_path, capsys):
+    sact.save_checkpoint(sact.create_model("resnet20_cifar", base_channels=4, num_classes=2), tmp_path / "ck",
+                         meta={"config": {"dataset": "folder", "val_fraction": 0.25, "image_size": 16}})
+    assert main(["eval", str(tmp_path / "ck"), "--data-dir", str(tree), "--out", str(tmp_path / "m.json"),
+                 "--no-progress"]) == 2
+    assert "3 classes (labels up to 2) but the model" in error_line(capsys.readouterr().err, "eval")

@@ -298,13 +298,17 @@ def vanilla_flops(model: nn.Module, size: tuple[int, int]) -> int | None:
 
     The reference to state a model's FLOPs against ("58% of the vanilla network"): the
     same registered model and arguments in ``mode="vanilla"`` (every unit at every
-    position, no halting branches), counted with the same convention. The vanilla model
-    is built once per model (default initialisation: FLOPs do not depend on weights);
-    counts are cached per size.
+    position, no halting branches). Counted without computing anything: the vanilla
+    model is built on the ``meta`` device and run under ``torch.utils.flop_counter.
+    FlopCounterMode``, which equals sact's convention (2 x multiply-adds of convolutions
+    and linear layers) on vanilla networks; a model that cannot run on ``meta`` is run
+    once on the CPU instead. Counts are cached per model and size.
 
     Returns:
         The count, or None for a model not built by :func:`sact.create_model` (no ``sact_config``).
     """
+    from torch.utils.flop_counter import FlopCounterMode
+
     config = getattr(model, "sact_config", None)
     if not isinstance(config, dict):
         return None
@@ -313,13 +317,20 @@ def vanilla_flops(model: nn.Module, size: tuple[int, int]) -> int | None:
 
         kwargs = {k: v for k, v in config.get("kwargs", {}).items() if k != "mode"}
         try:
-            vanilla = create_model(config["name"], mode="vanilla", **kwargs).eval()
+            with torch.device("meta"):
+                vanilla = create_model(config["name"], mode="vanilla", **kwargs).eval()
         except (KeyError, TypeError, ValueError):
             return None
         _VANILLA[model] = (vanilla, {})
     vanilla, counts = _VANILLA[model]
     key = (int(size[0]), int(size[1]))
     if key not in counts:
-        with torch.no_grad():
-            counts[key] = int(vanilla(torch.zeros(1, vanilla.in_chans, *key)).flops[0].item())
+        try:
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                vanilla(torch.empty(1, vanilla.in_chans, *key, device="meta"))
+            counts[key] = int(counter.get_total_flops())
+        except (RuntimeError, NotImplementedError):  # an op without a meta kernel: count on real tensors
+            real = vanilla.to_empty(device="cpu")
+            with torch.no_grad():
+                counts[key] = int(real(torch.zeros(1, real.in_chans, *key)).flops[0].item())
     return counts[key]

@@ -95,6 +95,10 @@ def run(args: argparse.Namespace) -> int:
     if pre is None and model.in_chans in (1, 3):  # image folders: as many channels as the model takes
         config = config.replace(model_kwargs={"in_chans": model.in_chans})
     data = build_datasets(config, train=False, eval_preprocess=pre)  # the preprocessing training used
+    outputs = model.sact_config["kwargs"].get("num_classes")
+    if isinstance(outputs, int) and data.num_classes > outputs:
+        raise InputError(f"the data has {len(data.classes)} classes (labels up to {data.num_classes - 1}) but the "
+                         f"model {args.checkpoint} has {outputs} outputs: is --data-dir the dataset it was trained on?")
     tau = args.tau if args.tau is not None else meta.get("tau", config.tau)
     if isinstance(tau, bool) or not isinstance(tau, (int, float)):
         raise InputError(f"{args.checkpoint}: tau={tau!r} in the checkpoint is not a number; pass --tau")

@@ -21,8 +21,8 @@ from torch.utils.data.distributed import DistributedSampler
 
 from ..errors import InputError
 
-__all__ = ["Batch", "DataSpec", "build_datasets", "folder_preprocess", "spec_from_sets", "default_preprocess", "collate",
-           "SkipSampler", "train_loader", "eval_loader", "steps_per_epoch", "DEFAULT_CLUTTERED_EVAL"]
+__all__ = ["Batch", "DataSpec", "build_datasets", "folder_preprocess", "spec_from_sets", "default_preprocess",
+           "collate", "SkipSampler", "train_loader", "eval_loader", "steps_per_epoch", "DEFAULT_CLUTTERED_EVAL"]
 
 
 @dataclass
@@ -98,15 +98,20 @@ def build_datasets(config, *, train: bool = True, eval_preprocess: dict | None =
         spec = _folder_datasets(config, train=train, eval_preprocess=eval_preprocess)
     if config.dataset not in _FOLDERS and train:
         _warn_if_init_differs(config, spec.preprocess)
-    spec.num_classes = _num_classes(config, len(spec.classes))
+    spec.num_classes = _num_classes(config, len(spec.classes), config.label_offset if config.dataset in _FOLDERS else 0)
     return spec
 
 
-def _num_classes(config, classes: int) -> int:
-    needed = classes + config.label_offset
+def _num_classes(config, classes: int, offset: int = 0) -> int:
+    """Classifier outputs: ``config.num_classes`` (or ``model_kwargs``), else ``classes + offset``.
+
+    Raises:
+        InputError: a given number too small for the labels.
+    """
+    needed = classes + offset
     given = config.num_classes or config.model_kwargs.get("num_classes")
     if given is not None and given < needed:
-        offset = f" with label_offset {config.label_offset}" if config.label_offset else ""
+        offset = f" with label_offset {offset}" if offset else ""
         raise InputError(f"num_classes={given} is too small for the {classes} classes of the data{offset} "
                          f"(labels go up to {needed - 1}); pass --num-classes {needed} or more")
     return given or needed
@@ -263,8 +268,8 @@ def spec_from_sets(train: Dataset, eval: Dataset, config) -> DataSpec:
     first = collate([eval[0]])[0]
     pre = getattr(eval, "preprocess", None)
     pre = pre.to_dict() if hasattr(pre, "to_dict") else (pre or default_preprocess(config))
-    spec = DataSpec(train, eval, list(classes), int(first.shape[1]), pre, input_size=tuple(int(d) for d in first.shape[1:]),
-                    preprocess_reason="the datasets'")
+    spec = DataSpec(train, eval, list(classes), int(first.shape[1]), pre,
+                    input_size=tuple(int(d) for d in first.shape[1:]), preprocess_reason="the datasets'")
     spec.num_classes = _num_classes(config, len(classes))
     return spec
 
