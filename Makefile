@@ -1,9 +1,13 @@
 # The two commands of the README: `make demo` and `make test`.
 # Both create the virtual environment at .venv on first use (nothing to install by hand).
+# `make demo` installs only the package (what the demo uses); `make test` adds the `dev`
+# extra (test tools, ONNX, TensorFlow for the converter tests). Each has its own stamp, so
+# either works first, and the other one then installs only what is missing.
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+STAMP := $(VENV)/.installed-base
+DEV_STAMP := $(VENV)/.installed-dev
 FMNIST := /usr/share/datasets/fashion-mnist
 # Benchmarks and long runs: keep glibc from unmapping large intermediates (see docs/sparse.md).
 export MALLOC_MMAP_THRESHOLD_ ?= 33554432
@@ -17,8 +21,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# The tested pins (the package itself only declares ranges).
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e .
 	touch $(STAMP)
+
+# Rebuilt whenever the base is (a changed pyproject.toml reinstalls both).
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(DEV_STAMP)
 
 setup: $(STAMP) data
 
@@ -32,7 +41,7 @@ data:
 demo: setup
 	$(BIN)/sact demo --out reports/demo --overwrite
 
-test: setup
+test: $(DEV_STAMP) data
 	$(BIN)/python -m pytest -n 2 --dist loadgroup -q tests
 
 # The sparse engine's speed benchmark (docs/sparse.md); results in ./sact_bench/ unless

@@ -38,6 +38,25 @@ def test_folder_and_no_tmp_files_left(tmp_path):
     assert sact.load_checkpoint(tmp_path).mode == "sact"
 
 
+def test_trailing_slash_means_a_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = sact.save_checkpoint(_model(), "runs/new/")  # the folder does not exist yet
+    assert path.resolve() == tmp_path / "runs" / "new" / "model.safetensors" and (tmp_path / "runs/new/model.json").is_file()
+    assert not (tmp_path / "runs" / "new.safetensors").exists()
+    assert sact.load_checkpoint("runs/new/").mode == "sact" and sact.load_checkpoint("runs/new").mode == "sact"
+    # without the slash, a name that is not a folder stays a file prefix
+    assert sact.save_checkpoint(_model(), "runs/other").name == "other.safetensors"
+
+
+def test_device_keyword(tmp_path):
+    sact.save_checkpoint(_model(), tmp_path / "ck")
+    m = sact.load_checkpoint(tmp_path / "ck", device="cpu")
+    assert next(m.parameters()).device == torch.device("cpu")
+    assert sact.load_checkpoint(tmp_path / "ck", map_location=torch.device("cpu"), device="cpu").mode == "sact"
+    with pytest.raises(ValueError, match="differ; pass one"):
+        sact.load_checkpoint(tmp_path / "ck", map_location="meta", device="cpu")
+
+
 def test_errors(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         sact.load_checkpoint(tmp_path / "nothing")
@@ -81,3 +100,14 @@ def test_errors(tmp_path):
         {"format": "sact-checkpoint", "version": 1, "model": {"name": "resnet9", "kwargs": {}}, "meta": {}}))
     with pytest.raises(CheckpointError, match="unknown model 'resnet9'"):
         sact.load_checkpoint(tmp_path / "bad")
+
+
+def test_trained_input_size_from_new_and_older_metas():
+    from sact.checkpoint import trained_input_size
+
+    assert trained_input_size({"input_size": [1, 64, 48]}) == (1, 64, 48)
+    assert trained_input_size({"preprocess": {"kind": "inception", "in_chans": 3, "image_size": 224}}) == (3, 224, 224)
+    assert trained_input_size({"config": {"dataset": "cluttered", "clutter": {"canvas_size": 48}}}) == (1, 48, 48)
+    assert trained_input_size({"config": {"dataset": "cluttered"}}) == (1, 64, 64)  # the canvas default
+    for meta in ({}, None, {"input_size": [0, 1, 1]}, {"input_size": "big"}, {"preprocess": {"kind": "unit"}}):
+        assert trained_input_size(meta) is None

@@ -10,6 +10,7 @@ import torch
 
 import sact
 from sact.engine.demo import DemoSettings, ponder_box_stats, run_demo
+from sact.export import default_image_size
 
 torch.set_num_threads(1)
 
@@ -60,9 +61,36 @@ def test_tiny_demo_writes_the_report(tmp_path):
         assert model.mode == mode and model.in_chans == 1
         assert model.checkpoint_meta["metrics"]["top1"] == pytest.approx(rows[mode]["top1"])
         assert model.checkpoint_meta["preprocess"]["kind"] == "unit"
+        # the size it was trained at (sact export's default) and the histograms sact plot draws
+        assert model.checkpoint_meta["input_size"] == [1, 48, 48]
+        assert default_image_size(model) == 48
+        metrics = json.loads((out / mode / "metrics.json").read_text())
+        for i, stage in enumerate(metrics["stages"]):  # 16 test canvases, stages at 48, 24, 12 px
+            assert len(stage["num_units_hist"]) == 3 and sum(stage["num_units_hist"]) == 16 * (48 >> i) ** 2
     # ACT / SACT started from the vanilla weights at the branch point, then trained on
     act = sact.load_checkpoint(out / "act" / "model")
     assert act.checkpoint_meta["config"]["init"].endswith("vanilla_init/model")
     md = (out / "report.md").read_text()
     assert "| SACT ResNet |" in md and "ponder_maps.png" in md
     assert results["rows"][2]["top1"] == rows["sact"]["top1"]
+
+
+def test_ponder_maps_figure_has_no_empty_band_under_the_title(tmp_path):
+    from PIL import Image
+
+    from sact.engine import demo_report
+
+    class Test:  # what the report reads of the cached test set
+        images = torch.rand(3, 1, 48, 48)
+        labels = torch.tensor([0, 1, 2])
+        boxes = torch.tensor([[4.0, 4.0, 30.0, 30.0]] * 3)
+
+    models = {m: sact.create_model("resnet20_cifar", mode=m, in_chans=1, base_channels=4).eval()
+              for m in ("vanilla", "act", "sact")}
+    demo_report._ponder_maps(models, Test(), tmp_path / "p.png", 3)
+    a = np.asarray(Image.open(tmp_path / "p.png").convert("L"))
+    blank = (a > 250).all(1)  # rows that are all white
+    first_ink = int(np.argmin(blank))  # the title
+    below_title = blank[first_ink:]
+    band = int(np.argmin(below_title[np.argmax(below_title):]))  # white rows between the title and the panels
+    assert band < 0.02 * a.shape[0], f"{band} empty rows under the title of a {a.shape[0]}-row figure"

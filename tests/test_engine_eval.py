@@ -59,6 +59,11 @@ def test_metrics_match_hand_computation(num_classes):
         assert s["ponder_cost_mean"] == pytest.approx(pc.mean(), rel=1e-6)
         assert s["ponder_cost_std"] == pytest.approx(pc.std(), rel=1e-4, abs=1e-6)
         assert s["num_units_mean"] == pytest.approx(nu.mean(), rel=1e-6)
+        # the histogram sact plot draws: positions (over all images) that ran 1..U units
+        units = so.halting_distribution.shape[1]
+        expected = torch.bincount(so.num_units.reshape(-1), minlength=units + 1)[1:].tolist()
+        assert s["num_units_hist"] == expected and len(expected) == units
+    assert any(min(s["num_units_hist"]) > 0 for s in m["stages"]), "the test needs varied unit counts"
     assert m["images_per_s"] > 0 and m["wall_time_s"] > 0
 
 

@@ -112,3 +112,48 @@ def test_image_smaller_than_total_stride_is_upscaled_or_rejected():
         sact.ponder_map(model, tiny, upscale=False)
     pm = sact.ponder_map(model, torch.rand(3, 4, 9))  # exactly the stride: untouched
     assert not pm.upscaled and pm.summed.shape == (4, 9)
+
+
+def _trained(tmp_path, in_chans, size):
+    """A checkpoint whose meta says it was trained on ``in_chans`` x ``size`` x ``size`` images."""
+    sact.save_checkpoint(_tiny(in_chans=in_chans), tmp_path / f"ck{in_chans}", meta={"input_size": [in_chans, size, size]})
+    return sact.load_checkpoint(tmp_path / f"ck{in_chans}")
+
+
+def _messages(model, image, **kw):
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sact.ponder_map(model, image, **kw)
+    return [str(w.message) for w in caught]
+
+
+def test_warns_when_the_image_is_unlike_the_training_data(tmp_path):
+    rng = np.random.default_rng(0)
+    colour = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    grey = colour.convert("L")
+    grey_model = _trained(tmp_path, 1, 64)  # as the demo's: greyscale 64 px canvases
+    assert any("converted to greyscale" in m for m in _messages(grey_model, colour))
+    assert _messages(grey_model, grey) == []
+    assert _messages(grey_model, grey.convert("RGB")) == []  # grey content in an RGB file: nothing lost
+    big = grey.resize((640, 480))
+    (scale,) = _messages(grey_model, big)
+    assert "640x480 px" in scale and "64x64 px" in scale and "--max-side 64" in scale
+    assert _messages(grey_model, big, max_side=64) == [] and _messages(grey_model, grey.resize((20, 20))) != []
+    colour_model = _trained(tmp_path, 3, 32)
+    assert any("repeated to 3 channels" in m for m in _messages(colour_model, grey.resize((32, 32))))
+    assert _messages(colour_model, torch.rand(32, 32)) != [] and _messages(colour_model, torch.rand(3, 32, 32)) == []
+    assert _messages(_tiny(), big) == []  # no checkpoint: nothing to compare with
+
+
+def test_vanilla_flops_is_the_vanilla_network_at_that_size():
+    from sact.ponder import vanilla_flops
+
+    model = _tiny()
+    vanilla = sact.create_model("resnet20_cifar", mode="vanilla", base_channels=4).eval()
+    for size in ((32, 32), (40, 24)):
+        assert vanilla_flops(model, size) == int(vanilla(torch.zeros(1, 3, *size)).flops[0])
+    # an SACT model that never halts spends the vanilla FLOPs plus its halting branches
+    assert sact.ponder_map(model, torch.rand(3, 32, 32)).flops > vanilla_flops(model, (32, 32))
+    assert vanilla_flops(torch.nn.Conv2d(1, 1, 1), (8, 8)) is None

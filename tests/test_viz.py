@@ -86,3 +86,19 @@ def test_figures_are_pngs():
         assert im.format == "PNG" and min(im.size) >= 5
     with pytest.raises(ValueError, match="no stage maps"):
         stages_figure_png([])
+
+
+def test_overlay_figure_has_the_overlay_colours_and_a_colour_bar():
+    from sact import viz
+
+    values = np.full((40, 40), 3.0)
+    values[:, 20:] = 5.0
+    image = np.zeros((40, 40), np.uint8)
+    png = viz.map_figure_png(values, vmin=2.0, vmax=6.0, image=image, alpha=0.6)
+    fig = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).reshape(-1, 3)
+    colours = {tuple(c) for c in fig}
+    for v in (3.0, 5.0):  # black image: the overlay is 60% of the map's colour
+        want = viz.overlay(image[:1, :1], np.full((1, 1), v), vmin=2.0, vmax=6.0, alpha=0.6)[0, 0]
+        assert tuple(want) in colours
+    top = tuple(viz.colorize(np.array([[6.0]]), vmin=2.0, vmax=6.0)[0, 0])
+    assert min(np.abs(fig.astype(int) - top).sum(1)) <= 24  # the colour bar reaches (nearly) the full-strength top colour

@@ -24,6 +24,7 @@ import hashlib
 import inspect
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,8 @@ from .errors import InputError
 from .fileio import atomic_write_bytes, dumps_json, finite_or_none
 
 __all__ = ["checkpoint_paths", "save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "validate_model_spec",
-           "non_finite_tensors", "read_safetensors_header", "atomic_write_bytes", "CheckpointError"]
+           "trained_input_size", "non_finite_tensors", "read_safetensors_header", "atomic_write_bytes",
+           "CheckpointError"]
 
 FORMAT = "sact-checkpoint"
 VERSION = 1
@@ -61,9 +63,13 @@ class CheckpointError(InputError):
 
 
 def checkpoint_paths(path: str | Path, default_name: str = "model") -> tuple[Path, Path]:
-    """``(NAME.safetensors, NAME.json)`` for ``NAME``, either file, or a folder (``folder/default_name``)."""
+    """``(NAME.safetensors, NAME.json)`` for ``NAME``, either file, or a folder (``folder/default_name``).
+
+    A folder is an existing directory or a string ending in ``/`` (``"runs/new/"`` ->
+    ``runs/new/model.safetensors``, also before the folder exists).
+    """
     p = Path(path)
-    if p.is_dir():
+    if p.is_dir() or (isinstance(path, str) and path.endswith(("/", os.sep))):
         p = p / default_name
     if p.suffix in (".safetensors", ".json"):
         p = p.with_suffix("")
@@ -76,7 +82,8 @@ def save_checkpoint(model: nn.Module, path: str | Path, *, meta: dict[str, Any] 
     Args:
         model: the model; must carry ``sact_config`` (set by ``create_model``). A
             ``DistributedDataParallel`` / ``torch.compile`` wrapper is unwrapped.
-        path: ``NAME``, ``NAME.safetensors`` or a folder (then ``folder/model``).
+        path: ``NAME``, ``NAME.safetensors`` or a folder (then ``folder/model``): an
+            existing folder, or a string ending in ``/`` (the folder is created).
         meta: JSON-serialisable extras (tau, metrics, preprocessing, config);
             non-finite floats are stored as ``null`` (the files are strict JSON).
 
@@ -298,12 +305,38 @@ def _check_tensors(weights: Path, header: dict, expected: dict, label: str) -> N
         )
 
 
+def trained_input_size(meta: dict[str, Any] | None) -> tuple[int, int, int] | None:
+    """``(C, H, W)`` of the images a checkpoint's model was trained on, from its ``meta``.
+
+    ``meta["input_size"]`` (written by ``sact train`` and the demo); for older checkpoints,
+    the preprocessing's ``in_chans`` and ``image_size``, or the canvas of a Cluttered
+    Fashion-MNIST training config. ``None`` when the checkpoint does not say.
+    """
+    if not isinstance(meta, dict):
+        return None
+    size = meta.get("input_size")
+    if isinstance(size, list) and len(size) == 3 and all(type(v) is int and v > 0 for v in size):
+        return tuple(size)
+    pre = meta.get("preprocess") if isinstance(meta.get("preprocess"), dict) else {}
+    chans = pre.get("in_chans") if type(pre.get("in_chans")) is int else None
+    if chans and type(pre.get("image_size")) is int and pre["image_size"] > 0:
+        return chans, pre["image_size"], pre["image_size"]
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    if config.get("dataset") == "cluttered":
+        clutter = config.get("clutter") if isinstance(config.get("clutter"), dict) else {}
+        canvas = clutter.get("canvas_size", 64)
+        if type(canvas) is int and canvas > 0:
+            return 1, canvas, canvas
+    return None
+
+
 def non_finite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
     """Names of floating-point tensors of ``state`` holding a NaN or an infinity."""
     return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
-def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu", eval_mode: bool = True,
+def load_checkpoint(path: str | Path, *, map_location: str | torch.device | None = None,
+                    device: str | torch.device | None = None, eval_mode: bool = True,
                     allow_non_finite: bool = False) -> nn.Module:
     """Rebuild the model of a checkpoint and load its weights.
 
@@ -313,7 +346,8 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
 
     Args:
         path: ``NAME``, ``NAME.safetensors``, ``NAME.json`` or a folder holding ``model.*``.
-        map_location: device for the weights.
+        map_location: device for the weights (default ``"cpu"``).
+        device: the same as ``map_location`` (the name ``nn.Module.to`` uses); give one of the two.
         eval_mode: return the model in eval mode (default).
         allow_non_finite: load weights holding NaN / inf (refused by default: such a
             model computes nothing useful, and evaluating it writes NaN metrics).
@@ -329,6 +363,9 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
 
     from .models import create_model
 
+    if device is not None and map_location is not None and torch.device(device) != torch.device(map_location):
+        raise ValueError(f"load_checkpoint: device={device!r} and map_location={map_location!r} differ; pass one")
+    target = device if device is not None else (map_location if map_location is not None else "cpu")
     doc = read_checkpoint_meta(path)
     weights, sidecar = checkpoint_paths(path)
     if not weights.is_file():
@@ -363,6 +400,6 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
         model.load_state_dict(state)
     except (ValueError, RuntimeError) as e:
         raise CheckpointError(f"{weights} does not fit model {label}: {e}") from e
-    model.to(map_location)
+    model.to(target)
     model.checkpoint_meta = doc.get("meta", {})
     return model.eval() if eval_mode else model

@@ -82,12 +82,15 @@ class ExportableModel(nn.Module):
 def default_image_size(model: nn.Module) -> int:
     """Input side for an export when none is given.
 
-    The checkpoint's preprocessing ``image_size`` if recorded, else 32 for the CIFAR
-    models and 224 for the ImageNet ones.
+    The side the checkpoint was trained at (:func:`sact.checkpoint.trained_input_size`:
+    ``meta["input_size"]``, written by ``sact train`` and the demo, or what older
+    checkpoints say), else 32 for the CIFAR models and 224 for the ImageNet ones.
     """
-    pre = (getattr(model, "checkpoint_meta", None) or {}).get("preprocess") or {}
-    if isinstance(pre, dict) and isinstance(pre.get("image_size"), int):
-        return pre["image_size"]
+    from .checkpoint import trained_input_size
+
+    size = trained_input_size(getattr(model, "checkpoint_meta", None))
+    if size is not None:
+        return max(size[1:])
     from .models import CifarResNet
 
     return 32 if isinstance(model, CifarResNet) else 224

@@ -28,9 +28,14 @@ from torch import Tensor, nn
 
 from .viz import summed_map
 
-__all__ = ["PonderMap", "ponder_map", "total_stride", "default_preprocess", "model_preprocess", "resize_longer_side"]
+__all__ = ["PonderMap", "ponder_map", "total_stride", "default_preprocess", "model_preprocess", "resize_longer_side",
+           "input_mismatch", "vanilla_flops", "SCALE_TOLERANCE"]
 
 _STRIDES: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
+_VANILLA: "weakref.WeakKeyDictionary[nn.Module, tuple[nn.Module, dict]]" = weakref.WeakKeyDictionary()
+#: :func:`input_mismatch` warns when the image's longer side differs from the training
+#: images' by more than this factor.
+SCALE_TOLERANCE = 3.0
 
 
 @dataclass
@@ -191,6 +196,11 @@ def ponder_map(
         max_side: resize (bicubic, aspect kept) so that the longer side is this long.
         upscale: an image whose shorter side is below :func:`total_stride` is enlarged
             (bicubic) until it reaches it, with a warning; False raises instead.
+
+    Warns (``UserWarning``) when the image is unlike the training data of a checkpoint's
+    model (:func:`input_mismatch`): colour given to a greyscale model (or the reverse),
+    or a size more than :data:`SCALE_TOLERANCE` times larger or smaller than the
+    training images (objects at another scale; ``max_side`` or ``crop`` fixes it).
         crop: apply the preprocess's central crop and resize too (as in evaluation)
             instead of keeping the whole image; ``max_side`` is then ignored.
 
@@ -212,6 +222,7 @@ def ponder_map(
         x01 = dataclasses.replace(pre, kind="unit", mean=None, std=None)(x01)  # geometry only
     elif max_side is not None:
         x01 = resize_longer_side(x01, max_side)
+    _warn_unlike_training(model, image, x01, pre)
     x01, upscaled = _reach_stride(x01.float(), total_stride(model), upscale)
     x = dataclasses.replace(pre, image_size=None, central_crop=None)(x01)  # value mapping only
     param = next(model.parameters())
@@ -231,3 +242,105 @@ def ponder_map(
         image=x01.cpu(),
         upscaled=upscaled,
     )
+
+
+def _channels(image) -> int:
+    """Colour channels of an image as given (alpha not counted): 1 or 3."""
+    if hasattr(image, "getbands"):  # PIL
+        if image.mode in ("P", "PA"):  # a palette holds colours
+            return 3
+        return 1 if len([b for b in image.getbands() if b != "A"]) == 1 else 3
+    shape = tuple(image.shape)
+    if len(shape) == 2:
+        return 1
+    c = shape[0] if isinstance(image, Tensor) else shape[-1]
+    return 1 if c in (1, 2) else 3
+
+
+def _is_colour(image) -> bool:
+    """Whether an image holds colour: 3 channels that differ by more than 2/255 somewhere."""
+    from .data import to_float_image
+
+    if _channels(image) == 1:
+        return False
+    rgb = to_float_image(image, 3)
+    return bool((rgb.amax(0) - rgb.amin(0)).max() > 2 / 255)
+
+
+def input_mismatch(model: nn.Module, image, size: tuple[int, int]) -> list[str]:
+    """How an image differs from the data a checkpoint's model was trained on (empty: no difference known).
+
+    Args:
+        model: a model from :func:`sact.load_checkpoint` (others have no training data to compare with).
+        image: the image as given to :func:`ponder_map`.
+        size: ``(H, W)`` the model will see (after ``max_side`` / ``crop``).
+
+    Returns:
+        One sentence per difference: colour vs greyscale channels, and a longer side more
+        than :data:`SCALE_TOLERANCE` times the training images' (or less than its inverse).
+    """
+    from .checkpoint import trained_input_size
+
+    trained = trained_input_size(getattr(model, "checkpoint_meta", None))
+    if trained is None:
+        return []
+    problems = []
+    colour = _is_colour(image)
+    if trained[0] == 1 and colour:
+        problems.append("the model was trained on greyscale images; this colour image is converted to greyscale")
+    elif trained[0] == 3 and _channels(image) == 1:
+        problems.append("the model was trained on colour images; this greyscale image is repeated to 3 channels")
+    side, trained_side = max(size), max(trained[1:])
+    if side > SCALE_TOLERANCE * trained_side or side * SCALE_TOLERANCE < trained_side:
+        problems.append(f"the image is {size[1]}x{size[0]} px, the model was trained on {trained[2]}x{trained[1]} px "
+                        f"images: objects at another scale may not be recognised and the map may not mean much; "
+                        f"resize it (max_side={trained_side}, CLI --max-side {trained_side}) or use crop=True (--crop)")
+    return problems
+
+
+def _warn_unlike_training(model: nn.Module, image, x01: Tensor, pre) -> None:
+    for problem in input_mismatch(model, image, tuple(x01.shape[-2:])):
+        warnings.warn(problem, stacklevel=3)
+
+
+def vanilla_flops(model: nn.Module, size: tuple[int, int]) -> int | None:
+    """FLOPs of the vanilla network of ``model``'s architecture on one ``size = (H, W)`` image.
+
+    The reference to state a model's FLOPs against ("58% of the vanilla network"): the
+    same registered model and arguments in ``mode="vanilla"`` (every unit at every
+    position, no halting branches). Counted without computing anything: the vanilla
+    model is built on the ``meta`` device and run under ``torch.utils.flop_counter.
+    FlopCounterMode``, which equals sact's convention (2 x multiply-adds of convolutions
+    and linear layers) on vanilla networks; a model that cannot run on ``meta`` is run
+    once on the CPU instead. Counts are cached per model and size.
+
+    Returns:
+        The count, or None for a model not built by :func:`sact.create_model` (no ``sact_config``).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = getattr(model, "sact_config", None)
+    if not isinstance(config, dict):
+        return None
+    if model not in _VANILLA:
+        from .models import create_model
+
+        kwargs = {k: v for k, v in config.get("kwargs", {}).items() if k != "mode"}
+        try:
+            with torch.device("meta"):
+                vanilla = create_model(config["name"], mode="vanilla", **kwargs).eval()
+        except (KeyError, TypeError, ValueError):
+            return None
+        _VANILLA[model] = (vanilla, {})
+    vanilla, counts = _VANILLA[model]
+    key = (int(size[0]), int(size[1]))
+    if key not in counts:
+        try:
+            with torch.no_grad(), FlopCounterMode(display=False) as counter:
+                vanilla(torch.empty(1, vanilla.in_chans, *key, device="meta"))
+            counts[key] = int(counter.get_total_flops())
+        except (RuntimeError, NotImplementedError):  # an op without a meta kernel: count on real tensors
+            real = vanilla.to_empty(device="cpu")
+            with torch.no_grad():
+                counts[key] = int(real(torch.zeros(1, real.in_chans, *key)).flops[0].item())
+    return counts[key]

@@ -202,15 +202,18 @@ def _figure_png(fig) -> bytes:
 
 def map_figure_png(
     values: np.ndarray, *, vmin: float, vmax: float, title: str | None = None, label: str = "ponder cost",
-    cmap: str = "viridis",
+    cmap: str = "viridis", image: np.ndarray | Tensor | None = None, alpha: float = 0.6,
 ) -> bytes:
-    """A map drawn with :func:`colorize` next to a colour bar over ``[vmin, vmax]`` (PNG bytes).
+    """A map drawn with :func:`colorize` (or, given ``image``, blended over it with
+    :func:`overlay`) next to a colour bar over ``[vmin, vmax]`` (PNG bytes).
 
     Args:
         values: ``[H, W]`` map.
         vmin, vmax: colour range (values outside are clipped to the ends).
         title: optional title above the map.
         label: colour bar label.
+        image: draw the overlay of the map on this image (same ``H, W``).
+        alpha: the map's weight in the overlay.
     """
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
@@ -223,7 +226,9 @@ def map_figure_png(
     fig = Figure(figsize=(w * scale / 100 + 1.4, h * scale / 100 + (0.5 if title else 0.2)), dpi=100,
                  layout="constrained")
     ax = fig.add_subplot()
-    ax.imshow(colorize(values, vmin=vmin, vmax=vmax, cmap=cmap), interpolation="nearest")
+    picture = colorize(values, vmin=vmin, vmax=vmax, cmap=cmap) if image is None else \
+        overlay(image, values, vmin=vmin, vmax=vmax, alpha=alpha, cmap=cmap)
+    ax.imshow(picture, interpolation="nearest")
     ax.set_axis_off()
     if title:
         ax.set_title(title, fontsize=9)

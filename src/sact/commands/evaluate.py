@@ -7,7 +7,7 @@ import argparse
 # What `sact eval` takes from the checkpoint's training config: the kind of dataset and
 # how the built-in Cluttered Fashion-MNIST test canvases are generated. Never a folder:
 # a checkpoint is someone else's file, and the data it names could be anything.
-_FROM_CHECKPOINT = ("dataset", "eval_samples", "data_seed", "clutter", "image_size", "label_offset")
+_FROM_CHECKPOINT = ("dataset", "eval_samples", "data_seed", "clutter", "image_size", "label_offset", "val_fraction")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,12 +17,17 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "from the system Fashion-MNIST as the checkpoint was trained (a data folder named inside a "
                        "checkpoint is never opened; see docs/trust.md).")
     p.add_argument("checkpoint", help="checkpoint (NAME, NAME.safetensors or a run folder holding model.*)")
-    p.add_argument("--dataset", default=None, choices=("cluttered", "cifar10", "imagenet"),
+    p.add_argument("--dataset", default=None, choices=("cluttered", "cifar10", "imagenet", "folder"),
                    help="default: the kind the checkpoint was trained on")
     p.add_argument("--data-dir", default=None,
-                   help="dataset folder (needed for cifar10 / imagenet; cluttered: the Fashion-MNIST folder, "
+                   help="dataset folder (needed for cifar10 / imagenet / folder; cluttered: the Fashion-MNIST folder, "
                    "default the system copy)")
-    p.add_argument("--num-samples", type=int, default=None, help="cluttered: evaluation canvases (default: the checkpoint's)")
+    p.add_argument("--num-samples", "--eval-samples", type=int, default=None,
+                   help="images evaluated (cluttered: canvases; others: a fixed subset; default: the checkpoint's "
+                   "setting, else 2000 canvases / all images)")
+    p.add_argument("--val-fraction", type=float, default=None,
+                   help="folder without val/: the held-out share (default: the checkpoint's, so the split is the "
+                   "one training used)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--tau", type=float, default=None, help="ponder weight of total_loss (default: the checkpoint's)")
     p.add_argument("--out", default="metrics.json", help="where to write the metrics (JSON)")
@@ -58,7 +63,7 @@ def eval_config(meta: dict, args: argparse.Namespace):
     except ConfigError as e:
         raise CheckpointError(f"{args.checkpoint}: its training config is malformed: {e}") from e
     changes = {"dataset": args.dataset, "eval_samples": args.num_samples, "strict_data": args.strict or None,
-               "max_pixels": args.max_pixels}
+               "max_pixels": args.max_pixels, "val_fraction": args.val_fraction}
     config = config.replace(data_dir=args.data_dir, **{k: v for k, v in changes.items() if v is not None})
     if config.dataset != "cluttered" and args.data_dir is None:
         raise InputError(f"the checkpoint was trained on {config.dataset}: pass --data-dir with that dataset's folder "
@@ -86,7 +91,14 @@ def run(args: argparse.Namespace) -> int:
     model = load_checkpoint(args.checkpoint, map_location=device)
     meta = model.checkpoint_meta
     config = eval_config(meta, args)
-    data = build_datasets(config, train=False)
+    pre = meta.get("preprocess") if isinstance(meta.get("preprocess"), dict) else None
+    if pre is None and model.in_chans in (1, 3):  # image folders: as many channels as the model takes
+        config = config.replace(model_kwargs={"in_chans": model.in_chans})
+    data = build_datasets(config, train=False, eval_preprocess=pre)  # the preprocessing training used
+    outputs = model.sact_config["kwargs"].get("num_classes")
+    if isinstance(outputs, int) and data.num_classes > outputs:
+        raise InputError(f"the data has {len(data.classes)} classes (labels up to {data.num_classes - 1}) but the "
+                         f"model {args.checkpoint} has {outputs} outputs: is --data-dir the dataset it was trained on?")
     tau = args.tau if args.tau is not None else meta.get("tau", config.tau)
     if isinstance(tau, bool) or not isinstance(tau, (int, float)):
         raise InputError(f"{args.checkpoint}: tau={tau!r} in the checkpoint is not a number; pass --tau")

@@ -19,7 +19,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="output format (default: from the --out suffix, .onnx or .pt2)")
     p.add_argument("--out", required=True, help="output file (.onnx or .pt2)")
     p.add_argument("--image-size", type=int, default=None,
-                   help="input side H = W (default: the checkpoint's preprocessing size, else 32 for *_cifar, 224)")
+                   help="input side H = W (default: the size the checkpoint was trained at; else 32 for *_cifar, "
+                   "224)")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: sact.export.DEFAULT_OPSET)")
     p.add_argument("--verify", action="store_true",
                    help="reload the export and compare it with the eager model on random batches of 1 and 3")

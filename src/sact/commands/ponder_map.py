@@ -29,8 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "ponder-map",
         help="ponder-cost maps (where the network spent its computation) of images and folders",
         description="Write, for every image: <name>_image.png, <name>_ponder.png (viridis, colour bar), "
-        "<name>_overlay.png, <name>_stages.png, <name>_ponder.npy (summed map, float32); results.jsonl and "
-        "an index.html gallery. Exit status 1 if any input was skipped.",
+        "<name>_overlay.png (with colour bar), <name>_stages.png, <name>_ponder.npy (summed map, float32); "
+        "results.jsonl and an index.html gallery. Exit status 1 if any input was skipped.",
     )
     p.add_argument("paths", nargs="+", metavar="PATH", help="image files and folders (searched recursively)")
     p.add_argument("--checkpoint", required=True, help="checkpoint written by sact.save_checkpoint / sact train")
@@ -160,7 +160,8 @@ def write_gallery(out: Path, records: list[dict], skipped: list[tuple[str, str]]
             "<section>",
             f"<h2>{escape(rec['name'])}</h2>",
             f"<p><code>{escape(rec['file'])}</code>: {rec['width']}x{rec['height']} px, "
-            f"ponder cost {rec['ponder_cost']:.3f}, {rec['flops'] / 1e6:.2f} MFLOPs, predicted class {escape(cls)}</p>",
+            f"ponder cost {rec['ponder_cost']:.3f}, {rec['flops'] / 1e6:.2f} MFLOPs{_relative(rec)}, "
+            f"predicted class {escape(cls)}</p>",
         ]
         for suffix, caption in _PANELS:
             fname = f"{rec['name']}_{suffix}.png"
@@ -231,6 +232,11 @@ def _npy_bytes(array) -> bytes:
     return buf.getvalue()
 
 
+def _relative(rec: dict) -> str:
+    rel = rec.get("flops_vs_vanilla")
+    return f" ({100 * rel:.1f}% of the vanilla network)" if rel is not None else ""
+
+
 def _safe_range(lo: float, hi: float) -> tuple[float, float]:
     return (lo, hi) if hi > lo else (lo - 0.5, hi + 0.5)  # constant maps (vanilla, ACT)
 
@@ -274,8 +280,8 @@ def _write_maps(args, model, out: Path, classes) -> int:
     from ..data.images import UnreadableImage
     from ..errors import RunFailure
     from ..fileio import dumps_json
-    from ..ponder import ponder_map
-    from ..viz import map_figure_png, overlay, percentile_range, png_bytes, stages_figure_png, value_counts
+    from ..ponder import ponder_map, vanilla_flops
+    from ..viz import map_figure_png, percentile_range, png_bytes, stages_figure_png, value_counts
 
     files, skipped, ignored = collect_inputs(args.paths, exclude=out)
     for path, reason in skipped:
@@ -319,6 +325,10 @@ def _write_maps(args, model, out: Path, classes) -> int:
                 "flops": pm.flops,
                 "predicted_class": pm.predicted_class,
             }
+            base = vanilla_flops(model, tuple(summed.shape))
+            if base:
+                record["flops_vanilla"] = base
+                record["flops_vs_vanilla"] = pm.flops / base
             if classes is not None and 0 <= pm.predicted_class < len(classes):
                 record["class_name"] = str(classes[pm.predicted_class])
             log.write(dumps_json(record) + "\n")
@@ -333,9 +343,12 @@ def _write_maps(args, model, out: Path, classes) -> int:
         lo, hi = shared or _safe_range(float(summed.min()), float(summed.max()))
         rec["color_range"] = [lo, hi]
         image = np.asarray(Image.open(out / f"{rec['name']}_image.png"))
-        atomic_write_bytes(out / f"{rec['name']}_ponder.png",
-                           map_figure_png(summed, vmin=lo, vmax=hi, title=f"{rec['name']}: mean {rec['ponder_map_mean']:.2f}"))
-        atomic_write_bytes(out / f"{rec['name']}_overlay.png", png_bytes(overlay(image, summed, vmin=lo, vmax=hi)))
+        title = f"{rec['name']}: mean {rec['ponder_map_mean']:.2f}" + (
+            f", FLOPs {100 * rec['flops_vs_vanilla']:.0f}% of vanilla" if "flops_vs_vanilla" in rec else "")
+        atomic_write_bytes(out / f"{rec['name']}_ponder.png", map_figure_png(summed, vmin=lo, vmax=hi, title=title))
+        atomic_write_bytes(out / f"{rec['name']}_overlay.png",
+                           map_figure_png(summed, vmin=lo, vmax=hi, title=title, image=image,
+                                          label="ponder cost (map at 60% over the image)"))
     atomic_write_bytes(out / "results.jsonl", "".join(dumps_json(r) + "\n" for r in records).encode())
     partial.unlink()
     write_gallery(out, records, skipped, checkpoint=str(args.checkpoint), color_range=args.range, shared=shared)

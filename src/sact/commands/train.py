@@ -9,12 +9,21 @@ _FLAGS = {
     "--model": ("model", str, "registered model name (sact models)"),
     "--mode": ("mode", str, "vanilla | act | sact"),
     "--tau": ("tau", float, "ponder cost weight"),
-    "--dataset": ("dataset", str, "cluttered | cifar10 | imagenet"),
+    "--dataset": ("dataset", str, "cluttered | cifar10 | imagenet | folder (your own class folders, docs/training.md)"),
     "--data-dir": ("data_dir", str, "dataset folder"),
+    "--val-fraction": ("val_fraction", float, "folder without val/: hold out this share of every class (fixed split)"),
+    "--image-size": ("image_size", int, "input side of image folders (default 224)"),
+    "--num-classes": ("num_classes", int, "classifier outputs (default: the classes found + --label-offset)"),
+    "--label-offset": ("label_offset", int, "added to image-folder labels (1: the reference's 1001-class models)"),
+    "--preprocess": ("preprocess", str, "image folders: auto (match --init) | dataset | inception | torchvision"),
+    "--eval-samples": ("eval_samples", int, "images evaluated (cluttered: canvases, default 2000; others: a fixed "
+                       "subset, default all)"),
     "--steps": ("steps", int, "optimisation steps (0: use --epochs)"),
     "--epochs": ("epochs", int, "epochs when --steps is 0"),
     "--batch-size": ("batch_size", int, "images per step and process"),
     "--lr": ("lr", float, "base learning rate"),
+    "--halting-lr-mult": ("halting_lr_mult", float, "learning-rate multiplier of the halting branches (default 1; "
+                          "short fine-tunes need 10-30, docs/training.md)"),
     "--weight-decay": ("weight_decay", float, "L2 on kernels"),
     "--label-smoothing": ("label_smoothing", float, "cross-entropy label smoothing"),
     "--schedule": ("schedule", str, "piecewise | staircase | cosine | constant"),
@@ -54,6 +63,8 @@ def config_from_args(args: argparse.Namespace):
         overrides["strict_data"] = True
     if getattr(args, "no_tensorboard", False):
         overrides["tensorboard"] = False
+    if getattr(args, "no_progress", False):
+        overrides["progress"] = False
     if getattr(args, "download", False):
         overrides["download"] = True
     return load_config(args.config, overrides)
@@ -70,6 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strict", action="store_true",
                    help="image folders: stop at the first unreadable image (default: skip it with a warning)")
     p.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--download", action="store_true", help="download Fashion-MNIST with torchvision if missing")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=run)

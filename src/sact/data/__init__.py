@@ -1,4 +1,4 @@
-"""Datasets and preprocessing: Fashion-MNIST, Cluttered Fashion-MNIST, CIFAR-10, ImageNet folders."""
+"""Datasets and preprocessing: Fashion-MNIST, Cluttered Fashion-MNIST, CIFAR-10, image class folders."""
 
 from .cifar import CIFAR10, CIFAR10_CLASSES, cifar_eval_transform, cifar_train_transform
 from .cluttered import (
@@ -11,6 +11,7 @@ from .cluttered import (
     write_coco,
 )
 from .fashion_mnist import FASHION_MNIST_CLASSES, find_fashion_mnist, load_fashion_mnist, read_idx, write_idx
+from .folder import ImageFolderDataset, class_folder_splits, image_extensions, list_class_folders, split_by_class
 from .imagenet import ImageNetFolder, imagenet_eval_transform, imagenet_train_transform
 from .transforms import (
     IMAGENET_MEAN,
@@ -33,11 +34,13 @@ __all__ = [
     "FASHION_MNIST_CLASSES",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "ImageFolderDataset",
     "ImageNetFolder",
     "MULTI_OBJECT_CONFIG",
     "MultiObjectClutteredFashionMNIST",
     "Preprocess",
     "central_crop_box",
+    "class_folder_splits",
     "cifar_eval_transform",
     "cifar_preprocess",
     "cifar_train_transform",
@@ -47,10 +50,13 @@ __all__ = [
     "imagenet_eval_transform",
     "imagenet_preprocess",
     "imagenet_train_transform",
+    "image_extensions",
+    "list_class_folders",
     "load_fashion_mnist",
     "mask_to_rle",
     "per_image_standardize",
     "read_idx",
+    "split_by_class",
     "to_float_image",
     "torchvision_preprocess",
     "write_coco",

@@ -9,6 +9,7 @@ it. With ``strict=True`` the first such image raises
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import warnings
 from collections.abc import Callable
@@ -17,14 +18,16 @@ from pathlib import Path
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
+from .folder import image_extensions
 from .images import DEFAULT_MAX_PIXELS, UnreadableImage, open_image
 from .transforms import Preprocess, imagenet_preprocess
 
 __all__ = ["ImageNetFolder", "imagenet_eval_transform", "imagenet_train_transform"]
 
 
-def imagenet_train_transform(image_size: int = 224) -> Callable:
-    """Inception training augmentation: PIL image -> float ``[3, S, S]`` in [-1, 1].
+def imagenet_train_transform(image_size: int = 224, *, preprocess: Preprocess | None = None) -> Callable:
+    """Inception training augmentation: PIL image (or float ``[3, H, W]`` tensor in [0, 1])
+    -> float ``[C, S, S]``, values mapped as ``preprocess`` says (default Inception [-1, 1], 3 channels).
 
     Stand-ins for the TF reference (``inception_preprocessing.py``):
     ``RandomResizedCrop(S, scale=(0.05, 1), ratio=(0.75, 1.33))`` (bilinear) for
@@ -32,14 +35,18 @@ def imagenet_train_transform(image_size: int = 224) -> Callable:
     picks a random resize method); random horizontal flip; ``ColorJitter(
     brightness=32/255, contrast=0.5, saturation=0.5, hue=0.2)`` in random order
     (torchvision's brightness is a factor in [1 - 32/255, 1 + 32/255], TF's an
-    additive delta of the same size); then values mapped to [-1, 1].
+    additive delta of the same size); then the value mapping of ``preprocess`` (its
+    ``kind``, ``in_chans``, ``mean``/``std``; its crop and resize are not applied):
+    [-1, 1] by default, torchvision's mean/std for torchvision-initialised models.
     """
+    value = Preprocess(kind="inception", in_chans=3) if preprocess is None else \
+        dataclasses.replace(preprocess, image_size=None, central_crop=None)
     return T.Compose([
         T.RandomResizedCrop(image_size, scale=(0.05, 1.0), ratio=(0.75, 1.33),
                             interpolation=T.InterpolationMode.BILINEAR),
         T.RandomHorizontalFlip(),
         T.ColorJitter(brightness=32 / 255, contrast=0.5, saturation=0.5, hue=0.2),
-        Preprocess(kind="inception", in_chans=3),
+        value,
     ])  # fmt: skip
 
 
@@ -49,7 +56,9 @@ def imagenet_eval_transform(image_size: int = 224) -> Preprocess:
 
 
 class ImageNetFolder(ImageFolder):
-    """``root/<split>/<wnid>/*.JPEG`` class folders (classes sorted by folder name).
+    """``root/<split>/<class>/<image files>`` class folders (classes sorted by folder name;
+    any format Pillow reads). ``sact train --dataset imagenet|folder`` uses
+    :class:`sact.data.ImageFolderDataset` (same files, plus a validation split).
 
     Args:
         root: folder holding ``train/`` and/or ``val/``.
@@ -90,13 +99,13 @@ class ImageNetFolder(ImageFolder):
             raise ValueError(f"image_size must be a positive int, got {image_size!r}")
         folder = Path(root).expanduser() / split
         if not folder.is_dir():
-            raise FileNotFoundError(f"ImageNet folder {folder} not found (expected {folder}/<wnid>/*.JPEG)")
+            raise FileNotFoundError(f"ImageNet folder {folder} not found (expected {folder}/<class>/<image files>)")
         if transform is None:
             make = imagenet_train_transform if split == "train" else imagenet_eval_transform
             transform = make(image_size)
         if not isinstance(max_pixels, int) or max_pixels < 1:
             raise ValueError(f"max_pixels must be a positive int, got {max_pixels!r}")
-        super().__init__(str(folder), transform=transform,
+        super().__init__(str(folder), transform=transform, is_valid_file=_is_image_file,
                          loader=functools.partial(_rgb_image, max_pixels=max_pixels))
         self.split, self.label_offset, self.strict = split, label_offset, strict
 
@@ -112,6 +121,12 @@ class ImageNetFolder(ImageFolder):
         if self.transform is not None:
             image = self.transform(image)
         return image, label + self.label_offset
+
+
+def _is_image_file(path: str) -> bool:
+    """Any format Pillow opens (not only torchvision's list of extensions)."""
+    name = Path(path).name
+    return not name.startswith(".") and Path(name).suffix.lower() in image_extensions()
 
 
 def _rgb_image(path: str, *, max_pixels: int):

@@ -41,12 +41,12 @@ RESUME_MAY_CHANGE = frozenset({
 class ConfigError(InputError):
     """Config values of the wrong type or out of range (the message lists every one)."""
 
-_DATASETS = ("cluttered", "cifar10", "imagenet")
+_DATASETS = ("cluttered", "cifar10", "imagenet", "folder")
 _SCHEDULES = ("piecewise", "staircase", "cosine", "constant")
 _AMP = ("auto", "none", "bf16", "fp16")
 _MODES = ("vanilla", "act", "sact")
+_PREPROCESS = ("auto", "dataset", "inception", "torchvision")
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-_MISSING = object()
 
 
 def _check_type(value: Any, hint: Any) -> tuple[bool, Any, str]:
@@ -90,17 +90,22 @@ class TrainConfig:
             ``base_width``, ``eps``...); ``num_classes`` and ``in_chans`` come from the
             dataset unless given here.
         tau: ponder cost weight (loss = CE + tau * ponder cost); ignored for vanilla.
-        dataset: ``"cluttered"`` (Cluttered Fashion-MNIST), ``"cifar10"`` or ``"imagenet"``.
+        dataset: ``"cluttered"`` (Cluttered Fashion-MNIST), ``"cifar10"``, ``"imagenet"``
+            (``train/`` and ``val/`` class folders, the reference's preprocessing) or
+            ``"folder"`` (your own images: class folders of any format Pillow reads, with
+            ``train/`` and ``val/`` or split by ``val_fraction``; :mod:`sact.data.folder`).
         data_dir: dataset folder (Fashion-MNIST files, ``cifar-10-batches-py``'s parent,
-            or an ImageNet root with ``train/`` and ``val/``).
+            or the root of the class folders).
         download: let torchvision download Fashion-MNIST if it is not found.
         train_samples: cluttered only, training canvases (drawn from a seed).
-        eval_samples: cluttered only, evaluation canvases.
+        eval_samples: images evaluated: cluttered, the number of test canvases (null:
+            2000); other datasets, a fixed subset (seeded by ``data_seed``) of the
+            validation images (null: all of them).
         data_seed: cluttered only, seed of the canvases (test canvases use ``data_seed + 1``).
         clutter: cluttered only, :class:`sact.data.ClutterConfig` fields.
-        image_size: ImageNet input side.
-        label_offset: ImageNet: added to the folder labels (1 for the reference's 1001-class models,
-            whose index 0 is background).
+        image_size: input side of image-folder datasets (imagenet, folder).
+        label_offset: image folders (imagenet, folder): added to the labels (1 for the
+            reference's 1001-class models, whose index 0 is background).
         batch_size: images per optimisation step per process.
         eval_batch_size: images per evaluation batch.
         workers: DataLoader worker processes (0: load in the training process).
@@ -144,6 +149,17 @@ class TrainConfig:
             skip it with a warning naming it).
         max_pixels: images of a folder dataset above this many pixels are unreadable
             (a guard against decompression bombs).
+        val_fraction: dataset ``folder`` without a ``val/`` folder: hold out this share
+            of every class for evaluation (a split fixed by ``data_seed``).
+        preprocess: image-folder datasets: how pixel values are mapped, to match the
+            initial weights. ``"auto"``: ``init`` a torchvision ``.pth`` -> torchvision's
+            mean/std (resize to ``image_size / 0.875``, centre crop); ``init`` an sact
+            checkpoint -> the preprocessing stored in it (converted reference weights:
+            Inception [-1, 1]); no ``init`` -> the dataset's default. ``"dataset"``: the
+            dataset's default (image folders: Inception [-1, 1], the reference's;
+            cluttered: [0, 1]; cifar10: per-image standardisation), ``"inception"``,
+            ``"torchvision"``. cluttered and cifar10 always use their own.
+        num_classes: classifier outputs (null: the dataset's classes + ``label_offset``).
     """
 
     model: str = "resnet32_cifar"
@@ -154,7 +170,7 @@ class TrainConfig:
     data_dir: str | None = None
     download: bool = False
     train_samples: int = 50000
-    eval_samples: int = 10000
+    eval_samples: int | None = None
     data_seed: int = 0
     clutter: dict[str, Any] = field(default_factory=dict)
     image_size: int = 224
@@ -191,6 +207,10 @@ class TrainConfig:
     seed: int = 0
     strict_data: bool = False
     max_pixels: int = DEFAULT_MAX_PIXELS
+    # data / preprocessing
+    val_fraction: float | None = None
+    preprocess: str = "auto"
+    num_classes: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -229,7 +249,7 @@ class TrainConfig:
             "tau": (lambda: self.tau >= 0, ">= 0"),
             "dataset": (lambda: self.dataset in _DATASETS, f"one of {', '.join(_DATASETS)}"),
             "train_samples": (lambda: self.train_samples >= 1, ">= 1"),
-            "eval_samples": (lambda: self.eval_samples >= 1, ">= 1"),
+            "eval_samples": (lambda: self.eval_samples is None or self.eval_samples >= 1, ">= 1 or null"),
             "batch_size": (lambda: self.batch_size >= 1, ">= 1"),
             "eval_batch_size": (lambda: self.eval_batch_size >= 1, ">= 1"),
             "workers": (lambda: self.workers >= 0, ">= 0"),
@@ -261,6 +281,7 @@ class TrainConfig:
         needs = {"epochs": {"steps"}}  # checks that read another field
         problems = [f"{name}={getattr(self, name)!r} (must be {want})" for name, (ok, want) in checks.items()
                     if name not in skip and not (needs.get(name, set()) & skip) and not ok()]
+        problems += self._data_problems(skip)
         if self.resume is True and self.overwrite is True:
             problems.append("resume=True and overwrite=True (choose one: continue the run, or replace it)")
         from ..checkpoint import validate_model_spec
@@ -272,12 +293,40 @@ class TrainConfig:
             problems.append(f"model={self.model!r}, model_kwargs={self.model_kwargs!r}: {e}")
         return problems
 
+    def _data_problems(self, skip: set[str]) -> list[str]:
+        """Checks of the data / preprocessing fields (``skip``: fields whose type is wrong)."""
+        problems = []
+        folders = self.dataset in ("imagenet", "folder")
+        if "val_fraction" not in skip and self.val_fraction is not None:
+            if not 0 < self.val_fraction < 1:
+                problems.append(f"val_fraction={self.val_fraction!r} (must be in (0, 1), or null)")
+            elif "dataset" not in skip and self.dataset != "folder":
+                problems.append(f"val_fraction={self.val_fraction!r} (only dataset folder is split; "
+                                f"dataset {self.dataset!r} has its own validation set)")
+        if "preprocess" not in skip:
+            if self.preprocess not in _PREPROCESS:
+                problems.append(f"preprocess={self.preprocess!r} (must be one of {', '.join(_PREPROCESS)})")
+            elif "dataset" not in skip and not folders and self.preprocess not in ("auto", "dataset"):
+                problems.append(f"preprocess={self.preprocess!r} (dataset {self.dataset!r} has its own preprocessing; "
+                                "only imagenet and folder take another)")
+        if "num_classes" not in skip and self.num_classes is not None:
+            given = self.model_kwargs.get("num_classes") if isinstance(self.model_kwargs, dict) else None
+            if self.num_classes < 1:
+                problems.append(f"num_classes={self.num_classes!r} (must be >= 1, or null)")
+            elif given is not None and given != self.num_classes:
+                problems.append(f"num_classes={self.num_classes!r} and model_kwargs num_classes={given!r} differ "
+                                "(give one)")
+        return problems
+
     def differences(self, saved: dict[str, Any]) -> list[str]:
         """Fields outside :data:`RESUME_MAY_CHANGE` whose value differs from ``saved``
-        (a run's :meth:`to_dict`), as ``"name: saved -> now"``."""
+        (a run's :meth:`to_dict`), as ``"name: saved -> now"``. A field the saved run
+        lacks (saved by an older sact) counts as its default value."""
         now = self.to_dict()
-        return [f"{k}: {saved.get(k, '<missing>')!r} -> {now[k]!r}" for k in now
-                if k not in RESUME_MAY_CHANGE and saved.get(k, _MISSING) != now[k]]
+        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                    for f in fields(self)}
+        saved = {k: saved.get(k, defaults[k]) for k in now}
+        return [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now if k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON/YAML friendly)."""

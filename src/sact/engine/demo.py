@@ -121,7 +121,7 @@ class _Cached(torch.utils.data.Dataset):
         self.boxes, self.masks = batch["box"], batch["mask"]
         from ..data import FASHION_MNIST_CLASSES, cluttered_preprocess
 
-        self.classes, self.preprocess = list(FASHION_MNIST_CLASSES), cluttered_preprocess()
+        self.classes, self.preprocess = list(FASHION_MNIST_CLASSES), cluttered_preprocess(self.images.shape[-1])
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -87,7 +87,8 @@ def _ponder_maps(models: dict, test, path: Path, n: int) -> None:
         out = models[mode](images)
         maps[mode] = summed_map(out.stages, tuple(images.shape[-2:])).numpy()
     cols = 1 + len(adaptive)
-    fig, axes = plt.subplots(n, cols, figsize=(2.3 * cols, 2.3 * n), squeeze=False)
+    # constrained layout puts the title right above the panels (no empty band under it)
+    fig, axes = plt.subplots(n, cols, figsize=(2.3 * cols + 0.8, 2.3 * n + 0.3), squeeze=False, layout="constrained")
     # one colour scale for all models and images, so colours compare across the panels
     lo = min(float(m.min()) for m in maps.values()) if maps else 0.0
     hi = max(float(m.max()) for m in maps.values()) if maps else 1.0
@@ -107,6 +108,14 @@ def _ponder_maps(models: dict, test, path: Path, n: int) -> None:
             ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="red", lw=1.2))
             ax.set_xticks([])
             ax.set_yticks([])
+    if adaptive:
+        from matplotlib.cm import ScalarMappable
+        from matplotlib.colors import Normalize
+
+        bar = fig.colorbar(ScalarMappable(norm=Normalize(vmin=lo, vmax=hi), cmap="viridis"), ax=axes[:, 1:],
+                           shrink=0.5, aspect=30)
+        bar.set_label("ponder cost (summed over stages)", fontsize=8)
+        bar.ax.tick_params(labelsize=7)
     fig.suptitle(f"Ponder cost summed over stages (viridis, {lo:.1f} to {hi:.1f}; red: object box)", fontsize=9)
     _savefig(fig, path)
     plt.close(fig)

@@ -49,6 +49,30 @@ def _mean_std(sums: tuple[float, float], n: int) -> tuple[float, float]:
     return mean, math.sqrt(max(0.0, sums[1] / n - mean * mean))
 
 
+def _add_num_units_hist(hists: list[torch.Tensor], stages) -> None:
+    """Adds each stage's ``num_units`` ``[B, h, w]`` counts to ``hists`` (int64, index k = k + 1 units)."""
+    for i, s in enumerate(stages):
+        counts = torch.bincount(s.num_units.detach().reshape(-1).long().cpu())[1:]
+        if i == len(hists):
+            hists.append(torch.zeros(0, dtype=torch.int64))
+        n = max(len(hists[i]), len(counts))
+        hists[i] = F.pad(hists[i], (0, n - len(hists[i]))) + F.pad(counts, (0, n - len(counts)))
+
+
+def _reduce_hists(hists: list[torch.Tensor], model: nn.Module, info: DistInfo, device: torch.device) -> list[list[int]]:
+    """Per stage, the counts of positions that ran 1..U units (``U``: the stage's units), summed over ranks."""
+    stages = getattr(getattr(model, "module", model), "stages", None)
+    out = []
+    for i in range(len(stages) if stages is not None else len(hists)):  # every rank reduces every stage
+        h = hists[i] if i < len(hists) else torch.zeros(0, dtype=torch.int64)
+        units = len(stages[i].units) if stages is not None else len(h)
+        h = F.pad(h, (0, max(0, units - len(h))))
+        if info.enabled:
+            h = all_reduce_sum(h.double().to(device), info).cpu().long()
+        out.append([int(c) for c in h])
+    return out
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -76,7 +100,9 @@ def evaluate(
         cross entropy), "total_loss" (+ tau * ponder cost unless vanilla),
         "ponder_cost_mean", "ponder_cost_std", "flops_mean", "flops_std",
         "stages": [{"ponder_cost_mean", "ponder_cost_std", "num_units_mean",
-        "num_units_std"}], "images_per_s", "wall_time_s"}``; accuracies are fractions.
+        "num_units_std", "num_units_hist"}], "images_per_s", "wall_time_s"}``; accuracies
+        are fractions; ``num_units_hist[k]`` counts the positions (over all images) that
+        ran ``k + 1`` units of the stage (what ``sact plot`` draws).
     """
     from tqdm.auto import tqdm
 
@@ -85,6 +111,7 @@ def evaluate(
     model.eval()
     mode = getattr(getattr(model, "module", model), "mode", "sact")
     moments = _Moments()
+    hists: list[torch.Tensor] = []  # per stage: positions that ran 1, 2, ... units (summed over images)
     count = skipped = 0
     start = time.perf_counter()
     for batch in tqdm(loader, desc="eval", leave=False, disable=not (progress and info.is_main)):
@@ -106,6 +133,7 @@ def evaluate(
         for i, s in enumerate(out.stages):
             moments.add(f"stage{i}_ponder", s.ponder_cost.float())
             moments.add(f"stage{i}_units", s.num_units_mean.float())
+        _add_num_units_hist(hists, out.stages)
         count += images.shape[0]
     counts = all_reduce_sum(torch.tensor([float(count), float(skipped)], dtype=torch.float64, device=device), info)
     n, skipped = int(counts[0].item()), int(counts[1].item())
@@ -114,6 +142,7 @@ def evaluate(
     if n == 0:
         raise DataError("evaluation set is empty" + (f" ({skipped} unreadable images skipped)" if skipped else ""))
     sums = moments.reduce(info, device)
+    hists = _reduce_hists(hists, model, info, device)
     wall = time.perf_counter() - start
     model.train(was_training)
     ce, _ = _mean_std(sums["ce"], n)
@@ -136,6 +165,8 @@ def evaluate(
         pm, ps = _mean_std(sums[f"stage{i}_ponder"], n)
         um, us = _mean_std(sums[f"stage{i}_units"], n)
         metrics["stages"].append({"ponder_cost_mean": pm, "ponder_cost_std": ps, "num_units_mean": um, "num_units_std": us})
+        if i < len(hists):
+            metrics["stages"][-1]["num_units_hist"] = hists[i]
     metrics["wall_time_s"] = wall
     metrics["images_per_s"] = n / wall if wall > 0 else float("nan")
     return metrics

@@ -118,6 +118,7 @@ def _meta(run: Run) -> dict:
         "step": run.step,
         "metrics": run.last_metrics or {},
         "preprocess": run.data.preprocess,
+        "input_size": list(run.data.input_size) if run.data.input_size else None,  # (C, H, W) trained at
         "config": run.config.to_dict(),
         "classes": run.data.classes,
     }
@@ -370,7 +371,7 @@ def _last_good(run: Run) -> str:
 def _build_model(config: TrainConfig, data) -> nn.Module:
     from ..models import create_model
 
-    kwargs = {"num_classes": len(data.classes), "in_chans": data.in_chans, **config.model_kwargs}
+    kwargs = {"num_classes": data.num_classes, "in_chans": data.in_chans, **config.model_kwargs}
     return create_model(config.model, mode=config.mode, **kwargs)
 
 

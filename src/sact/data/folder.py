@@ -1,0 +1,199 @@
+"""Your own images: class folders of any image type Pillow reads.
+
+Two layouts (``ROOT`` is what ``--data-dir`` names):
+
+* ``ROOT/train/<class>/...`` and ``ROOT/val/<class>/...`` -- the classes are the
+  folder names under ``train/`` (sorted); ``val/`` may lack some of them, but may not
+  add others;
+* ``ROOT/<class>/...`` (or only ``ROOT/train/<class>/...``) with a validation fraction:
+  each class's images are shuffled with a fixed seed and ``round(fraction * n)`` of
+  them (at least one, and never all, for a class of two or more) are held out, so the
+  split depends only on the file names, the fraction and the seed.
+
+Files are found recursively under each class folder, sorted; hidden entries (``.x``) and
+files whose extension Pillow does not register are ignored. An image that cannot be
+decoded is skipped with a warning naming it (the item is ``None``; see
+:func:`sact.engine.datasets.collate`), or raises with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from ..errors import DataError
+from .images import DEFAULT_MAX_PIXELS, UnreadableImage, open_image
+from .transforms import to_float_image
+
+__all__ = ["image_extensions", "list_class_folders", "split_by_class", "class_folder_splits", "ImageFolderDataset"]
+
+
+@functools.lru_cache(maxsize=1)
+def image_extensions() -> frozenset[str]:
+    """Lower-case file extensions (with the dot) of every format Pillow can open here."""
+    from PIL import Image
+
+    return frozenset(ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
+
+
+def _visible(path: Path, root: Path) -> bool:
+    return not any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def list_class_folders(root: str | Path,
+                       classes: Sequence[str] | None = None) -> tuple[list[str], list[tuple[str, int]]]:
+    """The classes and image files of a class-folder tree.
+
+    Args:
+        root: folder holding one sub-folder per class.
+        classes: the class list to use (e.g. the training classes for ``val/``); a
+            sub-folder outside it is an error. Default: the sorted sub-folder names.
+
+    Returns:
+        ``(classes, samples)``: ``samples`` are ``(file path, class index)`` pairs, by class
+        then path.
+
+    Raises:
+        DataError: ``root`` is not a folder, has no class folders, a class folder outside
+            ``classes``, or no image file at all.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"image folder {root} not found")
+    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not found:
+        raise DataError(f"{root} holds no class folders (expected {root}/<class>/<image files>)")
+    if classes is None:
+        classes = found
+    else:
+        extra = sorted(set(found) - set(classes))
+        if extra:
+            raise DataError(f"{root} has class folders the training data lacks: {extra[:5]}")
+    exts = image_extensions()
+    samples = []
+    for index, name in enumerate(classes):
+        folder = root / name
+        if not folder.is_dir():
+            continue
+        files = sorted(f for f in folder.rglob("*") if f.is_file() and _visible(f, folder) and f.suffix.lower() in exts)
+        samples += [(str(f), index) for f in files]
+    if not samples:
+        raise DataError(f"{root} holds no image files in its class folders (any format Pillow reads: .jpg, .png, ...)")
+    return list(classes), samples
+
+
+def split_by_class(samples: Sequence[tuple[str, int]], fraction: float, seed: int) -> tuple[list, list]:
+    """Splits ``samples`` into ``(train, val)``, class by class, with a fixed seed.
+
+    Each class's files (sorted by path) are shuffled with ``numpy.random.default_rng([seed,
+    class])``; the first ``round(fraction * n)`` go to ``val``, clamped to ``[1, n - 1]`` for
+    ``n >= 2`` (a class of one image stays in ``train``). Both lists keep the input order.
+
+    Raises:
+        ValueError: ``fraction`` not in (0, 1).
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
+    by_class: dict[int, list[tuple[str, int]]] = {}
+    for s in samples:
+        by_class.setdefault(s[1], []).append(s)
+    held = set()
+    for label, items in by_class.items():
+        n = len(items)
+        k = min(max(round(fraction * n), 1), n - 1) if n >= 2 else 0
+        order = np.random.default_rng([seed, label]).permutation(n)
+        held.update(sorted(items)[i][0] for i in order[:k])
+    return [s for s in samples if s[0] not in held], [s for s in samples if s[0] in held]
+
+
+def class_folder_splits(root: str | Path, *, val_fraction: float | None = None, seed: int = 0,
+                        require_split_folders: bool = False, need_train: bool = True) -> tuple[list[str], list, list]:
+    """``(classes, train samples, val samples)`` of an image-folder dataset (layouts in the module docstring).
+
+    Args:
+        root: the dataset folder.
+        val_fraction: hold out this share of every class when there is no ``val/``.
+        seed: seed of that split.
+        require_split_folders: ``train/`` and ``val/`` must exist (the ImageNet layout).
+        need_train: False for evaluation only: a ``val/`` folder alone is enough (its
+            class folders are the classes; no training samples are returned).
+
+    Raises:
+        DataError: a layout that does not fit the arguments (the message says what to pass),
+            or a folder without images.
+    """
+    root = Path(root).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data folder {root} not found")
+    train, val = root / "train", root / "val"
+    if not need_train and val.is_dir() and not train.is_dir() and val_fraction is None:
+        classes, val_samples = list_class_folders(val)
+        return classes, [], val_samples
+    if train.is_dir() and val.is_dir():
+        if val_fraction is not None:
+            raise DataError(f"{root} has train/ and val/ folders; val_fraction (--val-fraction) splits a folder "
+                            "without val/: drop it")
+        classes, train_samples = list_class_folders(train)
+        _, val_samples = list_class_folders(val, classes)
+        return classes, train_samples, val_samples
+    if require_split_folders:
+        raise DataError(f"{root} needs train/<class>/ and val/<class>/ folders (dataset imagenet); for other "
+                        "layouts use --dataset folder")
+    if val_fraction is None:
+        raise DataError(f"{root} has no train/ and val/ folders: pass --val-fraction F (e.g. 0.1) to hold out that "
+                        "share of every class for evaluation (fixed by the seed), or add a val/ folder")
+    classes, samples = list_class_folders(train if train.is_dir() else root)
+    train_samples, val_samples = split_by_class(samples, val_fraction, seed)
+    if not val_samples:
+        raise DataError(f"{root}: val_fraction {val_fraction} holds out no image (every class has a single image)")
+    return classes, train_samples, val_samples
+
+
+class ImageFolderDataset(Dataset):
+    """Images from a list of ``(file, class index)`` pairs (see :func:`class_folder_splits`).
+
+    Args:
+        samples: ``(path, class index)`` pairs.
+        classes: class names, by index.
+        transform: applied to the image as a float ``[3, H, W]`` tensor in [0, 1] (any
+            Pillow mode is converted, 16-bit ones scaled by 1/65535); e.g. a
+            :class:`sact.data.Preprocess`, which also converts to greyscale when its
+            ``in_chans`` is 1.
+        label_offset: added to every label (1 for the reference's 1001-class models).
+        strict: raise on an unreadable image instead of skipping it.
+        max_pixels: images above this many pixels are unreadable (decompression bombs).
+
+    Items are ``(transform(image), label + label_offset)``, or ``None`` for an unreadable
+    image (skipped with a warning naming it).
+    """
+
+    def __init__(self, samples: Sequence[tuple[str, int]], classes: Sequence[str], *, transform: Callable,
+                 label_offset: int = 0, strict: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        if not isinstance(label_offset, int) or label_offset < 0:
+            raise ValueError(f"label_offset must be a non-negative int, got {label_offset!r}")
+        if not isinstance(max_pixels, int) or max_pixels < 1:
+            raise ValueError(f"max_pixels must be a positive int, got {max_pixels!r}")
+        self.samples, self.classes = list(samples), list(classes)
+        self.targets = [label for _, label in self.samples]
+        self.transform, self.label_offset, self.strict, self.max_pixels = transform, label_offset, strict, max_pixels
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        path, label = self.samples[index]
+        try:
+            image = open_image(path, max_pixels=self.max_pixels)
+        except UnreadableImage as e:
+            if self.strict:
+                raise
+            warnings.warn(f"skipped {e}", stacklevel=2)
+            return None
+        # every mode (16-bit, palette, CMYK, alpha...) -> float [3, H, W] in [0, 1]; the
+        # transform's Preprocess converts to greyscale when the model takes one channel
+        return self.transform(to_float_image(image, 3)), label + self.label_offset
