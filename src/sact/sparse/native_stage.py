@@ -106,7 +106,15 @@ class NativeBasicStage(nn.Module):
     Attributes:
         poison: fill the scratch buffers with NaN before every call (a debugging aid the
             tests use to show that nothing uninitialised is read).
+        profile: ``None``, or a float64 tensor ``(U + 1, 8)`` (see :meth:`new_profile`) to which
+            every call adds the seconds the calling thread spent per unit and phase.
     """
+
+    #: Columns of :attr:`profile` (``csrc/basic_stage.cpp`` ``ProfCol``): masks and bookkeeping,
+    #: pre-activation (``act1(bn1(x))``), conv1, conv2 with residual, halting branch with the
+    #: recurrence and the weighted sum, barrier waits, then the summed active and dilated
+    #: fractions. Row ``U`` column 0 counts the images the thread ran.
+    PROFILE_COLUMNS = ("bookkeeping", "preact", "conv1", "conv2", "halting", "wait", "active", "dilated")
 
     def __init__(self, stage: AdaptiveStage) -> None:
         super().__init__()
@@ -115,6 +123,7 @@ class NativeBasicStage(nn.Module):
         object.__setattr__(self, "stage", stage)  # shared with the wrapped model, not registered twice
         self.mode = stage.mode
         self.poison = False
+        self.profile: Tensor | None = None
         self.register_buffer("weights", torch.empty(0), persistent=False)
         self.register_buffer("meta", torch.empty(0, dtype=torch.long), persistent=False)
         self._scratch: dict[tuple, Tensor] = {}
@@ -184,6 +193,10 @@ class NativeBasicStage(nn.Module):
         self.meta = torch.tensor(header + unit_fields + halt_fields, dtype=torch.long)
         self._scratch.clear()
 
+    def new_profile(self) -> Tensor:
+        """A zero ``(U + 1, 8)`` float64 tensor to assign to :attr:`profile`."""
+        return torch.zeros(self.stage.num_units + 1, len(self.PROFILE_COLUMNS), dtype=torch.float64)
+
     def _scratch_for(self, x: Tensor, threads: int) -> Tensor:
         key = (x.shape[2], x.shape[3], x.dtype, threads)
         buf = self._scratch.get(key)
@@ -219,7 +232,7 @@ class NativeBasicStage(nn.Module):
         threads = torch.get_num_threads()
         scratch = self._scratch_for(x, threads)
         feat, ponder, nunits, dist, counts = torch.ops.sact_native.basic_stage(
-            x, self.weights, self.meta, scratch, float(self.stage.eps), threads
+            x, self.weights, self.meta, scratch, float(self.stage.eps), threads, self.profile
         )
         b, h, w = feat.shape[:3]
         if self.mode == "sact":

@@ -37,6 +37,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -73,12 +74,13 @@ inline void vstore(T* p, const V& v) {
 // for p < P, j < N*NV, act(v) = v > 0 ? v : slope*v. `in` points at the top-left tap of the
 // first position; ps = PS when PS > 0 (compile-time position step), else ps_rt.
 
+// Affine block: P consecutive positions, position step ps (PS > 0: compile-time).
 template <typename T>
-using BlockFn = void (*)(const T*, int64_t, int64_t, int, const T*, int64_t, const T*, T, T*, int64_t);
+using AffineFn = void (*)(const T*, int64_t, int64_t, int, const T*, int64_t, const T*, T, T*, int64_t);
 
 template <typename T, int N, int NV, int P, int PS>
-void conv_block(const T* __restrict in, int64_t rs, int64_t ps_rt, int cin, const T* __restrict w, int64_t ldw,
-                const T* __restrict bias, T slope, T* __restrict out, int64_t os) {
+void conv_affine(const T* __restrict in, int64_t rs, int64_t ps_rt, int cin, const T* __restrict w, int64_t ldw,
+                 const T* __restrict bias, T slope, T* __restrict out, int64_t os) {
   using V = typename VecT<T, N>::type;
   const int64_t ps = PS > 0 ? PS : ps_rt;
   V acc[P][NV];
@@ -97,9 +99,9 @@ void conv_block(const T* __restrict in, int64_t rs, int64_t ps_rt, int cin, cons
       for (int v = 0; v < NV; ++v) wv[v] = vload<V>(wp + v * N);
 #pragma GCC unroll 16
       for (int p = 0; p < P; ++p) {
-        const T s = ip[p * ps];
+        const T a = ip[p * ps];
 #pragma GCC unroll 4
-        for (int v = 0; v < NV; ++v) acc[p][v] += s * wv[v];
+        for (int v = 0; v < NV; ++v) acc[p][v] += a * wv[v];
       }
       ++ip;
       wp += ldw;
@@ -116,78 +118,116 @@ void conv_block(const T* __restrict in, int64_t rs, int64_t ps_rt, int cin, cons
   }
 }
 
-// Block sizes per slice width: 16 positions for one vector of output channels, 8 for two
-// (16 accumulators either way), then powers of two for the tails of a run.
-constexpr int kMaxP = 5;
+// Gathered block: P arbitrary positions, top-left taps at in + off[p], outputs at out + oo[p].
+// Positions from several runs and rows share one block, so short runs (sparse masks, small
+// maps) still get full blocks.
+template <typename T>
+using GatherFn = void (*)(const T*, const int32_t*, int64_t, int, const T*, int64_t, const T*, T, T*, const int32_t*);
+
+template <typename T, int N, int NV, int P>
+void conv_gather(const T* __restrict in, const int32_t* __restrict off, int64_t rs, int cin, const T* __restrict w,
+                 int64_t ldw, const T* __restrict bias, T slope, T* __restrict out, const int32_t* __restrict oo) {
+  using V = typename VecT<T, N>::type;
+  V acc[P][NV];
+  int64_t o[P];
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p) o[p] = off[p];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    const V b = vload<V>(bias + v * N);
+#pragma GCC unroll 16
+    for (int p = 0; p < P; ++p) acc[p][v] = b;
+  }
+  for (int k = 0; k < 9; ++k) {
+    const T* ip = in + (k / 3) * rs + (k % 3) * cin;
+    const T* wp = w + static_cast<int64_t>(k) * cin * ldw;
+    for (int ci = 0; ci < cin; ++ci) {
+      V wv[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) wv[v] = vload<V>(wp + v * N);
+#pragma GCC unroll 16
+      for (int p = 0; p < P; ++p) {
+        const T a = ip[o[p]];
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[p][v] += a * wv[v];
+      }
+      ++ip;
+      wp += ldw;
+    }
+  }
+  const V zero = {};
+#pragma GCC unroll 16
+  for (int p = 0; p < P; ++p) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      const V r = acc[p][v];
+      vstore(out + oo[p] + v * N, r > zero ? r : r * slope);
+    }
+  }
+}
+
+// Block sizes: 16 (affine) / 12 (gathered) positions for one vector of output channels per
+// slice, 8 for two (about 16 accumulators), then 8, 4, 2, 1 for the last gathered positions.
+constexpr int kGather = 5;
 
 template <typename T>
 struct Slice {
   int j0 = 0;  // first output channel
-  int count = 0;
-  int p[kMaxP] = {};
-  BlockFn<T> fn[kMaxP] = {};
+  AffineFn<T> affine = nullptr;
+  GatherFn<T> gather[kGather] = {};
 };
-
-template <typename T, int N, int NV, int PS>
-void fill_slice(Slice<T>& s) {
-  if (NV == 1) {
-    const int ps[5] = {16, 8, 4, 2, 1};
-    const BlockFn<T> fs[5] = {conv_block<T, N, NV, 16, PS>, conv_block<T, N, NV, 8, PS>, conv_block<T, N, NV, 4, PS>,
-                              conv_block<T, N, NV, 2, PS>, conv_block<T, N, NV, 1, PS>};
-    s.count = 5;
-    for (int i = 0; i < 5; ++i) s.p[i] = ps[i], s.fn[i] = fs[i];
-  } else {
-    const int ps[4] = {8, 4, 2, 1};
-    const BlockFn<T> fs[4] = {conv_block<T, N, NV, 8, PS>, conv_block<T, N, NV, 4, PS>, conv_block<T, N, NV, 2, PS>,
-                              conv_block<T, N, NV, 1, PS>};
-    s.count = 4;
-    for (int i = 0; i < 4; ++i) s.p[i] = ps[i], s.fn[i] = fs[i];
-  }
-}
-
-// Compile-time position steps for the channel counts of the reference's networks; other
-// steps use the same kernel with a run-time step.
-template <typename T, int N, int NV>
-void fill_slice_ps(Slice<T>& s, int64_t ps) {
-  switch (ps) {
-    case 8: fill_slice<T, N, NV, 8>(s); break;
-    case 16: fill_slice<T, N, NV, 16>(s); break;
-    case 32: fill_slice<T, N, NV, 32>(s); break;
-    case 64: fill_slice<T, N, NV, 64>(s); break;
-    default: fill_slice<T, N, NV, 0>(s); break;
-  }
-}
-
-template <typename T, int N, int NV>
-void fill_slice_any(Slice<T>& s, int64_t ps) {
-  if (N >= 4) {
-    fill_slice_ps<T, N, NV>(s, ps);
-  } else {
-    fill_slice<T, N, NV, 0>(s);  // odd channel counts: run-time step only
-  }
-}
 
 template <typename T>
 struct ConvPlan {
   int cin = 0, cout = 0;
   int64_t ps = 0;  // input elements between consecutive output positions (stride * cin)
+  int pa = 16;     // positions of an affine block
+  int pg[kGather] = {12, 8, 4, 2, 1};  // positions of the gathered blocks
   std::vector<Slice<T>> slices;
 };
+
+template <typename T, int N, int NV, int PA, int PS>
+void fill_slice(Slice<T>& s, int pg0) {
+  s.affine = conv_affine<T, N, NV, PA, PS>;
+  s.gather[0] = pg0 == 12 ? conv_gather<T, N, NV, 12> : conv_gather<T, N, NV, 8>;
+  s.gather[1] = conv_gather<T, N, NV, 8>;
+  s.gather[2] = conv_gather<T, N, NV, 4>;
+  s.gather[3] = conv_gather<T, N, NV, 2>;
+  s.gather[4] = conv_gather<T, N, NV, 1>;
+}
+
+// Compile-time position steps for the channel counts of the reference's networks; other
+// steps (and odd channel counts) use the same kernel with a run-time step.
+template <typename T, int N, int NV, int PA>
+void fill_slice_ps(Slice<T>& s, int64_t ps, int pg0) {
+  if (N < 4) return fill_slice<T, N, NV, PA, 0>(s, pg0);
+  switch (ps) {
+    case 8: return fill_slice<T, N, NV, PA, 8>(s, pg0);
+    case 16: return fill_slice<T, N, NV, PA, 16>(s, pg0);
+    case 32: return fill_slice<T, N, NV, PA, 32>(s, pg0);
+    case 64: return fill_slice<T, N, NV, PA, 64>(s, pg0);
+    default: return fill_slice<T, N, NV, PA, 0>(s, pg0);
+  }
+}
 
 template <typename T, int N>
 void plan_lanes(ConvPlan<T>& pl) {
   const int nvec = pl.cout / N;
-  int v = 0;
-  while (v < nvec) {
+  const bool wide = nvec >= 2;  // slices of two vectors: blocks of 8 positions
+  pl.pa = wide ? 8 : 16;
+  pl.pg[0] = wide ? 8 : 12;
+  for (int v = 0; v < nvec;) {
     Slice<T> s;
     s.j0 = v * N;
-    if (nvec - v >= 2) {
-      fill_slice_any<T, N, 2>(s, pl.ps);
-      v += 2;
+    const int nv = nvec - v >= 2 ? 2 : 1;
+    if (nv == 2) {
+      fill_slice_ps<T, N, 2, 8>(s, pl.ps, pl.pg[0]);
+    } else if (wide) {
+      fill_slice_ps<T, N, 1, 8>(s, pl.ps, pl.pg[0]);
     } else {
-      fill_slice_any<T, N, 1>(s, pl.ps);
-      v += 1;
+      fill_slice_ps<T, N, 1, 16>(s, pl.ps, pl.pg[0]);
     }
+    v += nv;
     pl.slices.push_back(s);
   }
 }
@@ -200,7 +240,7 @@ ConvPlan<T> make_plan(int cin, int cout, int stride) {
   pl.ps = static_cast<int64_t>(stride) * cin;
   constexpr int maxn = 64 / static_cast<int>(sizeof(T));  // one 512-bit vector
   if (maxn >= 16 && cout % 16 == 0) {
-    plan_lanes<T, (maxn >= 16 ? 16 : 1)>(pl);
+    plan_lanes<T, (maxn >= 16 ? 16 : 8)>(pl);
   } else if (cout % 8 == 0) {
     plan_lanes<T, 8>(pl);
   } else if (cout % 4 == 0) {
@@ -213,21 +253,56 @@ ConvPlan<T> make_plan(int cin, int cout, int stride) {
   return pl;
 }
 
-// Convolution at L consecutive output positions: `in` = top-left tap of the first one.
+// One convolution over a set of output positions given as runs: whole affine blocks within a
+// run, the rest of each run queued and computed in gathered blocks. Offsets are in elements:
+// `io` = top-left tap of the run's first position in `in`, `oo` = its output in `out`
+// (consecutive positions: +ps in the input, +cout in the output).
 template <typename T>
-inline void conv_run(const ConvPlan<T>& pl, const T* in, int64_t rs, int L, const T* w, const T* bias, T slope, T* out,
-                     int64_t os) {
-  for (const Slice<T>& s : pl.slices) {
-    int pos = 0;
-    while (pos < L) {
-      const int rem = L - pos;
-      int i = 0;
-      while (s.p[i] > rem) ++i;
-      s.fn[i](in + pos * pl.ps, rs, pl.ps, pl.cin, w + s.j0, pl.cout, bias + s.j0, slope, out + pos * os + s.j0, os);
-      pos += s.p[i];
+struct ConvJob {
+  const ConvPlan<T>& pl;
+  const T* in;
+  int64_t rs;
+  const T* w;
+  const T* bias;
+  T slope;
+  T* out;
+  int32_t* qi;  // queued input offsets (room for pl.pg[0])
+  int32_t* qo;  // queued output offsets
+  int n = 0;
+
+  void gather(int g, const int32_t* gi, const int32_t* go) const {
+    for (const Slice<T>& s : pl.slices)
+      s.gather[g](in, gi, rs, pl.cin, w + s.j0, pl.cout, bias + s.j0, slope, out + s.j0, go);
+  }
+
+  void run(int64_t io, int64_t oo, int L) {
+    int i = 0;
+    for (; i + pl.pa <= L; i += pl.pa) {
+      for (const Slice<T>& s : pl.slices)
+        s.affine(in + io + i * pl.ps, rs, pl.ps, pl.cin, w + s.j0, pl.cout, bias + s.j0, slope,
+                 out + oo + static_cast<int64_t>(i) * pl.cout + s.j0, pl.cout);
+    }
+    for (; i < L; ++i) {
+      qi[n] = static_cast<int32_t>(io + i * pl.ps);
+      qo[n] = static_cast<int32_t>(oo + static_cast<int64_t>(i) * pl.cout);
+      if (++n == pl.pg[0]) {
+        gather(0, qi, qo);
+        n = 0;
+      }
     }
   }
-}
+
+  void flush() {
+    int done = 0;
+    while (done < n) {
+      int g = 0;
+      while (pl.pg[g] > n - done) ++g;
+      gather(g, qi + done, qo + done);
+      done += pl.pg[g];
+    }
+    n = 0;
+  }
+};
 
 // ---------------------------------------------------------------------------------------
 // Small helpers.
@@ -237,25 +312,162 @@ inline T lrelu(T v, T slope) {
   return v > T(0) ? v : v * slope;
 }
 
-template <typename T>
-inline T sigmoid(T z) {
-  return T(1) / (T(1) + std::exp(-z));
+// Sum of the lanes of a vector (a tree of half-vector additions).
+template <typename T, int N>
+inline T hsum(const typename VecT<T, N>::type& v) {
+  if constexpr (N <= 2) {
+    T s = v[0];
+    for (int i = 1; i < N; ++i) s += v[i];
+    return s;
+  } else {
+    using H = typename VecT<T, N / 2>::type;
+    H lo, hi;
+    __builtin_memcpy(&lo, &v, sizeof(H));
+    __builtin_memcpy(&hi, reinterpret_cast<const char*>(&v) + sizeof(H), sizeof(H));
+    return hsum<T, N / 2>(lo + hi);
+  }
 }
 
-// Sum of a[i] * b[i], i < n (vectorised over N lanes where n allows).
-template <typename T>
-inline T dot(const T* a, const T* b, int n) {
+// The SACT branch's local 3x3 convolution (one output channel, no bias) at L consecutive
+// positions: q = top-left tap of the first one in Q (rows rs apart), wl (9, C). Blocks of 8
+// positions share each weight vector and keep 8 independent accumulators.
+template <typename T, int B>
+inline void local_logits_block(const T* q, int64_t rs, int C, const T* wl, T* out) {
   constexpr int N = 64 / sizeof(T);
   using V = typename VecT<T, N>::type;
-  int i = 0;
-  T s = 0;
-  if (n >= N) {
-    V acc = {};
-    for (; i + N <= n; i += N) acc += vload<V>(a + i) * vload<V>(b + i);
-    for (int j = 0; j < N; ++j) s += acc[j];
+  V acc[B];
+#pragma GCC unroll 8
+  for (int i = 0; i < B; ++i) acc[i] = V{};
+  for (int k = 0; k < 9; ++k) {
+    const T* a = q + (k / 3) * rs + static_cast<int64_t>(k % 3) * C;
+    const T* w = wl + k * C;
+    for (int c = 0; c < C; c += N) {
+      const V wv = vload<V>(w + c);
+#pragma GCC unroll 8
+      for (int i = 0; i < B; ++i) acc[i] += vload<V>(a + static_cast<int64_t>(i) * C + c) * wv;
+    }
   }
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
+#pragma GCC unroll 8
+  for (int i = 0; i < B; ++i) out[i] = hsum<T, N>(acc[i]);
+}
+
+template <typename T>
+void local_logits(const T* q, int64_t rs, int C, const T* wl, int L, T* out) {
+  constexpr int N = 64 / sizeof(T);
+  if (C % N == 0) {
+    int i = 0;
+    for (; i + 8 <= L; i += 8) local_logits_block<T, 8>(q + static_cast<int64_t>(i) * C, rs, C, wl, out + i);
+    for (; i + 2 <= L; i += 2) local_logits_block<T, 2>(q + static_cast<int64_t>(i) * C, rs, C, wl, out + i);
+    if (i < L) local_logits_block<T, 1>(q + static_cast<int64_t>(i) * C, rs, C, wl, out + i);
+    return;
+  }
+  for (int i = 0; i < L; ++i) {
+    T acc = 0;
+    for (int k = 0; k < 9; ++k) {
+      const T* a = q + (k / 3) * rs + static_cast<int64_t>(i + k % 3) * C;
+      const T* w = wl + k * C;
+      for (int c = 0; c < C; ++c) acc += a[c] * w[c];
+    }
+    out[i] = acc;
+  }
+}
+
+// z[i] = sigmoid(z[i]) = 1 / (1 + exp(-z[i])).
+template <typename T>
+inline void sigmoid_inplace(T* z, int n) {
+  for (int i = 0; i < n; ++i) z[i] = T(1) / (T(1) + std::exp(-z[i]));
+}
+
+// float32: a vectorised exp (Cephes' expf polynomial, about 1 ulp) instead of n calls of expf;
+// z has room for n rounded up to a multiple of 16.
+template <>
+inline void sigmoid_inplace<float>(float* z, int n) {
+  using V = VecT<float, 16>::type;
+  using VI = VecT<int32_t, 16>::type;
+  // Whole vectors: z must have room for n rounded up to 16 (the lanes past n are garbage).
+  int i = 0;
+  for (; i < n; i += 16) {
+    V v = -vload<V>(z + i);
+    v = v < V{} + 88.3762626647949f ? v : V{} + 88.3762626647949f;
+    v = v > V{} - 87.3365447504f ? v : V{} - 87.3365447504f;
+    // n = round(v / ln 2), r = v - n ln 2 (in two parts)
+    const V t = v * 1.44269504088896341f;
+    const V nf = (t + 12582912.0f) - 12582912.0f;
+    V r = v - nf * 0.693359375f;
+    r = r - nf * -2.12194440e-4f;
+    V p = V{} + 1.9875691500E-4f;
+    p = p * r + 1.3981999507E-3f;
+    p = p * r + 8.3334519073E-3f;
+    p = p * r + 4.1665795894E-2f;
+    p = p * r + 1.6666665459E-1f;
+    p = p * r + 5.0000001201E-1f;
+    p = p * (r * r) + r + 1.0f;
+    const VI e = (__builtin_convertvector(nf, VI) + 127) << 23;
+    V scale;
+    __builtin_memcpy(&scale, &e, sizeof(V));
+    vstore(z + i, 1.0f / (1.0f + p * scale));
+  }
+  (void)i;
+}
+
+// The epilogue of a unit's second convolution at L consecutive positions (rows of C):
+// X += R (R null: X is already complete), S += R (sum_x: S += X instead), then the inputs of
+// the next convolutions from the new X: Q = act_l(sl*X + tl) (the halting branch; Q null: none)
+// and P = act1(s1*X + t1) (the next unit's pre-activation; P null: none).
+template <typename T>
+struct Epilogue {
+  const T *sl = nullptr, *tl = nullptr;
+  T slope_l = 0;
+  T* Q = nullptr;
+  const T *s1 = nullptr, *t1 = nullptr;
+  T slope1 = 0;
+  T* P = nullptr;
+};
+
+template <typename T>
+void residual_run(T* X, const T* R, int L, int C, bool sum_x, T* S, const Epilogue<T>& e) {
+  constexpr int N = 64 / sizeof(T);
+  using V = typename VecT<T, N>::type;
+  if (C % N == 0) {
+    const V zero = {};
+    for (int c = 0; c < C; c += N) {
+      V acc = vload<V>(S + c);
+      const V sl = e.Q ? vload<V>(e.sl + c) : zero, tl = e.Q ? vload<V>(e.tl + c) : zero;
+      const V s1 = e.P ? vload<V>(e.s1 + c) : zero, t1 = e.P ? vload<V>(e.t1 + c) : zero;
+      for (int i = 0; i < L; ++i) {
+        const int64_t o = static_cast<int64_t>(i) * C + c;
+        V x = vload<V>(X + o);
+        if (R) {
+          const V r = vload<V>(R + o);
+          x = x + r;
+          vstore(X + o, x);
+          acc += sum_x ? x : r;
+        } else {
+          acc += x;
+        }
+        if (e.Q) {
+          const V q = sl * x + tl;
+          vstore(e.Q + o, q > zero ? q : q * e.slope_l);
+        }
+        if (e.P) {
+          const V p = s1 * x + t1;
+          vstore(e.P + o, p > zero ? p : p * e.slope1);
+        }
+      }
+      vstore(S + c, acc);
+    }
+    return;
+  }
+  for (int i = 0; i < L; ++i) {
+    T* x = X + static_cast<int64_t>(i) * C;
+    const T* r = R ? R + static_cast<int64_t>(i) * C : nullptr;
+    for (int c = 0; c < C; ++c) {
+      if (r) x[c] = x[c] + r[c];
+      S[c] += (r && !sum_x) ? r[c] : x[c];
+      if (e.Q) e.Q[i * C + c] = lrelu(e.sl[c] * x[c] + e.tl[c], e.slope_l);
+      if (e.P) e.P[i * C + c] = lrelu(e.s1[c] * x[c] + e.t1[c], e.slope1);
+    }
+  }
 }
 
 // Rows [y0, y1) of part `tid` of `nt`: contiguous parts with about equal sum of cost[y] + 1.
@@ -428,8 +640,8 @@ inline int64_t align_up(int64_t bytes) { return (bytes + kAlign - 1) / kAlign * 
 // Byte layout of one thread's share of the scratch: the team part (used by the whole team
 // in row-split mode) and the private part.
 struct Layout {
-  int64_t P0, P, Tb, Q, X, cs, rem, Spart, A;  // team
-  int64_t D, D2, R, S, logit, ones, cnt;       // private
+  int64_t P0, P, Tb, Q, X, R, cs, rem, Spart, A, A2;  // team
+  int64_t D, D2, S, logit, runs, queue, ones, cnt;  // private
   int64_t total;
 };
 
@@ -447,15 +659,18 @@ inline Layout make_layout(const Geo& g, int cin0, int C, int nt, int64_t esz) {
   l.Tb = take(padded * C * esz);
   l.Q = take(padded * C * esz);
   l.X = take(static_cast<int64_t>(g.HW) * C * esz);
+  l.R = take(static_cast<int64_t>(g.HW) * C * esz);
   l.cs = take(g.HW * esz);
   l.rem = take(g.HW * esz);
   l.Spart = take(static_cast<int64_t>(nt) * C * esz);
   l.A = take(padded);
+  l.A2 = take(padded);
   l.D = take(padded);
   l.D2 = take(padded);
-  l.R = take(static_cast<int64_t>(g.W) * C * esz);
   l.S = take(C * esz);
-  l.logit = take(g.W * esz);
+  l.logit = take((g.W + 16) * esz);  // slack: the vectorised sigmoid rounds up
+  l.runs = take(2 * static_cast<int64_t>(g.W) * sizeof(int));
+  l.queue = take(2 * 16 * sizeof(int32_t));
   l.ones = take(g.W + 2);
   l.cnt = take(4 * static_cast<int64_t>(g.H) * sizeof(int));
   l.total = o;
@@ -482,14 +697,16 @@ struct Input {
 
 template <typename T>
 struct Team {
-  T *P0, *P, *Tb, *Q, *X, *cs, *rem, *Spart;
-  uint8_t* A;
+  T *P0, *P, *Tb, *Q, *X, *R, *cs, *rem, *Spart;
+  uint8_t *A, *A2;  // running positions: this unit's and the next unit's
 };
 
 template <typename T>
 struct Priv {
   uint8_t *D, *D2, *ones;
-  T *R, *S, *logit;
+  T *S, *logit;
+  int32_t *qi, *qo;  // queued positions of a convolution
+  int* runs;  // (start, length) pairs of one row
   int *cntA, *cntD, *cntD2, *cntAll;
 };
 
@@ -501,10 +718,12 @@ Team<T> team_at(char* base, const Layout& l) {
   t.Tb = reinterpret_cast<T*>(base + l.Tb);
   t.Q = reinterpret_cast<T*>(base + l.Q);
   t.X = reinterpret_cast<T*>(base + l.X);
+  t.R = reinterpret_cast<T*>(base + l.R);
   t.cs = reinterpret_cast<T*>(base + l.cs);
   t.rem = reinterpret_cast<T*>(base + l.rem);
   t.Spart = reinterpret_cast<T*>(base + l.Spart);
   t.A = reinterpret_cast<uint8_t*>(base + l.A);
+  t.A2 = reinterpret_cast<uint8_t*>(base + l.A2);
   return t;
 }
 
@@ -514,9 +733,11 @@ Priv<T> priv_at(char* base, const Layout& l, const Geo& g) {
   p.D = reinterpret_cast<uint8_t*>(base + l.D);
   p.D2 = reinterpret_cast<uint8_t*>(base + l.D2);
   p.ones = reinterpret_cast<uint8_t*>(base + l.ones);
-  p.R = reinterpret_cast<T*>(base + l.R);
+  p.qi = reinterpret_cast<int32_t*>(base + l.queue);
+  p.qo = p.qi + 16;
   p.S = reinterpret_cast<T*>(base + l.S);
   p.logit = reinterpret_cast<T*>(base + l.logit);
+  p.runs = reinterpret_cast<int*>(base + l.runs);
   int* c = reinterpret_cast<int*>(base + l.cnt);
   p.cntA = c;
   p.cntD = c + g.H;
@@ -580,6 +801,27 @@ struct Sync {
   }
 };
 
+// Optional profile of the calling thread 0: seconds per unit and phase, summed over the
+// images it ran (row U: [images, 0, ...]). Columns:
+enum ProfCol { kMask = 0, kPre, kConv1, kConv2, kHalt, kWait, kActive, kDilated, kProfCols };
+
+struct Prof {
+  double* p = nullptr;
+  std::chrono::steady_clock::time_point t;
+  void start() {
+    if (p) t = std::chrono::steady_clock::now();
+  }
+  void lap(int row, int col) {
+    if (!p) return;
+    const auto n = std::chrono::steady_clock::now();
+    p[row * kProfCols + col] += std::chrono::duration<double>(n - t).count();
+    t = n;
+  }
+  void add(int row, int col, double v) {
+    if (p) p[row * kProfCols + col] += v;
+  }
+};
+
 // The halting step of sact.act.halting_step at one running position (finished == false):
 // returns the weight of the unit's output and whether the position halts here.
 template <typename T>
@@ -596,9 +838,84 @@ inline T halting_step(T h, T thr, T& cs, T& rem, T& ponder, int64_t& nu, bool& h
   return h;
 }
 
+// Halting branch, recurrence and weighted sum at the running positions of row y: every
+// position when `ar` is null, else the runs of non-zero bytes of ar (W bytes). an (W bytes)
+// gets 1 where a position runs on (left alone elsewhere). `hw` null: the last unit (h = 1).
+// `first`: unit 0 (the state starts at cs = 0, R = 1, ponder = 1, N = 0). dist: this unit's
+// (H, W) plane of the distribution.
+template <typename T>
+void halt_row(const Ctx<T>& cx, Team<T>& tm, Priv<T>& pv, const HaltW<T>* hw, T gl, bool first, int y,
+              const uint8_t* ar, uint8_t* an, T* feat, T* ponder, int64_t* nunits, T* dist) {
+  const int C = cx.st.C, W = cx.g.W, Wp = cx.g.Wp;
+  int nr = 0, n = 0;
+  if (ar == nullptr) {
+    pv.runs[0] = 0;
+    pv.runs[1] = W;
+    nr = 1;
+    n = W;
+  } else {
+    for_runs(ar, W, [&](int x0, int L) {
+      pv.runs[2 * nr] = x0;
+      pv.runs[2 * nr + 1] = L;
+      ++nr;
+      n += L;
+    });
+  }
+  if (n == 0) return;
+  T* z = pv.logit;
+  if (hw) {
+    const int64_t rs = static_cast<int64_t>(Wp) * C;
+    for (int j = 0, o = 0; j < nr; o += pv.runs[2 * j + 1], ++j) {
+      const int x0 = pv.runs[2 * j];
+      local_logits(tm.Q + (static_cast<int64_t>(y) * Wp + x0) * C, rs, C, hw->wl, pv.runs[2 * j + 1], z + o);
+    }
+    for (int i = 0; i < n; ++i) z[i] = (z[i] + hw->bl) + gl;
+    sigmoid_inplace(z, n);
+  } else {
+    for (int i = 0; i < n; ++i) z[i] = T(1);
+  }
+  const T thr = cx.st.thr;
+  for (int j = 0, o = 0; j < nr; o += pv.runs[2 * j + 1], ++j) {
+    const int x0 = pv.runs[2 * j], L = pv.runs[2 * j + 1];
+    const int p0 = y * W + x0;
+    const T* h = z + o;
+    T* cs = tm.cs + p0;
+    T* rem = tm.rem + p0;
+    T* pc = ponder + p0;
+    int64_t* nu = nunits + p0;
+    T* d = dist + p0;
+    uint8_t* a = an + x0;
+    for (int i = 0; i < L; ++i) {
+      // sact.act.halting_step at a running position
+      const T c = (first ? T(0) : cs[i]) + h[i];
+      const T r = first ? T(1) : rem[i];
+      const bool halted = c >= thr;
+      cs[i] = c;
+      d[i] = halted ? r : h[i];
+      pc[i] = (first ? T(1) : pc[i]) + (halted ? r : T(1));
+      rem[i] = halted ? r : r - h[i];
+      nu[i] = (first ? 0 : nu[i]) + 1;
+      a[i] = halted ? 0 : 1;
+    }
+    const T* x = tm.X + static_cast<int64_t>(p0) * C;
+    T* out = feat + static_cast<int64_t>(p0) * C;
+    for (int i = 0; i < L; ++i) {
+      const T w = d[i];
+      if (first) {
+#pragma GCC ivdep
+        for (int c = 0; c < C; ++c) out[i * C + c] = w * x[i * C + c];
+      } else {
+#pragma GCC ivdep
+        for (int c = 0; c < C; ++c) out[i * C + c] = out[i * C + c] + w * x[i * C + c];
+      }
+    }
+  }
+}
+
 // Runs the stage on image b with a team of nt threads (this one is tid).
 template <typename T>
-void run_image(const Ctx<T>& cx, Team<T>& tm, Priv<T>& pv, int b, int tid, int nt, bool first, const Sync& sync) {
+void run_image(const Ctx<T>& cx, Team<T>& tm, Priv<T>& pv, int b, int tid, int nt, bool first, const Sync& bar,
+               Prof& pr) {
   const Stage<T>& st = cx.st;
   const Geo& g = cx.g;
   const int C = st.C, U = st.U, H = g.H, W = g.W, Wp = g.Wp, HW = g.HW;
@@ -607,6 +924,14 @@ void run_image(const Ctx<T>& cx, Team<T>& tm, Priv<T>& pv, int b, int tid, int n
   const T one = T(1);
   T* feat = cx.out.feat + static_cast<int64_t>(b) * HW * C;
   int y0, y1;
+  int prow = 0;  // profile row: the unit being run
+  auto sync = [&](int col) {
+    pr.lap(prow, col);
+    bar();
+    pr.lap(prow, kWait);
+  };
+  pr.start();
+  pr.add(U, 0, 1.0);
 
   if (first) {
     if (tid == 0) {
@@ -615,6 +940,7 @@ void run_image(const Ctx<T>& cx, Team<T>& tm, Priv<T>& pv, int b, int tid, int n
       zero_border(tm.Tb, g.Hp, Wp, C);
       zero_border(tm.Q, g.Hp, Wp, C);
       zero_border(tm.A, g.Hp, Wp, 1);
+      zero_border(tm.A2, g.Hp, Wp, 1);
     }
     zero_border(pv.D, g.Hp, Wp, 1);
     zero_border(pv.D2, g.Hp, Wp, 1);
@@ -644,76 +970,98 @@ void run_image(const Ctx<T>& cx, Team<T>& tm, Priv<T>& pv, int b, int tid, int n
       }
     }
   }
-  sync();
+  sync(kPre);
   // conv1 (stride s, TF SAME) -> T at every output position.
   split_rows(pv.cntAll, H, nt, tid, y0, y1);
   {
     const int s = st.stride0;
-    const int64_t rs = static_cast<int64_t>(g.Wpin) * cin0;
+    ConvJob<T> job{cx.plan0, tm.P0, static_cast<int64_t>(g.Wpin) * cin0, u0.w1, u0.b1, u0.slope2, tm.Tb, pv.qi, pv.qo};
     for (int y = y0; y < y1; ++y) {
       // top-left tap of output (y, 0): input (s*y - pt, -pl), +1 for the border
-      const T* tl = tm.P0 + (static_cast<int64_t>(s * y - g.pt + 1) * g.Wpin + (1 - g.pl)) * cin0;
-      conv_run(cx.plan0, tl, rs, W, u0.w1, u0.b1, u0.slope2, tm.Tb + (static_cast<int64_t>(y + 1) * Wp + 1) * C, C);
+      job.run((static_cast<int64_t>(s * y - g.pt + 1) * g.Wpin + (1 - g.pl)) * cin0,
+              (static_cast<int64_t>(y + 1) * Wp + 1) * C, W);
     }
+    job.flush();
   }
-  sync();
-  // conv2 + shortcut -> X; channel sums; halting input Q.
-  const bool halt0 = U > 1;
+  sync(kConv1);
+  // conv2 + shortcut -> X; channel sums; the halting branch's and unit 1's inputs.
   T* Sp = tm.Spart + static_cast<int64_t>(tid) * C;
   std::fill(Sp, Sp + C, T(0));
+  // The epilogue after unit n's conv2 also prepares unit n + 1's pre-activation P.
+  auto epilogue = [&](int n, int64_t pos) {
+    Epilogue<T> e;
+    if (n + 1 < U) {
+      if (st.sact) {
+        const HaltW<T>& hw = st.halts[n];
+        e.sl = hw.sl;
+        e.tl = hw.tl;
+        e.slope_l = hw.slope_l;
+        e.Q = tm.Q + pos;
+      }
+      const UnitW<T>& un = st.units[n + 1];
+      e.s1 = un.s1;
+      e.t1 = un.t1;
+      e.slope1 = un.slope1;
+      e.P = tm.P + pos;
+    }
+    return e;
+  };
   {
     const int s = st.stride0;
     const int pad = (C - cin0) / 2;
-    const T* xb = cx.in.p + b * cx.in.sb;
+    // the shortcut's source: the pre-activation (activate_before_residual) or the input
+    const T* sb = st.abr0 ? tm.P0 + (static_cast<int64_t>(g.Wpin) + 1) * cin0 : cx.in.p + b * cx.in.sb;
+    const int64_t s_y = st.abr0 ? static_cast<int64_t>(g.Wpin) * cin0 : cx.in.sy;
+    const int64_t s_x = st.abr0 ? cin0 : cx.in.sx;
+    const int64_t s_c = st.abr0 ? 1 : cx.in.sc;
+    ConvJob<T> job{cx.plan, tm.Tb, rsC, u0.w2, u0.b2, one, tm.R, pv.qi, pv.qo};
+    for (int y = y0; y < y1; ++y) job.run(static_cast<int64_t>(y) * rsC, static_cast<int64_t>(y) * W * C, W);
+    job.flush();
     for (int y = y0; y < y1; ++y) {
-      conv_run(cx.plan, tm.Tb + static_cast<int64_t>(y) * rsC, rsC, W, u0.w2, u0.b2, one, pv.R, C);
       for (int x = 0; x < W; ++x) {
-        const T* r = pv.R + static_cast<int64_t>(x) * C;
+        const T* r = tm.R + (static_cast<int64_t>(y) * W + x) * C;
         T* xo = tm.X + (static_cast<int64_t>(y) * W + x) * C;
-        // shortcut + r
+        // X = shortcut + r: the option-A shortcut is zero outside channels [pad, pad + cin0)
         for (int c = 0; c < pad; ++c) xo[c] = T(0) + r[c];
         for (int c = pad + cin0; c < C; ++c) xo[c] = T(0) + r[c];
-        if (s == 1) {
-          if (st.abr0) {
-            const T* p = tm.P0 + (static_cast<int64_t>(y + 1) * g.Wpin + x + 1) * cin0;
-            for (int c = 0; c < cin0; ++c) xo[pad + c] = p[c] + r[pad + c];
-          } else {
-            const T* p = xb + y * cx.in.sy + x * cx.in.sx;
-            for (int c = 0; c < cin0; ++c) xo[pad + c] = p[c * cx.in.sc] + r[pad + c];
-          }
+        const int ya = s * y, yb = std::min(s * y + s, g.Hin);
+        const int xa = s * x, xe = std::min(s * x + s, g.Win);
+        const int cnt = (yb - ya) * (xe - xa);
+        const T* a = sb + ya * s_y + xa * s_x;
+        T* xp = xo + pad;
+        const T* rp = r + pad;
+        if (s_c == 1 && cnt == 1) {
+#pragma GCC ivdep
+          for (int c = 0; c < cin0; ++c) xp[c] = a[c] + rp[c];
+        } else if (s_c == 1 && cnt == 4) {
+          const T* a1 = a + s_x;
+          const T* a2 = a + s_y;
+          const T* a3 = a + s_y + s_x;
+#pragma GCC ivdep
+          for (int c = 0; c < cin0; ++c) xp[c] = (((a[c] + a1[c]) + a2[c]) + a3[c]) / T(4) + rp[c];
         } else {
-          const int ya = s * y, yb = std::min(s * y + s, g.Hin);
-          const int xa = s * x, xe = std::min(s * x + s, g.Win);
-          const T cnt = static_cast<T>((yb - ya) * (xe - xa));
           for (int c = 0; c < cin0; ++c) {
             T sum = 0;
-            for (int yy = ya; yy < yb; ++yy) {
-              for (int xx = xa; xx < xe; ++xx) {
-                sum += st.abr0 ? tm.P0[(static_cast<int64_t>(yy + 1) * g.Wpin + xx + 1) * cin0 + c]
-                               : xb[yy * cx.in.sy + xx * cx.in.sx + c * cx.in.sc];
-              }
-            }
-            xo[pad + c] = sum / cnt + r[pad + c];
+            for (int yy = 0; yy < yb - ya; ++yy)
+              for (int xx = 0; xx < xe - xa; ++xx) sum += a[yy * s_y + xx * s_x + c * s_c];
+            xp[c] = (cnt == 1 ? sum : sum / static_cast<T>(cnt)) + rp[c];
           }
         }
-#pragma GCC ivdep
-        for (int c = 0; c < C; ++c) Sp[c] += xo[c];
-        if (halt0 && st.sact) {
-          const HaltW<T>& hw = st.halts[0];
-          T* q = tm.Q + (static_cast<int64_t>(y + 1) * Wp + x + 1) * C;
-#pragma GCC ivdep
-          for (int c = 0; c < C; ++c) q[c] = lrelu(hw.sl[c] * xo[c] + hw.tl[c], hw.slope_l);
-        }
       }
+      residual_run(tm.X + static_cast<int64_t>(y) * W * C, static_cast<const T*>(nullptr), W, C, true, Sp,
+                   epilogue(0, (static_cast<int64_t>(y + 1) * Wp + 1) * C));
     }
   }
-  sync();
+  sync(kConv2);
   // Sums of the whole image (every thread the same, in the same order).
   std::fill(pv.S, pv.S + C, T(0));
-  for (int t = 0; t < nt; ++t) {
-    const T* sp = tm.Spart + static_cast<int64_t>(t) * C;
-    for (int c = 0; c < C; ++c) pv.S[c] += sp[c];
-  }
+  auto add_sums = [&]() {
+    for (int t = 0; t < nt; ++t) {
+      const T* sp = tm.Spart + static_cast<int64_t>(t) * C;
+      for (int c = 0; c < C; ++c) pv.S[c] += sp[c];
+    }
+  };
+  add_sums();
 
   auto global_logit = [&](const HaltW<T>& hw) {
     T acc = 0;
@@ -724,49 +1072,38 @@ void run_image(const Ctx<T>& cx, Team<T>& tm, Priv<T>& pv, int b, int tid, int n
     return acc + hw.bg;
   };
 
-  // ---- ACT: one position per image ----
+  // ---- ACT: one position per image, every unit everywhere until the image halts ----
   if (!st.sact) {
     T cs = 0, rem = 1, ponder = 1;
     int64_t nu = 0;
     T* dist = cx.out.dist + static_cast<int64_t>(b) * U;
     for (int n = 0; n < U; ++n) {
+      prow = n;
       if (n > 0) {
         const UnitW<T>& u = st.units[n];
-        // P = act1(bn1(X)) everywhere
-        for (int y = y0; y < y1; ++y) {
-          for (int x = 0; x < W; ++x) {
-            const T* xi = tm.X + (static_cast<int64_t>(y) * W + x) * C;
-            T* p = tm.P + (static_cast<int64_t>(y + 1) * Wp + x + 1) * C;
-#pragma GCC ivdep
-            for (int c = 0; c < C; ++c) p[c] = lrelu(u.s1[c] * xi[c] + u.t1[c], u.slope1);
-          }
+        // P (this unit's pre-activation) was written by the previous unit's epilogue.
+        {
+          ConvJob<T> job{cx.plan, tm.P, rsC, u.w1, u.b1, u.slope2, tm.Tb, pv.qi, pv.qo};
+          for (int y = y0; y < y1; ++y)
+            job.run(static_cast<int64_t>(y) * rsC, (static_cast<int64_t>(y + 1) * Wp + 1) * C, W);
+          job.flush();
         }
-        sync();
-        for (int y = y0; y < y1; ++y) {
-          conv_run(cx.plan, tm.P + static_cast<int64_t>(y) * rsC, rsC, W, u.w1, u.b1, u.slope2,
-                   tm.Tb + (static_cast<int64_t>(y + 1) * Wp + 1) * C, C);
-        }
-        sync();
+        sync(kConv1);
         std::fill(Sp, Sp + C, T(0));
+        {
+          ConvJob<T> job{cx.plan, tm.Tb, rsC, u.w2, u.b2, one, tm.R, pv.qi, pv.qo};
+          for (int y = y0; y < y1; ++y) job.run(static_cast<int64_t>(y) * rsC, static_cast<int64_t>(y) * W * C, W);
+          job.flush();
+        }
         for (int y = y0; y < y1; ++y) {
-          conv_run(cx.plan, tm.Tb + static_cast<int64_t>(y) * rsC, rsC, W, u.w2, u.b2, one, pv.R, C);
-          T* xo = tm.X + static_cast<int64_t>(y) * W * C;
-          const T* r = pv.R;
-          for (int x = 0; x < W; ++x) {
-#pragma GCC ivdep
-            for (int c = 0; c < C; ++c) {
-              xo[x * C + c] = xo[x * C + c] + r[x * C + c];
-              Sp[c] += r[x * C + c];
-            }
-          }
+          const int64_t o = static_cast<int64_t>(y) * W * C;
+          residual_run(tm.X + o, tm.R + o, W, C, false, Sp, epilogue(n, (static_cast<int64_t>(y + 1) * Wp + 1) * C));
         }
-        sync();
-        for (int t = 0; t < nt; ++t) {
-          const T* sp = tm.Spart + static_cast<int64_t>(t) * C;
-          for (int c = 0; c < C; ++c) pv.S[c] += sp[c];
-        }
+        sync(kConv2);
+        add_sums();
       }
-      const T h = n < U - 1 ? sigmoid(global_logit(st.halts[n])) : one;
+      T h = one;
+      if (n < U - 1) h = T(1) / (T(1) + std::exp(-global_logit(st.halts[n])));
       bool halted;
       const T wgt = halting_step(h, st.thr, cs, rem, ponder, nu, halted);
       for (int y = y0; y < y1; ++y) {
@@ -789,9 +1126,9 @@ void run_image(const Ctx<T>& cx, Team<T>& tm, Priv<T>& pv, int b, int tid, int n
         }
         break;
       }
-      sync();  // X is read by the next unit's P pass of any thread
+      sync(kHalt);  // X is read by the next unit's convolutions on any thread
     }
-    sync();  // the team's scratch is reused by the next image
+    sync(kHalt);  // the team's scratch is reused by the next image
     return;
   }
 
@@ -805,47 +1142,25 @@ void run_image(const Ctx<T>& cx, Team<T>& tm, Priv<T>& pv, int b, int tid, int n
     cnt_active[b] = HW;
     cnt_dilated[b] = 0;
   }
+  uint8_t* Acur = tm.A;    // running at the current unit
+  uint8_t* Anext = tm.A2;  // running at the next unit (written by the halting phase)
+  const uint8_t* Aprev = nullptr;  // updated by the previous unit (P is ready there); null: all
+  auto mrow = [&](auto* m, int y) { return m + static_cast<int64_t>(y + 1) * Wp + 1; };
   // Halting after unit 0, every position (rows y0..y1 of the plain split).
   {
-    const bool has_h = U > 1;
-    const T gl = has_h ? global_logit(st.halts[0]) : T(0);
-    for (int y = y0; y < y1; ++y) {
-      for (int x = 0; x < W; ++x) {
-        const int p = y * W + x;
-        T h = one;
-        if (has_h) {
-          const HaltW<T>& hw = st.halts[0];
-          T acc = 0;
-          for (int k = 0; k < 9; ++k) {
-            const T* q = tm.Q + (static_cast<int64_t>(y + k / 3) * Wp + x + k % 3) * C;
-            acc += dot(q, hw.wl + k * C, C);
-          }
-          h = sigmoid((acc + hw.bl) + gl);
-        }
-        T cs = 0, rem = 1, pc = 1;
-        int64_t nu = 0;
-        bool halted;
-        const T wgt = halting_step(h, st.thr, cs, rem, pc, nu, halted);
-        tm.cs[p] = cs;
-        tm.rem[p] = rem;
-        ponder[p] = pc;
-        nunits[p] = nu;
-        dist_b[p] = wgt;
-        tm.A[(y + 1) * Wp + x + 1] = halted ? 0 : 1;
-        const T* xi = tm.X + static_cast<int64_t>(p) * C;
-        T* o = feat + static_cast<int64_t>(p) * C;
-#pragma GCC ivdep
-        for (int c = 0; c < C; ++c) o[c] = wgt * xi[c];
-      }
-    }
+    const HaltW<T>* hw = U > 1 ? &st.halts[0] : nullptr;
+    const T gl = hw ? global_logit(*hw) : T(0);
+    for (int y = y0; y < y1; ++y)
+      halt_row(cx, tm, pv, hw, gl, true, y, nullptr, mrow(Acur, y), feat, ponder, nunits, dist_b);
   }
-  sync();
+  sync(kHalt);
 
   for (int n = 1; n < U; ++n) {
+    prow = n;
     const UnitW<T>& u = st.units[n];
-    const bool has_h = n < U - 1;
-    // Masks (every thread its own copy, from the shared A).
-    count_rows(tm.A, H, W, Wp, pv.cntA);
+    const HaltW<T>* hw = n < U - 1 ? &st.halts[n] : nullptr;
+    // Masks (every thread its own copy, from the shared Acur).
+    count_rows(Acur, H, W, Wp, pv.cntA);
     int64_t na = 0;
     for (int y = 0; y < H; ++y) na += pv.cntA[y];
     T* dist_n = dist_b + static_cast<int64_t>(n) * HW;
@@ -862,14 +1177,13 @@ void run_image(const Ctx<T>& cx, Team<T>& tm, Priv<T>& pv, int b, int tid, int n
       break;
     }
     const bool full = na == HW;
-    const uint8_t* A = tm.A;
     const uint8_t* D = full ? nullptr : pv.D;
     const uint8_t* D2 = full ? nullptr : pv.D2;
     const int* cntD = pv.cntAll;
     const int* cntD2 = pv.cntAll;
     int64_t nd = HW;
     if (!full) {
-      dilate_rows(A, pv.D, H, W, Wp, 0, H);
+      dilate_rows(Acur, pv.D, H, W, Wp, 0, H);
       dilate_rows(pv.D, pv.D2, H, W, Wp, 0, H);
       count_rows(pv.D, H, W, Wp, pv.cntD);
       count_rows(pv.D2, H, W, Wp, pv.cntD2);
@@ -882,114 +1196,94 @@ void run_image(const Ctx<T>& cx, Team<T>& tm, Priv<T>& pv, int b, int tid, int n
       cnt_active[static_cast<int64_t>(n) * g.B + b] = na;
       cnt_dilated[static_cast<int64_t>(n) * g.B + b] = nd;
     }
-    auto row_of = [&](const uint8_t* m, int y) -> const uint8_t* {
-      return m ? m + static_cast<int64_t>(y + 1) * Wp + 1 : pv.ones;
-    };
-    // Partitions of this unit's phases (A changes in the last one).
+    auto row_of = [&](const uint8_t* m, int y) -> const uint8_t* { return m ? mrow(m, y) : pv.ones; };
+    // Partitions of this unit's phases.
     int p1a, p1b, p2a, p2b, p3a, p3b;
     split_rows(cntD2, H, nt, tid, p1a, p1b);
     split_rows(cntD, H, nt, tid, p2a, p2b);
     split_rows(pv.cntA, H, nt, tid, p3a, p3b);
+    pr.lap(n, kMask);
+    pr.add(n, kActive, static_cast<double>(na) / HW);
+    pr.add(n, kDilated, static_cast<double>(nd) / HW);
 
-    // Phase 1: P = act1(bn1(X)) at D2; Q at D \ A (frozen positions the halting conv reads).
-    const HaltW<T>* hw = has_h ? &st.halts[n] : nullptr;
-    for (int y = p1a; y < p1b; ++y) {
-      for_runs(row_of(D2, y), W, [&](int x0, int L) {
-        const T* xi = tm.X + (static_cast<int64_t>(y) * W + x0) * C;
-        T* p = tm.P + (static_cast<int64_t>(y + 1) * Wp + x0 + 1) * C;
-        for (int x = 0; x < L; ++x) {
-#pragma GCC ivdep
-          for (int c = 0; c < C; ++c) p[x * C + c] = lrelu(u.s1[c] * xi[x * C + c] + u.t1[c], u.slope1);
-        }
-      });
-      if (hw && !full) {
-        const uint8_t* dr = row_of(D, y);
-        const uint8_t* ar = row_of(A, y);
+    // Phase 1: the inputs at frozen positions: P = act1(bn1(X)) at D2 outside Aprev (the
+    // previous unit's epilogue wrote the rest), Q = act(bn(X)) at D outside Acur.
+    if (Aprev != nullptr || (hw && !full)) {
+      for (int y = p1a; y < p1b; ++y) {
+        const uint8_t* d2 = row_of(D2, y);
+        const uint8_t* pr_ = Aprev ? mrow(Aprev, y) : nullptr;
+        const uint8_t* d = row_of(D, y);
+        const uint8_t* a = mrow(Acur, y);
         for (int x = 0; x < W; ++x) {
-          if (!dr[x] || ar[x]) continue;
+          const bool need_p = d2[x] && pr_ && !pr_[x];
+          const bool need_q = hw && d[x] && !a[x];
+          if (!need_p && !need_q) continue;
           const T* xi = tm.X + (static_cast<int64_t>(y) * W + x) * C;
-          T* q = tm.Q + (static_cast<int64_t>(y + 1) * Wp + x + 1) * C;
+          const int64_t o = (static_cast<int64_t>(y + 1) * Wp + x + 1) * C;
+          if (need_p) {
+            T* p = tm.P + o;
 #pragma GCC ivdep
-          for (int c = 0; c < C; ++c) q[c] = lrelu(hw->sl[c] * xi[c] + hw->tl[c], hw->slope_l);
+            for (int c = 0; c < C; ++c) p[c] = lrelu(u.s1[c] * xi[c] + u.t1[c], u.slope1);
+          }
+          if (need_q) {
+            T* q = tm.Q + o;
+#pragma GCC ivdep
+            for (int c = 0; c < C; ++c) q[c] = lrelu(hw->sl[c] * xi[c] + hw->tl[c], hw->slope_l);
+          }
         }
       }
     }
-    sync();
+    sync(kPre);
     // Phase 2: conv1 (bn2 folded) + act2 at D -> T.
-    for (int y = p2a; y < p2b; ++y) {
-      for_runs(row_of(D, y), W, [&](int x0, int L) {
-        conv_run(cx.plan, tm.P + static_cast<int64_t>(y) * rsC + static_cast<int64_t>(x0) * C, rsC, L, u.w1, u.b1,
-                 u.slope2, tm.Tb + (static_cast<int64_t>(y + 1) * Wp + x0 + 1) * C, C);
-      });
+    {
+      ConvJob<T> job{cx.plan, tm.P, rsC, u.w1, u.b1, u.slope2, tm.Tb, pv.qi, pv.qo};
+      for (int y = p2a; y < p2b; ++y) {
+        for_runs(row_of(D, y), W, [&](int x0, int L) {
+          job.run((static_cast<int64_t>(y) * Wp + x0) * C, (static_cast<int64_t>(y + 1) * Wp + x0 + 1) * C, L);
+        });
+      }
+      job.flush();
     }
-    sync();
-    // Phase 3: conv2 + residual at A; sums of the change; Q at A.
+    sync(kConv1);
+    // Phase 3: conv2 at Acur -> R, then the residual, the sums of the change, Q at Acur and
+    // the next unit's P at Acur.
     std::fill(Sp, Sp + C, T(0));
+    {
+      ConvJob<T> job{cx.plan, tm.Tb, rsC, u.w2, u.b2, one, tm.R, pv.qi, pv.qo};
+      for (int y = p3a; y < p3b; ++y) {
+        for_runs(mrow(Acur, y), W, [&](int x0, int L) {
+          job.run((static_cast<int64_t>(y) * Wp + x0) * C, (static_cast<int64_t>(y) * W + x0) * C, L);
+        });
+      }
+      job.flush();
+    }
     for (int y = p3a; y < p3b; ++y) {
-      for_runs(row_of(A, y), W, [&](int x0, int L) {
-        conv_run(cx.plan, tm.Tb + static_cast<int64_t>(y) * rsC + static_cast<int64_t>(x0) * C, rsC, L, u.w2, u.b2, one,
-                 pv.R, C);
-        T* xo = tm.X + (static_cast<int64_t>(y) * W + x0) * C;
-        for (int x = 0; x < L; ++x) {
-          const T* r = pv.R + static_cast<int64_t>(x) * C;
-          T* xv = xo + static_cast<int64_t>(x) * C;
-#pragma GCC ivdep
-          for (int c = 0; c < C; ++c) {
-            xv[c] = xv[c] + r[c];
-            Sp[c] += r[c];
-          }
-          if (hw) {
-            T* q = tm.Q + (static_cast<int64_t>(y + 1) * Wp + x0 + x + 1) * C;
-#pragma GCC ivdep
-            for (int c = 0; c < C; ++c) q[c] = lrelu(hw->sl[c] * xv[c] + hw->tl[c], hw->slope_l);
-          }
-        }
+      for_runs(mrow(Acur, y), W, [&](int x0, int L) {
+        const int64_t o = (static_cast<int64_t>(y) * W + x0) * C;
+        residual_run(tm.X + o, tm.R + o, L, C, false, Sp, epilogue(n, (static_cast<int64_t>(y + 1) * Wp + x0 + 1) * C));
       });
     }
-    sync();
-    for (int t = 0; t < nt; ++t) {
-      const T* sp = tm.Spart + static_cast<int64_t>(t) * C;
-      for (int c = 0; c < C; ++c) pv.S[c] += sp[c];
-    }
-    // Phase 4: halting at A, the recurrence, the weighted sum; A becomes the next unit's set.
+    sync(kConv2);
+    add_sums();
+    // Phase 4: halting at Acur, the recurrence, the weighted sum; Anext = still running.
     const T gl = hw ? global_logit(*hw) : T(0);
     for (int y = p3a; y < p3b; ++y) {
-      uint8_t* ar = tm.A + static_cast<int64_t>(y + 1) * Wp + 1;
-      T* dn = dist_n + static_cast<int64_t>(y) * W;
-      for (int x = 0; x < W; ++x) {
-        if (!ar[x]) {
-          dn[x] = T(0);
-          continue;
-        }
-        const int p = y * W + x;
-        T h = one;
-        if (hw) {
-          T acc = 0;
-          for (int k = 0; k < 9; ++k) {
-            const T* q = tm.Q + (static_cast<int64_t>(y + k / 3) * Wp + x + k % 3) * C;
-            acc += dot(q, hw->wl + k * C, C);
-          }
-          h = sigmoid((acc + hw->bl) + gl);
-        }
-        bool halted;
-        const T wgt = halting_step(h, st.thr, tm.cs[p], tm.rem[p], ponder[p], nunits[p], halted);
-        dn[x] = wgt;
-        if (halted) ar[x] = 0;
-        const T* xi = tm.X + static_cast<int64_t>(p) * C;
-        T* o = feat + static_cast<int64_t>(p) * C;
-#pragma GCC ivdep
-        for (int c = 0; c < C; ++c) o[c] = o[c] + wgt * xi[c];
-      }
+      std::fill(dist_n + static_cast<int64_t>(y) * W, dist_n + static_cast<int64_t>(y + 1) * W, T(0));
+      uint8_t* an = mrow(Anext, y);
+      std::memset(an, 0, W);
+      halt_row(cx, tm, pv, hw, gl, false, y, mrow(Acur, y), an, feat, ponder, nunits, dist_n);
     }
-    sync();
+    sync(kHalt);
+    Aprev = Acur;
+    std::swap(Acur, Anext);
   }
-  sync();  // the team's scratch is reused by the next image
+  sync(kMask);  // the team's scratch is reused by the next image
 }
 
 template <typename T>
 void basic_stage_impl(const Tensor& x, const Tensor& weights, const Tensor& meta, Tensor& scratch, double eps,
                       int64_t threads, const Tensor& feat, const Tensor& ponder, const Tensor& nunits, const Tensor& dist,
-                      const Tensor& counts) {
+                      const Tensor& counts, double* profile) {
   const Stage<T> st = parse_stage<T>(weights, meta, eps);
   const Geo g = make_geo(static_cast<int>(x.size(0)), static_cast<int>(x.size(2)), static_cast<int>(x.size(3)),
                          st.stride0);
@@ -1017,9 +1311,11 @@ void basic_stage_impl(const Tensor& x, const Tensor& weights, const Tensor& meta
     Priv<T> pv = priv_at<T>(mine, l, g);
     bool first = true;
     const Sync none{false};
+    Prof pr;
+    if (tid == 0) pr.p = profile;
 #pragma omp for schedule(dynamic, 1)
     for (int b = 0; b < per_thread; ++b) {
-      run_image(cx, own, pv, b, 0, 1, first, none);
+      run_image(cx, own, pv, b, 0, 1, first, none, pr);
       first = false;
     }
     // The rest: all threads on one image at a time, sharing thread 0's team scratch.
@@ -1027,7 +1323,7 @@ void basic_stage_impl(const Tensor& x, const Tensor& weights, const Tensor& meta
     bool first_shared = true;
     const Sync bar{team > 1};
     for (int b = per_thread; b < B; ++b) {
-      run_image(cx, shared, pv, b, tid, team, first_shared || first, bar);
+      run_image(cx, shared, pv, b, tid, team, first_shared || first, bar, pr);
       first_shared = false;
       first = false;
     }
@@ -1045,7 +1341,8 @@ int64_t basic_stage_scratch_bytes(Tensor meta, int64_t height, int64_t width, in
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> basic_stage(Tensor x, Tensor weights, Tensor meta, Tensor scratch,
-                                                               double eps, int64_t threads) {
+                                                               double eps, int64_t threads,
+                                                               const std::optional<Tensor>& profile) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 4, "basic_stage: x must be a (B, C, H, W) CPU tensor");
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "basic_stage: float32 or float64 only");
   TORCH_CHECK(weights.scalar_type() == x.scalar_type() && weights.is_contiguous() && weights.dim() == 1,
@@ -1065,9 +1362,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> basic_stage(Tensor x, Tensor 
   const Tensor nunits = sact ? at::empty({B, H, W}, opt.dtype(at::kLong)) : at::empty({B}, opt.dtype(at::kLong));
   const Tensor dist = sact ? at::empty({B, U, H, W}, opt) : at::empty({B, U}, opt);
   const Tensor counts = sact ? at::empty({2, U, B}, opt.dtype(at::kLong)) : at::empty({0}, opt.dtype(at::kLong));
+  double* prof = nullptr;
+  if (profile.has_value() && profile->defined()) {
+    TORCH_CHECK(profile->scalar_type() == at::kDouble && profile->is_contiguous() && profile->dim() == 2 &&
+                    profile->size(0) == U + 1 && profile->size(1) == kProfCols,
+                "basic_stage: profile must be a contiguous float64 (U + 1, ", static_cast<int>(kProfCols), ") tensor");
+    prof = profile->data_ptr<double>();
+  }
   if (B > 0) {
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "basic_stage", [&] {
-      basic_stage_impl<scalar_t>(x, weights, meta, scratch, eps, threads, feat, ponder, nunits, dist, counts);
+      basic_stage_impl<scalar_t>(x, weights, meta, scratch, eps, threads, feat, ponder, nunits, dist, counts, prof);
     });
   }
   return {feat, ponder, nunits, dist, counts};
@@ -1076,7 +1380,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> basic_stage(Tensor x, Tensor 
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(sact_native, m) {
-  m.def("basic_stage(Tensor x, Tensor weights, Tensor meta, Tensor(a!) scratch, float eps, int threads) -> "
+  m.def("basic_stage(Tensor x, Tensor weights, Tensor meta, Tensor(a!) scratch, float eps, int threads, "
+        "Tensor(b!)? profile=None) -> "
         "(Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("basic_stage_scratch_bytes(Tensor meta, int height, int width, int threads, int elem_size) -> int");
 }
