@@ -7,24 +7,29 @@
 // compares them in float64 to 1e-9 and against the pure-PyTorch sparse engine).
 //
 // Layout. One image at a time, everything channels-last in per-team scratch that stays in
-// L2: X (H, W, C) the features; P, T, Q (H+2, W+2, C) the inputs of the 3x3 convolutions
-// with a one-pixel zero border (zero padding comes after BN + activation, as in TF "SAME"):
-// P = act1(bn1(X)) (conv1's input), T = act2(bn2(conv1(P))) (conv2's input; bn2 folded into
-// conv1), Q = act(local_bn(X)) (the halting branch's input). Masks are (H+2, W+2) bytes with a
-// zero border: A the positions still running, D = dilate3x3(A) (where conv1 runs), D2 =
-// dilate3x3(D) (where P is needed).
+// L2: X (H, W, C) the features and R (H, W, C) a unit's conv2 output; P, T, Q (H+2, W+2, C)
+// the inputs of the 3x3 convolutions with a one-pixel zero border (zero padding comes after
+// BN + activation, as in TF "SAME"): P = act1(bn1(X)) (conv1's input), T = act2(bn2(conv1(P)))
+// (conv2's input; bn2 folded into conv1), Q = act(local_bn(X)) (the halting branch's input).
+// Masks are (H+2, W+2) bytes with a zero border: A the positions still running, D =
+// dilate3x3(A) (where conv1 runs), D2 = dilate3x3(D) (where P is needed).
 //
-// Unit n >= 1: P at D2, conv1 at D, conv2 + residual at A, halting at A. Unit 0 runs
-// everywhere: P0 = act1(bn1(x)) at the input resolution, conv1 with the unit's stride and
-// TF "SAME" padding (0 top-left / 1 bottom-right on even sizes), conv2 + the option-A shortcut
-// (average pool over the stride, clipped at odd sizes like avg_pool2d(ceil_mode=True), and
-// zero channel padding), or the pre-activation itself with activate_before_residual.
+// Unit n >= 1: P at D2 (the previous unit's epilogue already wrote it where that unit ran),
+// conv1 at D, conv2 at A, then the residual X += R with the per-image channel sums of the
+// change (the halting branch's global term), Q and the next unit's P at A; the halting
+// branch, the recurrence and the weighted sum at A. Unit 0 runs everywhere: P0 =
+// act1(bn1(x)) at the input resolution, conv1 with the unit's stride and TF "SAME" padding
+// (0 top-left / 1 bottom-right on even sizes), conv2 + the option-A shortcut (average pool
+// over the stride, clipped at odd sizes like avg_pool2d(ceil_mode=True), and zero channel
+// padding), or the pre-activation itself with activate_before_residual.
 //
-// Convolutions are direct: a register-blocked micro-kernel computes P consecutive output
-// positions of one image row times N*NV output channels (GCC vector extensions: AVX-512 with
-// -march=native where the CPU has it, narrower vectors elsewhere), reading the input of each
-// tap and channel as a broadcast. Runs of consecutive active positions of a row are cut into
-// such blocks.
+// Convolutions are direct, no im2col: a register-blocked micro-kernel computes a block of
+// output positions times N*NV output channels (GCC vector extensions: AVX-512 with
+// -march=native where the CPU has it, narrower vectors elsewhere; about 16 accumulators),
+// broadcasting each input value of each tap and channel. Runs of consecutive positions of a
+// row give affine blocks (16 or 8 positions); the rest of every run is queued and computed
+// in gathered blocks that take positions from several runs and rows, so sparse masks and
+// short rows still fill whole blocks.
 //
 // Threads. Batches of at least `threads` images: one image per thread at a time (no
 // synchronisation). The remaining images (batch 1, or the last batch % threads images): all
@@ -41,6 +46,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 using at::Tensor;
@@ -312,6 +318,17 @@ inline T lrelu(T v, T slope) {
   return v > T(0) ? v : v * slope;
 }
 
+// Calls f(std::integral_constant<int, N>{}) with the widest vector length N (at most 64 bytes,
+// at least 16) that divides C, or N = 0 when none does (scalar code).
+template <typename T, typename F>
+inline void with_lanes(int C, F&& f) {
+  constexpr int n64 = 64 / sizeof(T), n32 = 32 / sizeof(T), n16 = 16 / sizeof(T);
+  if (C % n64 == 0) return f(std::integral_constant<int, n64>{});
+  if (C % n32 == 0) return f(std::integral_constant<int, n32>{});
+  if (C % n16 == 0) return f(std::integral_constant<int, n16>{});
+  return f(std::integral_constant<int, 0>{});
+}
+
 // Sum of the lanes of a vector (a tree of half-vector additions).
 template <typename T, int N>
 inline T hsum(const typename VecT<T, N>::type& v) {
@@ -331,9 +348,8 @@ inline T hsum(const typename VecT<T, N>::type& v) {
 // The SACT branch's local 3x3 convolution (one output channel, no bias) at L consecutive
 // positions: q = top-left tap of the first one in Q (rows rs apart), wl (9, C). Blocks of 8
 // positions share each weight vector and keep 8 independent accumulators.
-template <typename T, int B>
+template <typename T, int N, int B>
 inline void local_logits_block(const T* q, int64_t rs, int C, const T* wl, T* out) {
-  constexpr int N = 64 / sizeof(T);
   using V = typename VecT<T, N>::type;
   V acc[B];
 #pragma GCC unroll 8
@@ -353,14 +369,18 @@ inline void local_logits_block(const T* q, int64_t rs, int C, const T* wl, T* ou
 
 template <typename T>
 void local_logits(const T* q, int64_t rs, int C, const T* wl, int L, T* out) {
-  constexpr int N = 64 / sizeof(T);
-  if (C % N == 0) {
-    int i = 0;
-    for (; i + 8 <= L; i += 8) local_logits_block<T, 8>(q + static_cast<int64_t>(i) * C, rs, C, wl, out + i);
-    for (; i + 2 <= L; i += 2) local_logits_block<T, 2>(q + static_cast<int64_t>(i) * C, rs, C, wl, out + i);
-    if (i < L) local_logits_block<T, 1>(q + static_cast<int64_t>(i) * C, rs, C, wl, out + i);
-    return;
-  }
+  bool done = false;
+  with_lanes<T>(C, [&](auto lanes) {
+    constexpr int N = decltype(lanes)::value;
+    if constexpr (N > 0) {
+      int i = 0;
+      for (; i + 8 <= L; i += 8) local_logits_block<T, N, 8>(q + static_cast<int64_t>(i) * C, rs, C, wl, out + i);
+      for (; i + 2 <= L; i += 2) local_logits_block<T, N, 2>(q + static_cast<int64_t>(i) * C, rs, C, wl, out + i);
+      if (i < L) local_logits_block<T, N, 1>(q + static_cast<int64_t>(i) * C, rs, C, wl, out + i);
+      done = true;
+    }
+  });
+  if (done) return;
   for (int i = 0; i < L; ++i) {
     T acc = 0;
     for (int k = 0; k < 9; ++k) {
@@ -424,40 +444,49 @@ struct Epilogue {
   T* P = nullptr;
 };
 
+template <typename T, int N>
+void residual_run_v(T* X, const T* R, int L, int C, bool sum_x, T* S, const Epilogue<T>& e) {
+  using V = typename VecT<T, N>::type;
+  const V zero = {};
+  for (int c = 0; c < C; c += N) {
+    V acc = vload<V>(S + c);
+    const V sl = e.Q ? vload<V>(e.sl + c) : zero, tl = e.Q ? vload<V>(e.tl + c) : zero;
+    const V s1 = e.P ? vload<V>(e.s1 + c) : zero, t1 = e.P ? vload<V>(e.t1 + c) : zero;
+    for (int i = 0; i < L; ++i) {
+      const int64_t o = static_cast<int64_t>(i) * C + c;
+      V x = vload<V>(X + o);
+      if (R) {
+        const V r = vload<V>(R + o);
+        x = x + r;
+        vstore(X + o, x);
+        acc += sum_x ? x : r;
+      } else {
+        acc += x;
+      }
+      if (e.Q) {
+        const V q = sl * x + tl;
+        vstore(e.Q + o, q > zero ? q : q * e.slope_l);
+      }
+      if (e.P) {
+        const V p = s1 * x + t1;
+        vstore(e.P + o, p > zero ? p : p * e.slope1);
+      }
+    }
+    vstore(S + c, acc);
+  }
+}
+
 template <typename T>
 void residual_run(T* X, const T* R, int L, int C, bool sum_x, T* S, const Epilogue<T>& e) {
-  constexpr int N = 64 / sizeof(T);
-  using V = typename VecT<T, N>::type;
-  if (C % N == 0) {
-    const V zero = {};
-    for (int c = 0; c < C; c += N) {
-      V acc = vload<V>(S + c);
-      const V sl = e.Q ? vload<V>(e.sl + c) : zero, tl = e.Q ? vload<V>(e.tl + c) : zero;
-      const V s1 = e.P ? vload<V>(e.s1 + c) : zero, t1 = e.P ? vload<V>(e.t1 + c) : zero;
-      for (int i = 0; i < L; ++i) {
-        const int64_t o = static_cast<int64_t>(i) * C + c;
-        V x = vload<V>(X + o);
-        if (R) {
-          const V r = vload<V>(R + o);
-          x = x + r;
-          vstore(X + o, x);
-          acc += sum_x ? x : r;
-        } else {
-          acc += x;
-        }
-        if (e.Q) {
-          const V q = sl * x + tl;
-          vstore(e.Q + o, q > zero ? q : q * e.slope_l);
-        }
-        if (e.P) {
-          const V p = s1 * x + t1;
-          vstore(e.P + o, p > zero ? p : p * e.slope1);
-        }
-      }
-      vstore(S + c, acc);
+  bool done = false;
+  with_lanes<T>(C, [&](auto lanes) {
+    constexpr int N = decltype(lanes)::value;
+    if constexpr (N > 0) {
+      residual_run_v<T, N>(X, R, L, C, sum_x, S, e);
+      done = true;
     }
-    return;
-  }
+  });
+  if (done) return;
   for (int i = 0; i < L; ++i) {
     T* x = X + static_cast<int64_t>(i) * C;
     const T* r = R ? R + static_cast<int64_t>(i) * C : nullptr;
@@ -468,6 +497,49 @@ void residual_run(T* X, const T* R, int L, int C, bool sum_x, T* S, const Epilog
       if (e.P) e.P[i * C + c] = lrelu(e.s1[c] * x[c] + e.t1[c], e.slope1);
     }
   }
+}
+
+// dst[c] = act(s[c] * src[c] + t[c]) (leaky ReLU with `slope`), c < n, for m rows of n
+// (src rows `ss` apart, dst rows n apart).
+template <typename T>
+void affine_act_rows(T* dst, const T* src, int64_t ss, const T* sc, const T* sh, T slope, int n, int m) {
+  with_lanes<T>(n, [&](auto lanes) {
+    constexpr int N = decltype(lanes)::value;
+    if constexpr (N > 0) {
+      using V = typename VecT<T, N>::type;
+      const V zero = {};
+      for (int c = 0; c < n; c += N) {
+        const V a = vload<V>(sc + c), b = vload<V>(sh + c);
+        for (int i = 0; i < m; ++i) {
+          const V v = a * vload<V>(src + i * ss + c) + b;
+          vstore(dst + static_cast<int64_t>(i) * n + c, v > zero ? v : v * slope);
+        }
+      }
+    } else {
+      for (int i = 0; i < m; ++i)
+        for (int c = 0; c < n; ++c) dst[static_cast<int64_t>(i) * n + c] = lrelu(sc[c] * src[i * ss + c] + sh[c], slope);
+    }
+  });
+}
+
+// The option-A shortcut plus the residual of one output position: dst[c] = mean over the k
+// window rows a[j] (k = 1 or 4, in avg_pool2d's order) + r[c], c < n.
+template <typename T>
+void shortcut_add(T* dst, const T* a0, const T* a1, const T* a2, const T* a3, int k, const T* r, int n) {
+  with_lanes<T>(n, [&](auto lanes) {
+    constexpr int N = decltype(lanes)::value;
+    if constexpr (N > 0) {
+      using V = typename VecT<T, N>::type;
+      for (int c = 0; c < n; c += N) {
+        V v = vload<V>(a0 + c);
+        if (k == 4) v = (((v + vload<V>(a1 + c)) + vload<V>(a2 + c)) + vload<V>(a3 + c)) / T(4);
+        vstore(dst + c, v + vload<V>(r + c));
+      }
+    } else {
+      for (int c = 0; c < n; ++c)
+        dst[c] = (k == 4 ? (((a0[c] + a1[c]) + a2[c]) + a3[c]) / T(4) : a0[c]) + r[c];
+    }
+  });
 }
 
 // Rows [y0, y1) of part `tid` of `nt`: contiguous parts with about equal sum of cost[y] + 1.
@@ -958,14 +1030,13 @@ void run_image(const Ctx<T>& cx, Team<T>& tm, Priv<T>& pv, int b, int tid, int n
     const T* xb = cx.in.p + b * cx.in.sb;
     for (int y = a; y < e; ++y) {
       T* dst = tm.P0 + (static_cast<int64_t>(y + 1) * g.Wpin + 1) * cin0;
-      for (int x = 0; x < g.Win; ++x) {
-        const T* src = xb + y * cx.in.sy + x * cx.in.sx;
-        T* d = dst + static_cast<int64_t>(x) * cin0;
-        if (cx.in.sc == 1) {
-#pragma GCC ivdep
-          for (int c = 0; c < cin0; ++c) d[c] = lrelu(u0.s1[c] * src[c] + u0.t1[c], u0.slope1);
-        } else {
-          for (int c = 0; c < cin0; ++c) d[c] = lrelu(u0.s1[c] * src[c * cx.in.sc] + u0.t1[c], u0.slope1);
+      const T* src = xb + y * cx.in.sy;
+      if (cx.in.sc == 1) {
+        affine_act_rows(dst, src, cx.in.sx, u0.s1, u0.t1, u0.slope1, cin0, g.Win);
+      } else {
+        for (int x = 0; x < g.Win; ++x) {
+          for (int c = 0; c < cin0; ++c)
+            dst[x * cin0 + c] = lrelu(u0.s1[c] * src[x * cx.in.sx + c * cx.in.sc] + u0.t1[c], u0.slope1);
         }
       }
     }
@@ -1030,15 +1101,8 @@ void run_image(const Ctx<T>& cx, Team<T>& tm, Priv<T>& pv, int b, int tid, int n
         const T* a = sb + ya * s_y + xa * s_x;
         T* xp = xo + pad;
         const T* rp = r + pad;
-        if (s_c == 1 && cnt == 1) {
-#pragma GCC ivdep
-          for (int c = 0; c < cin0; ++c) xp[c] = a[c] + rp[c];
-        } else if (s_c == 1 && cnt == 4) {
-          const T* a1 = a + s_x;
-          const T* a2 = a + s_y;
-          const T* a3 = a + s_y + s_x;
-#pragma GCC ivdep
-          for (int c = 0; c < cin0; ++c) xp[c] = (((a[c] + a1[c]) + a2[c]) + a3[c]) / T(4) + rp[c];
+        if (s_c == 1 && (cnt == 1 || cnt == 4)) {
+          shortcut_add(xp, a, a + s_x, a + s_y, a + s_y + s_x, cnt, rp, cin0);
         } else {
           for (int c = 0; c < cin0; ++c) {
             T sum = 0;
@@ -1274,7 +1338,7 @@ void run_image(const Ctx<T>& cx, Team<T>& tm, Priv<T>& pv, int b, int tid, int n
       halt_row(cx, tm, pv, hw, gl, false, y, mrow(Acur, y), an, feat, ponder, nunits, dist_n);
     }
     sync(kHalt);
-    Aprev = Acur;
+    Aprev = full ? nullptr : Acur;  // null: this unit ran everywhere, P is ready everywhere
     std::swap(Acur, Anext);
   }
   sync(kMask);  // the team's scratch is reused by the next image
@@ -1356,6 +1420,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> basic_stage(Tensor x, Tensor 
   const int64_t U = m[kUnits], C = m[kC], s = m[kStride0];
   const int64_t B = x.size(0), H = (x.size(2) + s - 1) / s, W = (x.size(3) + s - 1) / s;
   TORCH_CHECK(H >= 1 && W >= 1, "basic_stage: empty feature map");
+  TORCH_CHECK((x.size(2) + 2) * (x.size(3) + 2) * std::max<int64_t>(C, x.size(1)) < (int64_t(1) << 31),
+              "basic_stage: feature map too large");
   const auto opt = x.options();
   const Tensor feat = at::empty({B, H, W, C}, opt);
   const Tensor ponder = sact ? at::empty({B, H, W}, opt) : at::empty({B}, opt);
