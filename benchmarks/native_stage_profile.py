@@ -187,17 +187,25 @@ def print_row(row: dict) -> None:
     )
 
 
-def print_profile(prof: list[dict], parts: dict) -> None:
+def print_profile(prof: list[dict], parts: dict, *, per_unit: bool = False) -> None:
+    """Per stage: unit 0, the mean of the later units with a halting branch, the last unit
+    (every unit with ``per_unit``); microseconds per image on thread 0."""
+    cols = ("bookkeeping", "preact", "conv1", "conv2", "halting", "wait")
     print("    wall ms (median): " + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()))
+    print("    us per image, thread 0 | active / dilated fraction | " + " | ".join(cols) + " | sum")
     for st in prof:
         units = st["units"]
-        print(f"    stage {st['stage']}: us per image on thread 0 (unit: active/dilated fraction: bookkeeping, "
-              "preact, conv1, conv2, halting, wait)")
-        for n, u in enumerate(units):
-            t = [1e6 * u[c] for c in ("bookkeeping", "preact", "conv1", "conv2", "halting", "wait")]
-            act = 1.0 if n == 0 else u["active"]
-            print(f"      unit {n:2d}: {act:.2f}/{u['dilated'] if n else 1.0:.2f}: " + " ".join(f"{v:7.1f}" for v in t)
-                  + f"  = {sum(t):7.1f}")
+        rows = [(f"{st['stage']}.{n}", [units[n]]) for n in range(len(units))] if per_unit else (
+            [(f"{st['stage']}.0", [units[0]])]
+            + ([(f"{st['stage']}.1-{len(units) - 2}", units[1:-1])] if len(units) > 2 else [])
+            + ([(f"{st['stage']}.{len(units) - 1}", [units[-1]])] if len(units) > 1 else [])
+        )
+        for label, us in rows:
+            t = [1e6 * statistics.mean(u[c] for u in us) for c in cols]
+            act = 1.0 if label.endswith(".0") else statistics.mean(u["active"] for u in us)
+            dil = 1.0 if label.endswith(".0") else statistics.mean(u["dilated"] for u in us)
+            print(f"    unit {label:>7} | {act:.2f} / {dil:.2f} | " + " | ".join(f"{v:6.1f}" for v in t)
+                  + f" | {sum(t):6.1f}")
 
 
 def demo_rows(path: Path, args) -> list[tuple]:
@@ -228,6 +236,7 @@ def main(argv=None) -> int:
     p.add_argument("--profile-calls", type=int, default=20)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--no-engine", action="store_true", help="do not time the current sparse engine")
+    p.add_argument("--per-unit", action="store_true", help="print the profile of every unit")
     p.add_argument("--demo", type=Path, default=None, help="a trained SACT checkpoint (.safetensors) to add")
     p.add_argument("--demo-batches", type=int, nargs="+", default=[1, 8])
     p.add_argument("--models", nargs="+", default=None)
@@ -270,11 +279,11 @@ def main(argv=None) -> int:
                              clock=clock)
         print_row(row)
         profiles.append((row, profile_native(nat, x, calls=args.profile_calls)))
-    print("\nPer-unit profile of the native stages (thread 0; image-parallel batches: per image on one thread, "
-          "batch 1: both threads on one image)")
+    print("\nProfile of the native stages (OpenMP thread 0; batches of at least `threads` images run one image per "
+          "thread, batch 1 splits each image's rows across the threads)")
     for row, (prof, parts) in profiles:
         print(f"\n  {row['label']} batch {row['batch']} FLOP ratio {row['flop_ratio']:.2f}")
-        print_profile(prof, parts)
+        print_profile(prof, parts, per_unit=args.per_unit)
     return 0
 
 

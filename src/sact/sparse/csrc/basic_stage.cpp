@@ -175,6 +175,8 @@ void conv_gather(const T* __restrict in, const int32_t* __restrict off, int64_t 
 // Block sizes: 16 (affine) / 12 (gathered) positions for one vector of output channels per
 // slice, 8 for two (about 16 accumulators), then 8, 4, 2, 1 for the last gathered positions.
 constexpr int kGather = 5;
+// Gaps of at most this many positions between two runs are computed too (results unused).
+constexpr int kGap = 2;
 
 template <typename T>
 struct Slice {
@@ -574,6 +576,22 @@ inline void for_runs(const uint8_t* m, int W, F&& f) {
     while (x < W && m[x]) ++x;
     f(s, x - s);
   }
+}
+
+// Like for_runs, but runs separated by at most `gap` zero bytes are merged (the convolutions
+// compute those few extra positions, whose results nobody reads, to get longer runs).
+template <typename F>
+inline void for_merged_runs(const uint8_t* m, int W, int gap, F&& f) {
+  int start = -1, end = 0;
+  for_runs(m, W, [&](int x0, int L) {
+    if (start >= 0 && x0 - end > gap) {
+      f(start, end - start);
+      start = -1;
+    }
+    if (start < 0) start = x0;
+    end = x0 + L;
+  });
+  if (start >= 0) f(start, end - start);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1302,7 +1320,7 @@ void run_image(const Ctx<T>& cx, Team<T>& tm, Priv<T>& pv, int b, int tid, int n
     {
       ConvJob<T> job{cx.plan, tm.P, rsC, u.w1, u.b1, u.slope2, tm.Tb, pv.qi, pv.qo};
       for (int y = p2a; y < p2b; ++y) {
-        for_runs(row_of(D, y), W, [&](int x0, int L) {
+        for_merged_runs(row_of(D, y), W, kGap, [&](int x0, int L) {
           job.run((static_cast<int64_t>(y) * Wp + x0) * C, (static_cast<int64_t>(y + 1) * Wp + x0 + 1) * C, L);
         });
       }
@@ -1315,7 +1333,7 @@ void run_image(const Ctx<T>& cx, Team<T>& tm, Priv<T>& pv, int b, int tid, int n
     {
       ConvJob<T> job{cx.plan, tm.Tb, rsC, u.w2, u.b2, one, tm.R, pv.qi, pv.qo};
       for (int y = p3a; y < p3b; ++y) {
-        for_runs(mrow(Acur, y), W, [&](int x0, int L) {
+        for_merged_runs(mrow(Acur, y), W, kGap, [&](int x0, int L) {
           job.run((static_cast<int64_t>(y) * Wp + x0) * C, (static_cast<int64_t>(y) * W + x0) * C, L);
         });
       }
