@@ -74,7 +74,11 @@ class NativeModel:
             x, o = s(x)
             outs.append(o)
             flops = flops + o.flops
-        logits, head_flops = m.forward_head(x)
+        logits = m.forward_head(x)
+        if isinstance(logits, tuple):  # (logits, FLOPs); newer models: logits, FLOPs from head_flops()
+            logits, head_flops = logits
+        else:
+            head_flops = m.head_flops()
         return ModelOutput(logits=logits, ponder_cost=sum(o.ponder_cost for o in outs), flops=flops + head_flops,
                            stages=outs)
 

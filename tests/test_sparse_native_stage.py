@@ -53,7 +53,11 @@ def native_forward(model, stages, x) -> sact.ModelOutput:
         x, o = s(x)
         outs.append(o)
         flops = flops + o.flops
-    logits, head_flops = model.forward_head(x)
+    logits = model.forward_head(x)
+    if isinstance(logits, tuple):  # (logits, FLOPs); newer models: logits, FLOPs from head_flops()
+        logits, head_flops = logits
+    else:
+        head_flops = model.head_flops()
     return sact.ModelOutput(logits=logits, ponder_cost=sum(o.ponder_cost for o in outs), flops=flops + head_flops,
                             stages=outs)
 
