@@ -51,6 +51,9 @@
 
 using at::Tensor;
 
+// Internal vector-returning helpers: without AVX the ABI note of GCC is irrelevant here.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 namespace {
 
 // ---------------------------------------------------------------------------------------
