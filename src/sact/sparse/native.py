@@ -30,6 +30,7 @@ from torch import Tensor
 __all__ = ["available", "enabled", "set_enabled", "build", "use_for", "load_error"]
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "rows.cpp"
+_SOURCES = (_SOURCE, _SOURCE.with_name("basic_stage.cpp"))  # one extension: row kernels, CIFAR stages
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _lock = threading.Lock()
 _state: dict = {"loaded": False, "error": None, "tried": False, "enabled": os.environ.get("SACT_NATIVE", "1") != "0"}
@@ -50,7 +51,8 @@ def _build_name() -> str:
     # -march=native code is specific to this CPU: the build name carries the source, the
     # torch version and the CPU, so a shared cache never hands one machine another's binary.
     h = hashlib.sha1()
-    h.update(_SOURCE.read_bytes())
+    for src in _SOURCES:
+        h.update(src.read_bytes())
     h.update(torch.__version__.encode())
     h.update(_cpu_model().encode())
     return f"sact_native_{h.hexdigest()[:12]}"
@@ -73,7 +75,7 @@ def build(*, verbose: bool = False) -> None:
         flags.append("-march=native")
     load(
         name=_build_name(),
-        sources=[str(_SOURCE)],
+        sources=[str(src) for src in _SOURCES],
         extra_cflags=flags,
         extra_ldflags=["-fopenmp"],
         is_python_module=False,
