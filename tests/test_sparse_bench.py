@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sact
+from sact.sparse.executors import NativeStageExecutor
 from sact.cli import build_parser
 from sact.data import ClutteredFashionMNIST, ClutterConfig, cluttered_preprocess
 from sact.sparse import to_sparse
@@ -275,7 +276,10 @@ def test_profile_accounts_for_every_call_exactly():
     assert not any(st._forward_hooks or st._forward_pre_hooks for st in model.stages)  # hooks removed
 
 
-def test_profile_of_the_engine_adds_up_and_changes_nothing():
+@pytest.mark.parametrize("whole_stage", [False, True])
+def test_profile_of_the_engine_adds_up_and_changes_nothing(whole_stage, monkeypatch):
+    if not whole_stage:  # the CIFAR stages then run the loop with the row executor (per-unit records)
+        monkeypatch.setattr(NativeStageExecutor, "run_whole", lambda self, stage, x: None)
     model = sact.create_model("resnet20_cifar", mode="sact", base_channels=8).eval()
     obj, _ = object_model("resnet20_cifar", image_size=32, base_channels=8)
     x, _ = object_inputs(2, 32, 0.15, seed=1)
@@ -290,6 +294,9 @@ def test_profile_of_the_engine_adds_up_and_changes_nothing():
         assert len(prof.records) == 3
         for rec in prof.records:
             for stage, s in zip(m.stages, rec.stages):
+                if s.whole:  # the native whole-stage executor: one timed call
+                    assert not s.units and 0 < s.whole <= s.total + 1e-6
+                    continue
                 assert sorted(s.units) == list(range(1, stage.num_units))
                 assert 0 < s.timed <= s.total + 1e-6  # timed calls fit inside the stage call
                 assert all(0.0 <= f <= 1.0 for f in s.active.values())
@@ -298,11 +305,16 @@ def test_profile_of_the_engine_adds_up_and_changes_nothing():
         # the profile left the engine as it was
         assert "stage_executors" not in profiled.__dict__
         for ex in profiled.stage_executors():
-            assert not any("run_" in k for kern in ex.unit_kernels for k in kern.__dict__)
+            assert not any("run_" in k for kern in getattr(ex, "fallback", ex).unit_kernels for k in kern.__dict__)
         summary = summarize(prof)
         assert len(summary["stages"]) == 3
+        if whole_stage:
+            assert all(s["whole_ms"] > 0 for s in summary["stages"])
+            continue
         for s in summary["stages"]:
             assert [u["unit"] for u in s["per_unit"]] == list(range(3)) and s["per_unit"][-1]["halting_ms"] is None
+    if whole_stage:
+        return
     # imposed object halting: later units run at a fraction of the positions, on the sparse path
     active = [f for s in prof.records[0].stages for n, f in s.active.items()]
     assert min(active) < 0.5

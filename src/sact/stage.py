@@ -152,7 +152,13 @@ class StageRun(Protocol):
 
 
 class StageExecutor(Protocol):
-    """Decides where a stage runs: ``start(stage, x)`` runs unit 0 everywhere and returns a :class:`StageRun`."""
+    """Decides where a stage runs: ``start(stage, x)`` runs unit 0 everywhere and returns a :class:`StageRun`.
+
+    An executor may also have ``run_whole(stage, x) -> (features, StageOutput) | None``: an
+    accelerated copy of the whole loop (e.g. the native CIFAR stage of
+    :mod:`sact.sparse.native_stage`), tested equal to it; ``None`` means "not for this input",
+    and the loop runs with ``start``.
+    """
 
     def start(self, stage: "AdaptiveStage", x: Tensor) -> StageRun: ...
 
@@ -214,6 +220,11 @@ def run_stage(stage: "AdaptiveStage", x: Tensor, executor: StageExecutor | None 
     Returns:
         ``(features [B, C, H, W], StageOutput)``.
     """
+    whole = getattr(executor, "run_whole", None)
+    if whole is not None:
+        done = whole(stage, x)
+        if done is not None:
+            return done
     units = stage.units
     num_u = stage.num_units
     run = (executor or DENSE).start(stage, x)  # unit 0, every position
@@ -406,10 +417,29 @@ class AdaptiveStage(nn.Module):
         rd, ra, re, hr, hi = self._flop_rates()
         if hw is None:
             hw = int(active[0, 0]) if active.shape[1] else 0
-        coef_a = torch.tensor([a + h for a, h in zip(ra, hr)], dtype=active.dtype, device=active.device)
-        coef_d = torch.tensor(rd, dtype=active.dtype, device=active.device)
-        total = (coef_a[:, None] * active).sum(0) + (coef_d[:, None] * dilated).sum(0)
-        return self.units[0].flops(x, None) + total + (sum(hi) + sum(re) * hw)
+        key = ("coef", active.dtype, active.device)
+        cache = self._flop_cache()
+        if key not in cache:
+            cache[key] = torch.tensor([[a + h for a, h in zip(ra, hr)], rd], dtype=active.dtype,
+                                      device=active.device)[:, :, None]  # [2, U, 1]
+        coef = cache[key]
+        total = (coef[0] * active).sum(0) + (coef[1] * dilated).sum(0)
+        return self._unit0_flops(x) + total + (sum(hi) + sum(re) * hw)
+
+    def _flop_cache(self) -> dict:
+        if getattr(self, "_flops_memo", None) is None:
+            object.__setattr__(self, "_flops_memo", {})
+        return self._flops_memo
+
+    def _unit0_flops(self, x: Tensor) -> Tensor:
+        """``units[0].flops(x, None)``, remembered per input shape (it depends on nothing else)."""
+        key = ("unit0", tuple(x.shape), x.device)
+        cache = self._flop_cache()
+        if key not in cache:
+            if len(cache) > 64:
+                cache.clear()
+            cache[key] = self.units[0].flops(x, None)
+        return cache[key]
 
     def flops_from_num_units(self, x: Tensor, num_units: Tensor, hw: int) -> Tensor:
         """``[B]`` FLOPs of the stage given its final unit counts.
@@ -438,4 +468,4 @@ class AdaptiveStage(nn.Module):
             acc += (rd[n] + ra[n] + re[n] + hr[n]) * hw + hi[n]
             cum.append(acc)
         table = torch.tensor(cum, dtype=torch.long, device=num_units.device)
-        return self.units[0].flops(x, None) + table.index_select(0, num_units.reshape(-1) - 1)
+        return self._unit0_flops(x) + table.index_select(0, num_units.reshape(-1) - 1)

@@ -27,7 +27,7 @@ from .rows import image_index, neighbour_table, rows_view
 from .rowset import Geometry, RowSet
 from .unit_kernels import RowBottleneck0, RowPreActBottleneck0, make_unit_kernel
 
-__all__ = ["RowExecutor", "ImageSubsetExecutor", "make_executor"]
+__all__ = ["RowExecutor", "ImageSubsetExecutor", "NativeStageExecutor", "make_executor"]
 
 
 def _ref(module: nn.Module, name: str, value: nn.Module) -> None:
@@ -212,10 +212,58 @@ class ImageSubsetExecutor(nn.Module):
         return _ImageRun(stage, x)
 
 
+class NativeStageExecutor(nn.Module):
+    """A whole stage in one native call (:class:`~sact.sparse.native_stage.NativeBasicStage`,
+    the CIFAR pre-activation units), with a loop executor for inputs it does not take.
+
+    ``run_whole`` is the accelerated copy of the stage loop (CPU, float32 / float64, native
+    kernels built and enabled); anything else (CUDA, bfloat16, no compiler) runs the loop
+    with ``fallback`` (:class:`RowExecutor` or :class:`ImageSubsetExecutor`).
+    """
+
+    def __init__(self, stage: AdaptiveStage, fallback: nn.Module, *, poison: bool = False) -> None:
+        super().__init__()
+        from .native_stage import NativeBasicStage
+
+        _ref(self, "stage", stage)
+        self.native = NativeBasicStage(stage)
+        self.fallback = fallback
+        self.poison = poison
+
+    @property
+    def poison(self) -> bool:
+        return self.native.poison
+
+    @poison.setter
+    def poison(self, value: bool) -> None:
+        self.native.poison = bool(value)
+        if hasattr(self.fallback, "poison"):
+            self.fallback.poison = bool(value)
+
+    def refresh(self) -> None:
+        """Re-fold after the stage's weights changed."""
+        self.native.refresh()
+        self.fallback.refresh()
+
+    def run_whole(self, stage: AdaptiveStage, x: Tensor):
+        if x.dtype in (torch.float32, torch.float64) and native.use_for(x):
+            return self.native(x)
+        return None
+
+    def start(self, stage: AdaptiveStage, x: Tensor) -> StageRun:
+        return self.fallback.start(stage, x)
+
+
 def make_executor(stage: AdaptiveStage, *, dense_above=None, chunk_rows: int = 768, poison: bool = False) -> nn.Module | None:
     """The sparse executor of ``stage`` (``None`` for vanilla stages: they run densely)."""
+    from .native_stage import NativeBasicStage
+
     if stage.mode == "sact":
-        return RowExecutor(stage, dense_above=dense_above, chunk_rows=chunk_rows, poison=poison)
-    if stage.mode == "act":
-        return ImageSubsetExecutor(stage)
-    return None
+        ex = RowExecutor(stage, dense_above=dense_above, chunk_rows=chunk_rows, poison=poison)
+    elif stage.mode == "act":
+        ex = ImageSubsetExecutor(stage)
+    else:
+        return None
+    if NativeBasicStage.supports(stage):
+        return NativeStageExecutor(stage, ex, poison=poison)
+    return ex

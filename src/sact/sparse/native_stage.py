@@ -237,7 +237,7 @@ class NativeBasicStage(nn.Module):
         )
         b, h, w = feat.shape[:3]
         if self.mode == "sact":
-            flops = self.stage.flops_from_counts(x, counts[0], counts[1])
+            flops = self.stage.flops_from_counts(x, counts[0], counts[1], h * w)
         else:
             flops = self.stage.flops_from_num_units(x, nunits, h * w)
             u = dist.shape[1]

@@ -53,10 +53,13 @@ class StageRecord:
         output: ``output()``.
         active: ``{n: fraction}`` of the positions unit ``n`` (and branch ``n``) ran at.
         paths: ``{n: "sparse" | "dense" | ...}`` the row kernel's path, when known.
+        whole: the executor's ``run_whole`` (a whole stage in one native call; then
+            ``units``/``halting``/``accumulate`` stay empty).
     """
 
     total: float = 0.0
     start: float = 0.0
+    whole: float = 0.0
     units: dict[int, float] = field(default_factory=dict)
     halting: dict[int, float] = field(default_factory=dict)
     accumulate: dict[int, float] = field(default_factory=dict)
@@ -67,7 +70,7 @@ class StageRecord:
     @property
     def timed(self) -> float:
         """Seconds inside the executor's calls."""
-        return self.start + sum(self.units.values()) + sum(self.halting.values()) + sum(
+        return self.whole + self.start + sum(self.units.values()) + sum(self.halting.values()) + sum(
             self.accumulate.values()) + self.output
 
     @property
@@ -155,6 +158,20 @@ class ProfilingExecutor:
         self.inner = inner
         self._records = records
         self._clock = clock
+
+    def __getattr__(self, name: str):
+        # a whole-stage executor (``run_whole``) is timed as one call
+        if name == "run_whole" and hasattr(self.inner, "run_whole"):
+            return self._run_whole
+        raise AttributeError(name)
+
+    def _run_whole(self, stage: AdaptiveStage, x: Tensor):
+        rec = self._records()
+        t0 = self._clock()
+        out = self.inner.run_whole(stage, x)
+        if out is not None:
+            rec.whole += self._clock() - t0
+        return out
 
     def start(self, stage: AdaptiveStage, x: Tensor) -> StageRun:
         rec = self._records()
@@ -244,6 +261,11 @@ class StageProfiler:
             self._current = None
 
 
+def _loop_executor(ex):
+    """The executor that runs the stage loop (a whole-stage executor's ``fallback``)."""
+    return getattr(ex, "fallback", ex) if ex is not None else None
+
+
 @contextmanager
 def _track_paths(executors: Sequence, paths: Callable[[int], dict]) -> Iterator[None]:
     """Record which path (sparse rows / dense view) each row kernel takes.
@@ -255,7 +277,7 @@ def _track_paths(executors: Sequence, paths: Callable[[int], dict]) -> Iterator[
     patched = []
     try:
         for i, ex in enumerate(executors):
-            for k, kernel in enumerate(getattr(ex, "unit_kernels", None) or []):
+            for k, kernel in enumerate(getattr(_loop_executor(ex), "unit_kernels", None) or []):
                 unit = k + 1
                 for name in ("run_sparse", "run_dense"):
                     if not hasattr(type(kernel), name):
@@ -276,6 +298,7 @@ def _track_paths(executors: Sequence, paths: Callable[[int], dict]) -> Iterator[
 
 def _kernel_names(executor) -> dict[int, str]:
     """``{unit: kernel class}`` of a row executor (unit 0 included), when it has row kernels."""
+    executor = _loop_executor(executor)
     if executor is None or not hasattr(executor, "unit_kernels"):
         return {}
     names = {k + 1: type(kern).__name__ for k, kern in enumerate(executor.unit_kernels)}
@@ -380,6 +403,7 @@ def summarize(profile: Profile) -> dict:
             "mode": modes[i],
             "total_ms": ms * _med(r.total for r in recs),
             "unit0_ms": ms * _med(r.start for r in recs),
+            "whole_ms": ms * _med(r.whole for r in recs),
             "units_ms": ms * _med(sum(r.units.values()) for r in recs),
             "halting_ms": ms * _med(sum(r.halting.values()) for r in recs),
             "accumulate_ms": ms * _med(sum(r.accumulate.values()) + r.output for r in recs),
@@ -409,17 +433,19 @@ def profile_markdown(profile: dict, title: str) -> str:
         f"Medians over {profile['calls']} profiled calls: forward {profile['forward_ms']:.2f} ms, the medians of "
         f"its parts sum to {parts:.2f} ms (the shares are of this sum). `unit 0` includes the "
         "executor's setup (row buffer, neighbour tables, channel sums); `loop` is the stage time outside the "
-        "executor's calls (halting step, index sets and masks, FLOP counting).",
+        "executor's calls (halting step, index sets and masks, FLOP counting); `native stage`: the whole stage "
+        "in one native call (CIFAR units; its own per-unit profile: `NativeBasicStage.profile`).",
         "",
-        "| stage | total ms (share) | unit 0 | units 1.. | halting | accumulation | loop |",
-        "|---|---|---|---|---|---|---|",
+        "| stage | total ms (share) | native stage | unit 0 | units 1.. | halting | accumulation | loop |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for s in profile["stages"]:
         lines.append(
-            f"| {s['stage']} ({s['mode']}) | {s['total_ms']:.2f} ({pct(s['total_ms'])}) | {s['unit0_ms']:.2f} | "
-            f"{s['units_ms']:.2f} | {s['halting_ms']:.2f} | {s['accumulate_ms']:.2f} | {s['loop_ms']:.2f} |")
+            f"| {s['stage']} ({s['mode']}) | {s['total_ms']:.2f} ({pct(s['total_ms'])}) | {s.get('whole_ms', 0.0):.2f} | "
+            f"{s['unit0_ms']:.2f} | {s['units_ms']:.2f} | {s['halting_ms']:.2f} | {s['accumulate_ms']:.2f} | "
+            f"{s['loop_ms']:.2f} |")
     lines.append(f"| stem, head, glue | {profile['outside_stages_ms']:.2f} ({pct(profile['outside_stages_ms'])}) "
-                 "| | | | | |")
+                 "| | | | | | |")
     lines += ["", "| stage | unit | active | kernel | path | unit ms | halting ms | accumulation ms |",
               "|---|---|---|---|---|---|---|---|"]
     for s in profile["stages"]:
