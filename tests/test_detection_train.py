@@ -12,6 +12,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 
 import sact
@@ -22,6 +23,7 @@ from sact.engine import NonFiniteLossError, TrainConfig
 from sact.engine import main as train_main
 from sact.engine.state import STATE_FILE, load_train_state
 from test_detection_coco import write_synthetic_coco
+from test_engine_train import read_events
 
 
 def _detector(mode: str = "sact", frozen_bn: bool = False, seed: int = 0):
@@ -119,7 +121,8 @@ def test_train_then_eval_cli_agree(tmp_path):
     run = tmp_path / "run"
     args = ["detect", "train", "--data", str(tmp_path / "data"), "--width", "4", "--fpn-channels", "16",
             "--representation-size", "32", "--epochs", "1", "--batch-size", "4", "--max-steps", "2",
-            "--tau", "0.05", "--out", str(run), "--rpn-proposals", "100", "50", "--device", "cpu"]
+            "--tau", "0.05", "--out", str(run), "--rpn-proposals", "100", "50", "--device", "cpu",
+            "--set", "image_every=2", "--set", "log_every=1"]
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         assert main(args) == 0
         m = json.loads((run / "metrics.json").read_text())
@@ -127,7 +130,11 @@ def test_train_then_eval_cli_agree(tmp_path):
                      "--out", str(tmp_path / "eval"), "--device", "cpu"]) == 0
     assert m["num_images"] == 4 and m["backbone_gflops_mean"] > 0 and m["images_per_s"] > 0 and m["step"] == 2
     assert {"AP", "AP50", "AP75", "APs", "APm", "APl", "backbone_gflops_std", "ponder_cost_mean"} <= set(m)
-    assert any(p.name.startswith("events") for p in (run / "tb").iterdir())
+    tags = read_events(run / "tb")
+    assert [step for step, _ in tags["num_units_maps"]] == [2] and [step for step, _ in tags["ponder_maps"]] == [2]
+    assert {"train/loss_classifier", "train/ponder_loss", "train/backbone_flops", "eval/AP"} <= set(tags)
+    logged = {k: float(v[-1][1]) for k, v in tags.items() if k.startswith("train/")}
+    assert logged["train/ponder_loss"] == pytest.approx(0.05 * logged["train/ponder_cost"], rel=1e-5)
     config = yaml.safe_load((run / "config.yaml").read_text())  # the flags, mapped onto the one config
     assert (config["task"], config["dataset"], config["steps"], config["tau"], config["rpn_proposals"],
             config["model_kwargs"]) == ("detection", "coco", 2, 0.05, [100, 50], {"in_chans": 1, "base_channels": 4})
@@ -268,3 +275,28 @@ def test_sparse_engine_gives_the_dense_detections(tmp_path):
     for a, b in zip(dense.detections, sparse.detections):
         for k in ("boxes", "scores", "labels"):
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-3)
+
+
+def test_ponder_maps_of_a_detection_batch_cut_the_padding():
+    from sact.detection.task import image_maps
+    from sact.viz import summed_map
+
+    det = _detector(frozen_bn=True).eval()
+    for stage in det.backbone.body.stages:  # halting that varies over positions
+        for branch in stage.halting:
+            branch.local_conv.weight.data.normal_(0, 0.3)
+            branch.local_conv.bias.data.fill_(0.3)
+    same = [torch.rand(1, 64, 64) for _ in range(2)]
+    with torch.no_grad():
+        out = det(same)
+    assert out.input_size == (64, 64)
+    for got, want in zip(image_maps(out, [(64, 64)] * 2, field="num_units"), summed_map(out.stages, (64, 64), field="num_units")):
+        assert torch.equal(got, want)  # no padding, no resize: the classifier's summed map
+    mixed = [torch.rand(1, 64, 64), torch.rand(1, 32, 64)]  # not resized; the second padded to 64 x 64
+    with torch.no_grad():
+        out = det(mixed)
+    maps = image_maps(out, [(64, 64), (32, 64)])
+    assert out.image_sizes[1] == (32, 64) and out.input_size == (64, 64) and maps[1].shape == (32, 64)
+    want = sum(F.interpolate(s.ponder_map[1:2, None, : s.ponder_map.shape[1] // 2], size=(32, 64), mode="nearest")
+               for s in out.stages)[0, 0]  # the top half of each stage's map: the image, not the padding
+    torch.testing.assert_close(maps[1], want)

@@ -283,7 +283,7 @@ def run_eval(run: Run) -> dict:
     metrics["step"] = run.step
     metrics["world_size"] = run.info.world_size
     run.last_metrics = metrics
-    _log_scalars(run, "eval", metrics)
+    _log_scalars(run, "eval", {k: v for k, v in metrics.items() if k not in ("step", "world_size")})
     return metrics
 
 
