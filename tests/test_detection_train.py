@@ -128,6 +128,8 @@ def test_train_then_eval_cli_agree(tmp_path):
         m = json.loads((run / "metrics.json").read_text())
         assert main(["detect", "eval", "--data", str(tmp_path / "data"), "--checkpoint", str(run),
                      "--out", str(tmp_path / "eval"), "--device", "cpu"]) == 0
+        assert main(["detect", "eval", "--data", str(tmp_path / "data"), "--watch", str(run), "--poll", "0.05",
+                     "--watch-timeout", "0.3", "--device", "cpu"]) == 0
     assert m["num_images"] == 4 and m["backbone_gflops_mean"] > 0 and m["images_per_s"] > 0 and m["step"] == 2
     assert {"AP", "AP50", "AP75", "APs", "APm", "APl", "backbone_gflops_std", "ponder_cost_mean"} <= set(m)
     tags = read_events(run / "tb")
@@ -149,6 +151,8 @@ def test_train_then_eval_cli_agree(tmp_path):
         assert ev[k] == pytest.approx(m[k], abs=1e-6), k
     dets = json.loads((tmp_path / "eval" / "detections.json").read_text())
     assert all(d["category_id"] in (1, 7) for d in dets)
+    watched = json.loads((run / "eval" / "metrics_step000000002.json").read_text())
+    assert watched["step"] == 2 and watched["metrics"]["AP"] == pytest.approx(ev["AP"], abs=1e-9)
 
 
 def _config(tmp_path, **kw) -> TrainConfig:
