@@ -304,3 +304,18 @@ def test_ponder_maps_of_a_detection_batch_cut_the_padding():
     want = sum(F.interpolate(s.ponder_map[1:2, None, : s.ponder_map.shape[1] // 2], size=(32, 64), mode="nearest")
                for s in out.stages)[0, 0]  # the top half of each stage's map: the image, not the padding
     torch.testing.assert_close(maps[1], want)
+
+
+def test_shipped_detection_config_is_the_detect_train_command(tmp_path, capsys):
+    # the YAML for `sact train` and the flags of `sact detect train` resolve to the same config
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    assert main(["train", "--config", str(root / "configs" / "detection_cluttered_resnet20_sact.yaml"),
+                 "--out", "runs/det_sact", "--print-config"]) == 0
+    from_yaml = yaml.safe_load(capsys.readouterr().out)
+    assert main(["detect", "train", "--data", "data/cfm", "--width", "8", "--epochs", "3", "--fpn-channels", "32",
+                 "--representation-size", "128", "--box-batch-size", "64", "--lr", "0.01", "--tau", "0.05",
+                 "--out", "runs/det_sact", "--print-config"]) == 0
+    from_flags = yaml.safe_load(capsys.readouterr().out)
+    assert from_yaml == from_flags
