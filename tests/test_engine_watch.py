@@ -70,11 +70,11 @@ def test_checkpoints_appearing_while_watching(tmp_path):
             log.wait_for("step 1:")
             blob = sact.save_checkpoint(models[2], tmp_path / "staged" / "model", meta={"step": 2}).read_bytes()
             put(run / "model.safetensors", blob[: len(blob) // 2])  # a copy cut short
-            log.wait_for("not a complete checkpoint", 1)
+            log.wait_for("retried when the file changes", 1)
             broken = bytearray(blob)
             broken[-10:] = b"\x00" * 10  # full length, the last bytes not yet written
             put(run / "model.safetensors", bytes(broken))
-            log.wait_for("not a complete checkpoint", 2)
+            log.wait_for("retried when the file changes", 2)
             sact.save_checkpoint(models[2], run / "model", meta={"step": 2})  # complete, by atomic rename
             log.wait_for("step 2:")
             sact.save_checkpoint(models[3], run / "model", meta={"step": 3})
@@ -94,7 +94,7 @@ def test_checkpoints_appearing_while_watching(tmp_path):
     assert time.monotonic() - start < 30 and "no new checkpoint for 2 s; stopping" in log.lines[-2]
     assert [p.name for p in written] == [f"metrics_step{s:09d}.json" for s in (1, 2, 3)]
     assert calls == [1, 2, 3], "a half-written file was evaluated"
-    refused = [x for x in log.lines if "not a complete checkpoint" in x]
+    refused = [x for x in log.lines if "retried when the file changes" in x]
     assert "not a safetensors file" in refused[0] or "malformed" in refused[0]  # the header's offsets
     assert "does not match the hash in its header" in refused[1]  # the data hash
     for step, path in zip((1, 2, 3), written):

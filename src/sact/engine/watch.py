@@ -123,7 +123,7 @@ def _handle(weights: Path, evaluate: Callable[[Path], tuple[dict, dict]], out_di
     try:
         doc = read_checkpoint_meta(weights)
     except CheckpointError as e:
-        log(f"not a complete checkpoint yet, waiting for it to change: {e}")
+        log(f"not evaluated, retried when the file changes: {e}")
         return None
     target = out_dir / metrics_name((doc.get("meta") or {}).get("step"), doc.get("data_sha256"))
     if target.exists():
@@ -132,7 +132,7 @@ def _handle(weights: Path, evaluate: Callable[[Path], tuple[dict, dict]], out_di
     try:
         metrics, meta = evaluate(weights)
     except CheckpointError as e:  # cut short, being replaced, or not a checkpoint at all
-        log(f"not a complete checkpoint yet, waiting for it to change: {e}")
+        log(f"not evaluated, retried when the file changes: {e}")
         return None
     # name the result after what was loaded: the file may have been replaced since its header was read
     step = (meta or {}).get("step")
