@@ -228,6 +228,11 @@ def test_detection_config_fields_are_validated(tmp_path, capsys):
         _config(tmp_path, return_stages=["layer9"])  # checked against the model
     assert main(["detect", "train", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--box-batch-size", "0"]) == 2
     assert "box_batch_size=0" in capsys.readouterr().err
+    assert main(["detect", "train", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--in-chans", "2"]) == 2
+    assert "in_chans=2" in capsys.readouterr().err
+    assert main(["detect", "train", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--max-steps", "0"]) == 2
+    assert "--max-steps" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # refused before anything was written
     assert main(["detect", "train", "--data", str(tmp_path), "--out", str(tmp_path / "r"), "--set", "task=segment"]) == 2
     assert "task='segment'" in capsys.readouterr().err
     assert main(["detect", "eval", "--data", str(tmp_path), "--checkpoint", "x", "--watch", "y"]) == 2

@@ -361,6 +361,9 @@ class TrainConfig:
                             "dataset: coco)")
         if self.task == "classification" and self.dataset == "coco":
             problems.append("dataset='coco' with task='classification' (COCO-format data is for task: detection)")
+        chans = self.model_kwargs.get("in_chans", 3) if "model_kwargs" not in skip else 3
+        if self.task == "detection" and chans not in (1, 3):
+            problems.append(f"model_kwargs.in_chans={chans!r} with task='detection' (images are read as 1 or 3 channels)")
         if self.task == "detection" and "label_smoothing" not in skip and self.label_smoothing:
             problems.append(f"label_smoothing={self.label_smoothing!r} with task='detection' (classification only)")
         if self.task == "detection" and self.return_stages and not ({"return_stages", "model", "model_kwargs"} & skip):
