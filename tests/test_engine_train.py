@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pytest
 import torch
 from torch import nn
@@ -183,6 +184,10 @@ def test_learning_rate_schedules():
     assert g == pytest.approx([1, 1, 0.1, 0.01, 0.01])
     warm = TrainConfig(schedule="constant", warmup_steps=4)
     assert [lr_factor(s, total_steps=10, steps_per_epoch=5, config=warm) for s in range(5)] == pytest.approx([0.25, 0.5, 0.75, 1, 1])
+    cos = TrainConfig(schedule="cosine", warmup_steps=4)  # linear warm-up, then cosine over the remaining 8 steps
+    got = [lr_factor(s, total_steps=12, steps_per_epoch=5, config=cos) for s in range(12)]
+    assert got == pytest.approx([0.25, 0.5, 0.75, 1.0] + [0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)])
+    assert lr_factor(0, total_steps=8, steps_per_epoch=5, config=TrainConfig(schedule="cosine")) == 1.0
 
 
 def test_warm_start_from_checkpoint_keeps_halting_fresh(tmp_path):
