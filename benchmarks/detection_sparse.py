@@ -8,7 +8,7 @@ stem + stages and the whole detector on fixed validation batches, dense and thro
 Usage::
 
     MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=4294967296 \\
-    python benchmarks/detection_sparse.py --checkpoint /tmp/detbench/run_sact_tau0.2/detector \\
+    python benchmarks/detection_sparse.py --checkpoint /tmp/detbench/run_sact_tau0.2 \\
         --data /tmp/detbench/data_1000_300_64
 """
 

@@ -63,8 +63,31 @@ def test_metrics_match_hand_computation(num_classes):
         units = so.halting_distribution.shape[1]
         expected = torch.bincount(so.num_units.reshape(-1), minlength=units + 1)[1:].tolist()
         assert s["num_units_hist"] == expected and len(expected) == units
+        # the reference's per-block moments: over all positions of all images
+        assert s["ponder_cost_std_positions"] == pytest.approx(so.ponder_map.double().numpy().std(), rel=1e-4, abs=1e-6)
+        assert s["num_units_std_positions"] == pytest.approx(so.num_units.double().numpy().std(), rel=1e-6, abs=1e-9)
+        sf = so.flops.double().numpy()
+        assert s["flops_mean"] == pytest.approx(sf.mean()) and s["flops_std"] == pytest.approx(sf.std(), rel=1e-6, abs=1e-6)
     assert any(min(s["num_units_hist"]) > 0 for s in m["stages"]), "the test needs varied unit counts"
+    assert sum(s["flops_mean"] for s in m["stages"]) < m["flops_mean"]  # the stem and the head are outside the stages
+    # SACT halts per position: the spread over positions exceeds the spread of the image means
+    assert any(s["num_units_std_positions"] > s["num_units_std"] + 1e-3 for s in m["stages"])
     assert m["images_per_s"] > 0 and m["wall_time_s"] > 0
+
+
+def test_act_stage_std_is_the_same_over_positions_and_images():
+    torch.manual_seed(2)
+    model = sact.create_model("resnet20_cifar", mode="act", base_channels=4, in_chans=1, num_classes=4).eval()
+    with torch.no_grad():
+        for stage in model.stages:
+            for h in stage.halting:
+                h.global_conv.weight.normal_(0, 3.0)
+                h.global_conv.bias.fill_(-0.3)
+    images = torch.rand(6, 1, 16, 16) * torch.linspace(0.2, 3, 6)[:, None, None, None]  # different contrasts
+    m = evaluate(model, [(images, torch.arange(6) % 4)])
+    assert any(s["num_units_std"] > 0 for s in m["stages"]), "the test needs images that halt differently"
+    for s in m["stages"]:  # an ACT map is constant over an image
+        assert s["num_units_std_positions"] == pytest.approx(s["num_units_std"], rel=1e-6, abs=1e-9)
 
 
 def test_eval_shards_cover_every_image_once():

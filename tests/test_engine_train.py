@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pytest
 import torch
 from torch import nn
@@ -183,6 +184,10 @@ def test_learning_rate_schedules():
     assert g == pytest.approx([1, 1, 0.1, 0.01, 0.01])
     warm = TrainConfig(schedule="constant", warmup_steps=4)
     assert [lr_factor(s, total_steps=10, steps_per_epoch=5, config=warm) for s in range(5)] == pytest.approx([0.25, 0.5, 0.75, 1, 1])
+    cos = TrainConfig(schedule="cosine", warmup_steps=4)  # linear warm-up, then cosine over the remaining 8 steps
+    got = [lr_factor(s, total_steps=12, steps_per_epoch=5, config=cos) for s in range(12)]
+    assert got == pytest.approx([0.25, 0.5, 0.75, 1.0] + [0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)])
+    assert lr_factor(0, total_steps=8, steps_per_epoch=5, config=TrainConfig(schedule="cosine")) == 1.0
 
 
 def test_warm_start_from_checkpoint_keeps_halting_fresh(tmp_path):
@@ -232,3 +237,34 @@ def test_warm_start_from_torchvision_file(tmp_path):
     assert torch.equal(got["layer3.2.conv2.weight"], tv.layer3[2].conv2.weight)
     assert torch.equal(got["fc.weight"], fresh["fc.weight"]), "a classifier of another size is skipped"
     assert all(torch.equal(got[k], fresh[k]) for k in got if ".halting." in k)
+
+
+def read_events(folder) -> dict[str, list]:
+    """TensorBoard tag -> [(step, value kind)] of the event files in ``folder`` (TensorFlow never loaded)."""
+    import sys
+    import types
+
+    sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util import tensor_util
+
+    tags: dict[str, list] = {}
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            for v in event.summary.value:
+                tags.setdefault(v.tag, []).append((event.step, tensor_util.make_ndarray(v.tensor)))
+    return tags
+
+
+def test_tensorboard_holds_the_reference_summaries(tmp_path):
+    data = Patterns(32)
+    cfg = tiny_config(tmp_path, steps=4, tensorboard=True, log_every=2, image_every=2, eval_every=2)
+    main(cfg, train_set=data, eval_set=Patterns(16))
+    tags = read_events(tmp_path / "run" / "tb")
+    assert [step for step, _ in tags["num_units_maps"]] == [2, 4] == [step for step, _ in tags["ponder_maps"]]
+    for stage in (1, 2, 3):  # the reference's per-block summaries
+        for name in ("ponder_cost_mean", "ponder_cost_std_positions", "num_units_std_positions", "flops_mean"):
+            assert [step for step, _ in tags[f"eval/stage{stage}/{name}"]] == [2, 4], name
+    final = sact.load_checkpoint(tmp_path / "run" / "model").checkpoint_meta["metrics"]
+    assert float(tags["eval/stage2/flops_std"][-1][1]) == pytest.approx(final["stages"][1]["flops_std"], rel=1e-6)
+    assert {"train/loss", "train/cross_entropy", "train/accuracy", "train/ponder_cost", "train/lr"} <= set(tags)

@@ -280,7 +280,7 @@ def test_forged_detector_headers_are_refused_before_building(tmp_path):
     with safe_open(str(weights), framework="pt") as f:
         meta = f.metadata()
     # (values small enough that code without these checks fails cheaply instead of allocating)
-    for change, message in (({"backbone": {"name": "resnet20_cifar", "kwargs": {"in_chans": 100}}}, "in_chans=100"),
+    for change, message in (({"model": {"name": "resnet20_cifar", "kwargs": {"in_chans": 100}}}, "in_chans=100"),
                             ({"detector": {**det.detector_config, "out_channels": {"a": 1}}}, "out_channels=")):
         doc = {**json.loads(meta["sact"]), **change}
         save_file(tensors, weights, metadata={**meta, "sact": json.dumps(doc)})

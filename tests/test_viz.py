@@ -17,6 +17,7 @@ from sact.viz import (
     overlay,
     percentile_range,
     png_bytes,
+    overlay_grid,
     ponder_overlay_grid,
     stages_figure_png,
     summed_map,
@@ -67,6 +68,7 @@ def test_tensorboard_grid_uses_colorize_of_the_summed_map():
         for stage in model.stages:
             for branch in stage.halting:
                 branch.local_conv.weight.normal_(0, 0.5)
+                branch.local_conv.bias.fill_(0.3)  # some positions halt early
         images = torch.rand(3, 3, 16, 20)
         out = model(images)
     grid = ponder_overlay_grid(images, out.stages, max_images=2, border=2)
@@ -75,6 +77,22 @@ def test_tensorboard_grid_uses_colorize_of_the_summed_map():
     lo, hi = maps[:2].min(), maps[:2].max()
     np.testing.assert_array_equal(grid[18:34, 22:42], colorize(maps[1], vmin=lo, vmax=hi))
     np.testing.assert_array_equal(grid[:16, 44:64], overlay(images[0], maps[0], vmin=lo, vmax=hi))
+    # the reference's second summary: the num_units map, through the same code path
+    units = ponder_overlay_grid(images, out.stages, field="num_units", max_images=2, border=2)
+    counts = summed_map(out.stages, (16, 20), field="num_units").numpy()
+    assert counts.min() < counts.max() and not np.array_equal(counts, maps)
+    np.testing.assert_array_equal(units[18:34, 22:42], colorize(counts[1], vmin=counts[:2].min(), vmax=counts[:2].max()))
+
+
+def test_overlay_grid_rows_of_different_sizes():
+    images = [torch.rand(1, 8, 10), torch.rand(1, 6, 6)]
+    maps = [torch.arange(80.0).reshape(8, 10), torch.full((6, 6), 100.0)]
+    grid = overlay_grid(images, maps, border=1)
+    assert grid.shape == (8 + 1 + 6, 3 * 10 + 2, 3)
+    np.testing.assert_array_equal(grid[9:15, 7:13], colorize(maps[1].numpy(), vmin=0, vmax=100))  # one range
+    assert not grid[9:15, 20:].any()  # the narrower row is padded with black
+    with pytest.raises(ValueError, match="one map per image"):
+        overlay_grid(images, maps[:1])
 
 
 def test_figures_are_pngs():

@@ -7,6 +7,11 @@ A checkpoint ``NAME`` is two files:
   "weights_sha256", "meta": {...}}``; ``meta`` holds whatever the writer adds (tau,
   metrics, preprocessing, the training config).
 
+A detector (:class:`sact.detection.SACTFasterRCNN`) is stored in the same format: ``model``
+is its backbone's spec and an extra ``detector`` entry holds the arguments of
+:func:`sact.detection.build_detector`, so the header alone rebuilds it
+(:func:`sact.detection.load_detector`; :func:`load_checkpoint` refuses such a file).
+
 The same document (without the hash) is also stored in the safetensors header, so the
 weights file alone is a complete checkpoint. Each file is written to a temporary name in
 the same folder and renamed into place, so a crash never leaves a half-written file; the
@@ -35,7 +40,8 @@ from .errors import InputError
 from .fileio import atomic_write_bytes, dumps_json, finite_or_none
 
 __all__ = ["checkpoint_paths", "save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "validate_model_spec",
-           "trained_input_size", "non_finite_tensors", "read_safetensors_header", "atomic_write_bytes",
+           "trained_input_size", "non_finite_tensors", "read_safetensors_header", "read_verified_state",
+           "state_signature", "atomic_write_bytes",
            "CheckpointError"]
 
 FORMAT = "sact-checkpoint"
@@ -80,7 +86,8 @@ def save_checkpoint(model: nn.Module, path: str | Path, *, meta: dict[str, Any] 
     """Save ``model`` (built by :func:`sact.create_model`) to ``path`` (+ ``.safetensors`` / ``.json``).
 
     Args:
-        model: the model; must carry ``sact_config`` (set by ``create_model``). A
+        model: the model; must carry ``sact_config`` (set by ``create_model``); a
+            detector also ``detector_config`` (set by ``build_detector``). A
             ``DistributedDataParallel`` / ``torch.compile`` wrapper is unwrapped.
         path: ``NAME``, ``NAME.safetensors`` or a folder (then ``folder/model``): an
             existing folder, or a string ending in ``/`` (the folder is created).
@@ -105,6 +112,8 @@ def save_checkpoint(model: nn.Module, path: str | Path, *, meta: dict[str, Any] 
     # the metadata, so serialising without it first gives the same bytes).
     data_sha = hashlib.sha256(_data_section(save(state))).hexdigest()
     doc = {"format": FORMAT, "version": VERSION, "model": config, "meta": meta or {}, "data_sha256": data_sha}
+    if getattr(model, "detector_config", None) is not None:
+        doc["detector"] = model.detector_config
     header = dumps_json(doc, sort_keys=True, default=_json_default)
     blob = save(state, metadata={"sact": header})
     doc = {**json.loads(header), "weights_file": weights.name, "weights_sha256": hashlib.sha256(blob).hexdigest()}
@@ -212,6 +221,8 @@ def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{source} lacks the model name and arguments")
     if not isinstance(doc.get("meta", {}), dict):
         raise CheckpointError(f"{source}: 'meta' must be a JSON object")
+    if not isinstance(doc.get("detector", {}), dict):
+        raise CheckpointError(f"{source}: 'detector' must be a JSON object")
     try:
         validate_model_spec(model["name"], model["kwargs"])
     except ValueError as e:
@@ -279,7 +290,7 @@ def _expected_state(name: str, kwargs: dict[str, Any]) -> dict[str, tuple[str, l
     mode = kwargs.pop("mode", "sact")
     with torch.device("meta"):
         model = create_model(name, mode=mode, **kwargs)
-    return {k: (_DTYPES.get(v.dtype, str(v.dtype)), list(v.shape)) for k, v in model.state_dict().items()}
+    return state_signature(model)
 
 
 _FLOAT_CODES = {"F16", "BF16", "F32", "F64"}
@@ -335,6 +346,53 @@ def non_finite_tensors(state: dict[str, torch.Tensor]) -> list[str]:
     return [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
+def read_verified_state(weights: Path, doc: dict, *, expected: dict[str, tuple[str, list[int]]], label: str,
+                        allow_non_finite: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of ``weights``, after every check a checkpoint gets before it is used.
+
+    In order: each tensor's dtype and shape in the header against ``expected``, the
+    file's hash against ``doc["weights_sha256"]`` (sidecar documents), the tensor data's
+    hash against ``doc["data_sha256"]`` (the header's; so a file cut short or being
+    replaced is refused), then the values (NaN / inf refused unless ``allow_non_finite``).
+
+    Args:
+        weights: the ``.safetensors`` file.
+        doc: its checkpoint document (:func:`read_checkpoint_meta`).
+        expected: ``{key: (safetensors dtype, shape)}`` of the model it should fit.
+        label: the model's name in messages.
+        allow_non_finite: accept NaN / inf weights.
+
+    Raises:
+        CheckpointError: any check failing (the message says which).
+    """
+    from safetensors.torch import load
+
+    _check_tensors(weights, read_safetensors_header(weights), expected, label)
+    blob = weights.read_bytes()
+    if "weights_sha256" in doc and doc["weights_sha256"] != hashlib.sha256(blob).hexdigest():
+        raise CheckpointError(f"{weights} does not match its sidecar {checkpoint_paths(weights)[1]}: the pair is from "
+                              "different saves")
+    if "data_sha256" in doc and len(blob) >= 8 and doc["data_sha256"] != hashlib.sha256(_data_section(blob)).hexdigest():
+        raise CheckpointError(f"{weights} is corrupt: its tensor data does not match the hash in its header")
+    try:
+        state = load(blob)
+    except Exception as e:  # safetensors raises several types on corrupt data
+        raise CheckpointError(f"cannot read {weights}: {e}") from e
+    del blob
+    bad = non_finite_tensors(state)
+    if bad and not allow_non_finite:
+        raise CheckpointError(
+            f"{weights} holds non-finite weights (NaN or inf) in {len(bad)} tensor(s), e.g. {bad[:3]}; such a model "
+            "computes nothing useful (load it with allow_non_finite=True to inspect it)"
+        )
+    return state
+
+
+def state_signature(module: nn.Module) -> dict[str, tuple[str, list[int]]]:
+    """``{key: (safetensors dtype, shape)}`` of a module's state dict (what :func:`read_verified_state` expects)."""
+    return {k: (_DTYPES.get(v.dtype, str(v.dtype)), list(v.shape)) for k, v in module.state_dict().items()}
+
+
 def load_checkpoint(path: str | Path, *, map_location: str | torch.device | None = None,
                     device: str | torch.device | None = None, eval_mode: bool = True,
                     allow_non_finite: bool = False) -> nn.Module:
@@ -359,8 +417,6 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device | None
         CheckpointError: missing files, corrupt, forged or mismatched weights, unknown
             model, arguments out of bounds, non-finite weights.
     """
-    from safetensors.torch import load
-
     from .models import create_model
 
     if device is not None and map_location is not None and torch.device(device) != torch.device(map_location):
@@ -370,6 +426,9 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device | None
     weights, sidecar = checkpoint_paths(path)
     if not weights.is_file():
         raise CheckpointError(f"checkpoint weights not found: {weights}")
+    if "detector" in doc:
+        raise CheckpointError(f"{weights} holds a detector (Faster R-CNN over a {doc['model']['name']}): load it with "
+                              "sact.detection.load_detector, evaluate it with sact detect eval")
     cfg = doc["model"]
     kwargs = dict(cfg["kwargs"])
     mode = kwargs.pop("mode", "sact")
@@ -378,23 +437,7 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device | None
         expected = _expected_state(cfg["name"], {"mode": mode, **kwargs})
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{weights}: cannot build {label}: {e}") from e
-    _check_tensors(weights, read_safetensors_header(weights), expected, label)
-    blob = weights.read_bytes()
-    if "weights_sha256" in doc and doc["weights_sha256"] != hashlib.sha256(blob).hexdigest():
-        raise CheckpointError(f"{weights} does not match its sidecar {sidecar}: the pair is from different saves")
-    if "data_sha256" in doc and len(blob) >= 8 and doc["data_sha256"] != hashlib.sha256(_data_section(blob)).hexdigest():
-        raise CheckpointError(f"{weights} is corrupt: its tensor data does not match the hash in its header")
-    try:
-        state = load(blob)
-    except Exception as e:  # safetensors raises several types on corrupt data
-        raise CheckpointError(f"cannot read {weights}: {e}") from e
-    del blob
-    bad = non_finite_tensors(state)
-    if bad and not allow_non_finite:
-        raise CheckpointError(
-            f"{weights} holds non-finite weights (NaN or inf) in {len(bad)} tensor(s), e.g. {bad[:3]}; such a model "
-            "computes nothing useful (load it with allow_non_finite=True to inspect it)"
-        )
+    state = read_verified_state(weights, doc, expected=expected, label=label, allow_non_finite=allow_non_finite)
     try:
         model = create_model(cfg["name"], mode=mode, **kwargs)
         model.load_state_dict(state)

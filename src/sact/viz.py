@@ -24,6 +24,7 @@ __all__ = [
     "overlay",
     "to_display",
     "ponder_overlay_grid",
+    "overlay_grid",
     "value_counts",
     "percentile_range",
     "png_bytes",
@@ -99,31 +100,53 @@ def overlay(
 
 
 def ponder_overlay_grid(
-    images: Tensor, stages: Sequence[StageOutput], *, max_images: int = 4, border: int = 2
+    images: Tensor, stages: Sequence[StageOutput], *, field: str = "ponder_map", max_images: int = 4, border: int = 2
 ) -> np.ndarray:
-    """Rows of ``[image | ponder map | overlay]`` for TensorBoard and reports.
+    """Rows of ``[image | summed map | overlay]`` for TensorBoard and reports.
 
     Args:
         images: ``[B, C, H, W]`` model inputs.
         stages: the model output's stages for these images.
+        field: ``"ponder_map"`` or ``"num_units"`` (the reference's two summaries).
         max_images: rows drawn.
         border: black pixels between panels.
 
     Returns:
         ``[rows*H + ..., 3*W + ..., 3]`` uint8 (channels last; TensorBoard: ``dataformats="HWC"``).
     """
-    h, w = images.shape[-2:]
-    maps = summed_map(stages, (h, w)).detach().cpu().numpy()
     n = min(max_images, images.shape[0])
-    vmin, vmax = float(maps[:n].min()), float(maps[:n].max())
+    maps = summed_map(stages, tuple(images.shape[-2:]), field=field)[:n]
+    return overlay_grid(list(images[:n]), list(maps), border=border)
+
+
+def overlay_grid(images: Sequence[Tensor], maps: Sequence[Tensor], *, border: int = 2) -> np.ndarray:
+    """Rows of ``[image | map | overlay]``, one colour range over all maps.
+
+    Args:
+        images: per row a ``[C, H, W]`` image (rows may differ in size).
+        maps: per row the ``[H, W]`` map drawn over it.
+        border: black pixels between panels and rows.
+
+    Returns:
+        ``[H_total, W_max, 3]`` uint8 (narrower rows padded with black on the right).
+    """
+    if not images or len(images) != len(maps):
+        raise ValueError(f"need one map per image, got {len(images)} images and {len(maps)} maps")
+    arrays = [m.detach().float().cpu().numpy() for m in maps]
+    vmin, vmax = min(float(a.min()) for a in arrays), max(float(a.max()) for a in arrays)
     rows = []
-    for i in range(n):
-        img = (to_display(images[i]) * 255 + 0.5).astype(np.uint8)
-        panels = [img, colorize(maps[i], vmin=vmin, vmax=vmax), overlay(images[i], maps[i], vmin=vmin, vmax=vmax)]
+    for image, values in zip(images, arrays):
+        h = values.shape[0]
+        img = (to_display(image) * 255 + 0.5).astype(np.uint8)
+        panels = [img, colorize(values, vmin=vmin, vmax=vmax), overlay(image, values, vmin=vmin, vmax=vmax)]
         sep = np.zeros((h, border, 3), np.uint8)
         rows.append(np.concatenate([panels[0], sep, panels[1], sep, panels[2]], axis=1))
-        rows.append(np.zeros((border, rows[-1].shape[1], 3), np.uint8))
-    return np.concatenate(rows[:-1], axis=0)
+    width = max(r.shape[1] for r in rows)
+    out = []
+    for r in rows:
+        out.append(np.pad(r, ((0, 0), (0, width - r.shape[1]), (0, 0))))
+        out.append(np.zeros((border, width, 3), np.uint8))
+    return np.concatenate(out[:-1], axis=0)
 
 
 # ---------------------------------------------------------------------------

@@ -3,9 +3,12 @@
 Sub-commands:
 
 * ``make-data`` -- write a multi-object Cluttered Fashion-MNIST set in COCO format;
-* ``train`` -- train (``torchrun`` ready), evaluate on the val split, save the detector;
-* ``eval`` -- COCO box AP, backbone FLOPs and speed of a saved detector, or the AP of a
-  ready-made detections json (``--detections``).
+* ``train`` -- ``sact train`` with ``task: detection`` (the one training loop: checkpoints,
+  ``--resume``, ``torchrun``); settings: the detection defaults
+  (:data:`sact.detection.task.DETECT_DEFAULTS`) < ``--config`` YAML < ``--set`` < flags;
+* ``eval`` -- COCO box AP, backbone FLOPs and speed of a saved detector (or, with
+  ``--watch RUN_DIR``, of each new checkpoint of a run), or the AP of a ready-made
+  detections json (``--detections``).
 
 Data layout (``--data DIR``): ``DIR/images/<split>/`` and
 ``DIR/annotations/instances_<split>.json`` (what ``make-data`` writes, COCO's own layout
@@ -15,12 +18,50 @@ with ``images/`` in front); ``--train-images/--train-ann`` etc. override it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 
 from ..errors import InputError
-from ..fileio import dumps_json
+
+# flag -> (config key, type, help); every flag defaults to None: only given flags override
+_TRAIN_FLAGS = {
+    "--data": ("data_dir", str, "root with images/<split>/ and annotations/instances_<split>.json"),
+    "--train-split": ("train_split", str, "training split name (default train)"),
+    "--train-images": ("train_images", str, "training image folder (instead of --data)"),
+    "--train-ann": ("train_ann", str, "training instances json (instead of --data)"),
+    "--val-split": ("val_split", str, "evaluation split name (default test)"),
+    "--val-images": ("val_images", str, "evaluation image folder"),
+    "--val-ann": ("val_ann", str, "evaluation instances json"),
+    "--model": ("model", str, "registered backbone (sact models; default resnet20_cifar)"),
+    "--mode": ("mode", str, "vanilla | act | sact"),
+    "--tau": ("tau", float, "ponder cost weight"),
+    "--init": ("init", str, "torchvision .pth or sact checkpoint to warm-start the backbone from"),
+    "--trainable-layers": ("trainable_layers", int, "trainable stages from the top (default: all)"),
+    "--fpn-channels": ("fpn_channels", int, "FPN channels (default 64)"),
+    "--representation-size": ("representation_size", int, "box head width (default 256)"),
+    "--min-size": ("min_size", int, "transform resize (default: the image size)"),
+    "--max-size": ("max_size", int, "cap on the longer side (default: --min-size)"),
+    "--detections-per-img": ("detections_per_img", int, "detections kept per image (default 50)"),
+    "--box-batch-size": ("box_batch_size", int, "RoIs sampled per image for the box head (default 128)"),
+    "--hflip": ("hflip", float, "flip probability in training (default 0.5)"),
+    "--steps": ("steps", int, "optimisation steps (0: use --epochs)"),
+    "--epochs": ("epochs", int, "epochs when --steps is 0 (default 4)"),
+    "--batch-size": ("batch_size", int, "images per step and process (default 8)"),
+    "--eval-batch-size": ("eval_batch_size", int, "images per evaluation batch (default 8)"),
+    "--lr": ("lr", float, "base learning rate (default 0.02)"),
+    "--momentum": ("momentum", float, "SGD momentum"),
+    "--weight-decay": ("weight_decay", float, "L2 on kernels (default 1e-4)"),
+    "--schedule": ("schedule", str, "piecewise | staircase | cosine | constant (default cosine)"),
+    "--warmup-steps": ("warmup_steps", int, "linear warm-up steps (default 100)"),
+    "--eval-every": ("eval_every", int, "also evaluate every N steps (0: at the end only)"),
+    "--checkpoint-every": ("checkpoint_every", int, "also save every N steps (always at epoch ends)"),
+    "--seed": ("seed", int, "seed"),
+    "--out": ("out_dir", str, "run folder: model.*, train_state.safetensors, metrics.json, tb/"),
+    "--device": ("device", str, "auto | cpu | cuda | cuda:N"),
+    "--amp": ("amp", str, "auto | none | bf16 | fp16"),
+    "--workers": ("workers", int, "DataLoader workers"),
+    "--threads": ("threads", int, "torch threads (0: default)"),
+}
 
 
 def register(subparsers) -> None:
@@ -36,104 +77,69 @@ def register(subparsers) -> None:
     m.add_argument("--canvas-size", type=int, default=None, help="canvas side (default: the data module's, 96)")
     m.add_argument("--data-dir", type=Path, default=None, help="Fashion-MNIST folder (default: auto)")
     m.add_argument("--overwrite", action="store_true", help="replace a data set already in --out")
-    m.set_defaults(func=run, detect_func="make_data")
+    m.set_defaults(func=_make_data)
 
-    t = sub.add_parser("train", help="train a detector")
-    _data_args(t, train=True)
-    t.add_argument("--model", default="resnet20_cifar", help="registered backbone (sact models)")
-    t.add_argument("--mode", default="sact", choices=("vanilla", "act", "sact"))
-    t.add_argument("--tau", type=float, default=0.01, help="ponder cost weight")
-    t.add_argument("--in-chans", type=int, default=1, choices=(1, 3))
+    t = sub.add_parser("train", help="train a detector (sact train with task: detection)",
+                       description="Train Faster R-CNN + FPN over an adaptive backbone with the one training loop. "
+                       "Settings: detection defaults < --config YAML < --set < flags (docs/detection.md).")
+    t.add_argument("--config", default=None, help="YAML file of TrainConfig keys (task: detection)")
+    for flag, (_, typ, help_) in _TRAIN_FLAGS.items():
+        t.add_argument(flag, type=typ, default=None, help=help_)
+    t.add_argument("--in-chans", type=int, default=None, help="image channels, 1 or 3 (default 1)")
     t.add_argument("--width", type=int, default=None, help="base_channels (cifar) / base_width (imagenet)")
-    t.add_argument("--init", type=Path, default=None, help="torchvision .pth or sact checkpoint to warm-start from")
     t.add_argument("--return-stages", nargs="+", default=None, help="stages feeding the FPN (default: stride >= 2)")
-    t.add_argument("--trainable-layers", type=int, default=None, help="trainable stages from the top (default: all)")
     t.add_argument("--frozen-bn", action=argparse.BooleanOptionalAction, default=None,
                    help="FrozenBatchNorm2d (default: on with --init, off from scratch)")
-    t.add_argument("--fpn-channels", type=int, default=64)
-    t.add_argument("--representation-size", type=int, default=256, help="box head width")
     t.add_argument("--anchor-sizes", type=int, nargs="+", default=None, help="one per FPN level (default 8*stride)")
-    t.add_argument("--min-size", type=int, default=None, help="transform resize (default: the image size)")
-    t.add_argument("--max-size", type=int, default=None)
-    t.add_argument("--rpn-proposals", type=int, nargs=2, default=(600, 300), metavar=("TRAIN", "TEST"),
-                   help="RPN proposals kept after NMS (torchvision: 2000 1000; fewer suit small images)")
-    t.add_argument("--detections-per-img", type=int, default=50)
-    t.add_argument("--box-batch-size", type=int, default=128, help="RoIs sampled per image for the box head")
-    t.add_argument("--epochs", type=int, default=4)
-    t.add_argument("--batch-size", type=int, default=8, help="per process")
-    t.add_argument("--lr", type=float, default=0.02)
-    t.add_argument("--momentum", type=float, default=0.9)
-    t.add_argument("--weight-decay", type=float, default=1e-4)
-    t.add_argument("--warmup-steps", type=int, default=100)
-    t.add_argument("--hflip", type=float, default=0.5, help="flip probability in training")
-    t.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
-    t.add_argument("--max-steps", type=int, default=None, help="stop each epoch after this many steps")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--out", type=Path, required=True, help="run folder: detector.*, metrics.json, tb/")
-    t.add_argument("--overwrite", action="store_true", help="replace a detector run already in --out")
-    t.set_defaults(func=run, detect_func="train")
+    t.add_argument("--rpn-proposals", type=int, nargs=2, default=None, metavar=("TRAIN", "TEST"),
+                   help="RPN proposals kept after NMS (default 600 300; torchvision: 2000 1000)")
+    t.add_argument("--max-steps", type=int, default=None,
+                   help="sact 0.1 flag: steps per epoch; now sets --steps to epochs * N")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, value parsed as YAML (repeatable)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --out (train_state.safetensors)")
+    t.add_argument("--overwrite", action="store_true", help="replace a previous run in --out (its files are removed)")
+    t.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
+    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="evaluate a detector (or a detections json) with pycocotools")
-    _data_args(e, train=False)
-    e.add_argument("--checkpoint", type=Path, default=None, help="detector saved by `sact detect train`")
+    e.add_argument("--data", type=Path, default=None, help="root with images/<split>/ and annotations/")
+    e.add_argument("--val-split", default="test")
+    e.add_argument("--val-images", type=Path, default=None)
+    e.add_argument("--val-ann", type=Path, default=None)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--amp", default="none", help="auto | none | bf16 | fp16")
+    e.add_argument("--workers", type=int, default=0)
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--in-chans", type=int, default=None, choices=(1, 3), help="default: the checkpoint's")
+    e.add_argument("--checkpoint", type=Path, default=None, help="detector saved by `sact detect train` (run folder)")
     e.add_argument("--detections", type=Path, default=None, help="COCO results json to score instead of a model")
     e.add_argument("--use-sparse", action="store_true", help="run the backbone through sact.sparse")
     e.add_argument("--max-batches", type=int, default=None)
-    e.add_argument("--out", type=Path, default=None, help="folder for metrics.json and detections.json")
+    e.add_argument("--out", type=Path, default=None,
+                   help="folder for metrics.json and detections.json (with --watch: default RUN_DIR/eval)")
     e.add_argument("--overwrite", action="store_true", help="replace metrics.json / detections.json in --out")
-    e.set_defaults(func=run, detect_func="eval")
+    e.add_argument("--watch", type=Path, default=None, metavar="RUN_DIR",
+                   help="evaluate each new checkpoint of a run folder as it appears (metrics_step<STEP>.json)")
+    e.add_argument("--poll", type=float, default=30.0, metavar="SECONDS", help="--watch: seconds between looks")
+    e.add_argument("--watch-timeout", type=float, default=None, metavar="SECONDS",
+                   help="--watch: stop when no new checkpoint appeared for this long (default: until Ctrl-C)")
+    e.set_defaults(func=_eval)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
-
-
-def _data_args(p, *, train: bool) -> None:
-    p.add_argument("--data", type=Path, default=None, help="root with images/<split>/ and annotations/")
-    if train:
-        p.add_argument("--train-split", default="train")
-        p.add_argument("--train-images", type=Path, default=None)
-        p.add_argument("--train-ann", type=Path, default=None)
-    p.add_argument("--val-split", default="test")
-    p.add_argument("--val-images", type=Path, default=None)
-    p.add_argument("--val-ann", type=Path, default=None)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--workers", type=int, default=0)
-    if not train:
-        p.add_argument("--batch-size", type=int, default=8)
-        p.add_argument("--in-chans", type=int, default=None, choices=(1, 3), help="default: the checkpoint's")
-
-
-def _split_paths(args, split_key: str) -> tuple[Path, Path]:
-    split = getattr(args, f"{split_key}_split")
-    images, ann = getattr(args, f"{split_key}_images"), getattr(args, f"{split_key}_ann")
-    if args.data is not None:
-        images = images or args.data / "images" / split
-        ann = ann or args.data / "annotations" / f"instances_{split}.json"
-    if images is None or ann is None:
-        raise InputError(f"give --data or both --{split_key}-images and --{split_key}-ann")
-    return images, ann
-
-
-def _check_outputs(folder: Path, names: tuple[str, ...], overwrite: bool) -> None:
-    """Before any work: ``folder`` can be a folder, and none of ``names`` in it is replaced
-    without ``--overwrite``."""
-    from ..fileio import check_output_file, check_output_folder, remove_stale_temp_files
-
-    check_output_folder(folder)
-    for name in names:
-        check_output_file(folder / name, overwrite=overwrite, what="--out file")
-    remove_stale_temp_files(folder)
-
-
-def run(args) -> int:
-    return {"make_data": _make_data, "train": _train, "eval": _eval}[args.detect_func](args)
 
 
 def _make_data(args) -> int:
     from ..data import write_coco
+    from ..fileio import check_output_file, check_output_folder, remove_stale_temp_files
 
     for split, n in (("train", args.num_train), ("test", args.num_val)):
         if n < 1:
             raise InputError(f"--num-{'train' if split == 'train' else 'val'} must be >= 1, got {n}")
-    _check_outputs(args.out, ("annotations/instances_train.json", "annotations/instances_test.json"), args.overwrite)
+    check_output_folder(args.out)
+    for name in ("annotations/instances_train.json", "annotations/instances_test.json"):
+        check_output_file(args.out / name, overwrite=args.overwrite, what="--out file")
+    remove_stale_temp_files(args.out)
     for split, n in (("train", args.num_train), ("test", args.num_val)):
         path = write_coco(args.out, split=split, num_images=n, seed=args.seed, canvas_size=args.canvas_size,
                           data_dir=args.data_dir)
@@ -141,183 +147,122 @@ def _make_data(args) -> int:
     return 0
 
 
-def _dist_setup(device_name: str):
-    """Device and process group under torchrun (the same setup as ``sact train``)."""
-    from ..engine.distributed import resolve_device, setup_distributed
+def train_config(args):
+    """The :class:`~sact.engine.TrainConfig` of ``sact detect train``'s arguments.
 
-    device = resolve_device(device_name, int(os.environ.get("LOCAL_RANK", "0")))
-    info = setup_distributed(device)
-    return device, info
+    Raises:
+        ConfigError: invalid values (all listed; exit 2).
+    """
+    from ..detection.task import DETECT_DEFAULTS
+    from ..engine.config import load_config, parse_overrides
 
-
-def _loader(dataset, batch_size: int, *, shuffle: bool, workers: int, world: int, seed: int = 0):
-    import torch
-    from torch.utils.data import DataLoader, DistributedSampler
-
-    from ..detection import collate
-
-    sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed) if world > 1 else None
-    gen = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                      num_workers=workers, collate_fn=collate, generator=gen)
+    overrides = parse_overrides(args.set)
+    for flag, (key, _, _) in _TRAIN_FLAGS.items():
+        value = getattr(args, flag[2:].replace("-", "_"))
+        if value is not None:
+            overrides[key] = value
+    for key in ("return_stages", "frozen_bn", "anchor_sizes", "rpn_proposals"):
+        if getattr(args, key) is not None:
+            overrides[key] = list(getattr(args, key)) if isinstance(getattr(args, key), (list, tuple)) else getattr(args, key)
+    for flag, key in (("resume", "resume"), ("overwrite", "overwrite")):
+        if getattr(args, flag):
+            overrides[key] = True
+    if args.no_tensorboard:
+        overrides["tensorboard"] = False
+    config = load_config(args.config, overrides, base=DETECT_DEFAULTS)
+    kwargs = dict(config.model_kwargs)
+    if args.in_chans is not None:
+        kwargs["in_chans"] = args.in_chans
+    if args.width is not None:
+        kwargs["base_channels" if config.model.endswith("_cifar") else "base_width"] = args.width
+    changes = {"model_kwargs": kwargs}
+    if args.max_steps is not None:
+        if args.max_steps < 1:
+            raise InputError(f"--max-steps must be >= 1, got {args.max_steps}")
+        changes["steps"] = config.epochs * args.max_steps
+    return config.replace(**changes)
 
 
 def _train(args) -> int:
-    import torch
+    import yaml
 
-    from .. import create_model
-    from ..checkpoint import atomic_write_bytes
-    from ..tb import summary_writer
-    from ..detection import CocoDetection, build_detector, evaluate, load_backbone_weights, save_detector, train_one_epoch
+    from ..engine import main
+    from ..fileio import dumps_json
 
-    from ..engine.distributed import cleanup_distributed
-
-    if int(os.environ.get("RANK", "0")) == 0:
-        _check_outputs(args.out, ("detector.safetensors", "detector.json", "metrics.json"), args.overwrite)
-    device, info = _dist_setup(args.device)
-    rank, world = info.rank, info.world_size
-    torch.manual_seed(args.seed + rank)
-    train_images, train_ann = _split_paths(args, "train")
-    val_images, val_ann = _split_paths(args, "val")
-    train_set = CocoDetection(train_images, train_ann, in_chans=args.in_chans, skip_empty=True, hflip=args.hflip)
-    val_set = CocoDetection(val_images, val_ann, in_chans=args.in_chans)
-    if len(train_set) == 0:
-        raise InputError(f"no annotated images in {train_ann}")
-    size = max(train_set.coco.imgs[train_set.ids[0]]["height"], train_set.coco.imgs[train_set.ids[0]]["width"])
-
-    kwargs = {"in_chans": args.in_chans}
-    if args.width is not None:
-        kwargs["base_channels" if args.model.endswith("_cifar") else "base_width"] = args.width
-    model = create_model(args.model, mode=args.mode, **kwargs)
-    if args.init is not None:
-        load_backbone_weights(model, args.init)
-    frozen_bn = args.init is not None if args.frozen_bn is None else args.frozen_bn
-    detector = build_detector(
-        model, num_classes=train_set.num_classes, return_stages=args.return_stages,
-        trainable_layers=args.trainable_layers, frozen_bn=frozen_bn, out_channels=args.fpn_channels,
-        anchor_sizes=args.anchor_sizes, min_size=args.min_size or size, max_size=args.max_size or args.min_size or size,
-        representation_size=args.representation_size, box_batch_size_per_image=args.box_batch_size,
-        rpn_pre_nms_top_n_train=2 * args.rpn_proposals[0], rpn_post_nms_top_n_train=args.rpn_proposals[0],
-        rpn_pre_nms_top_n_test=2 * args.rpn_proposals[1], rpn_post_nms_top_n_test=args.rpn_proposals[1],
-        box_detections_per_img=args.detections_per_img,
-    ).to(device)
-    ddp = detector
-    if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(detector, device_ids=[device] if device.type == "cuda" else None)
-    train_loader = _loader(train_set, args.batch_size, shuffle=True, workers=args.workers, world=world, seed=args.seed)
-    val_loader = _loader(val_set, args.batch_size, shuffle=False, workers=args.workers, world=world)
-    params = [p for p in detector.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
-    steps_per_epoch = min(len(train_loader), args.max_steps or len(train_loader))
-    total = max(1, args.epochs * steps_per_epoch)
-    warm = min(args.warmup_steps, total // 4)
-    # linear warm-up then cosine decay, per step
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: (s + 1) / (warm + 1) if s < warm else
-                                                  0.5 * (1 + torch.cos(torch.tensor((s - warm) / max(1, total - warm) * torch.pi)).item()))
-    writer = summary_writer(args.out / "tb") if rank == 0 else None
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("func",)}
-    meta = {"tau": args.tau, "classes": train_set.class_names, "label_to_category": train_set.label_to_category,
-            "config": config}
-    history = []
-    for epoch in range(args.epochs):
-        if world > 1:
-            train_loader.sampler.set_epoch(epoch)
-        base = epoch * steps_per_epoch
-
-        def log(step, logs, base=base):
-            if writer is not None:
-                for k, v in logs.items():
-                    writer.add_scalar(f"train/{k}", v, base + step)
-                writer.add_scalar("train/lr", optimizer.param_groups[0]["lr"], base + step)
-
-        train_logs = train_one_epoch(ddp, train_loader, optimizer, tau=args.tau, device=device, scheduler=scheduler,
-                                     max_steps=args.max_steps, on_step=log, progress=rank == 0)
-        if (epoch + 1) % args.eval_every and epoch + 1 < args.epochs:
-            history.append({"epoch": epoch + 1, "train": train_logs})
-            continue
-        metrics, results = evaluate(ddp, val_loader, val_set, device=device, progress=rank == 0)
-        history.append({"epoch": epoch + 1, "train": train_logs, "val": metrics})
-        if rank == 0:
-            for k, v in metrics.items():
-                writer.add_scalar(f"val/{k}", v, epoch + 1)
-            _log_ponder_image(writer, detector, val_set, device, epoch + 1)
-            print(f"epoch {epoch + 1}/{args.epochs}: loss {train_logs['loss']:.3f} ponder {train_logs['ponder_cost']:.2f} "
-                  f"| AP {metrics['AP']:.3f} AP50 {metrics['AP50']:.3f} backbone GFLOPs {metrics['backbone_gflops_mean']:.4f}"
-                  f" ({metrics['images_per_s']:.1f} img/s)", flush=True)
-            save_detector(detector, args.out / "detector", meta={**meta, "metrics": metrics, "epoch": epoch + 1})
-            doc = {"metrics": metrics, "history": history, "tau": args.tau, "model": model.sact_config,
-                   "detector": detector.detector_config, "world_size": world, "checkpoint": str(args.out / "detector")}
-            atomic_write_bytes(args.out / "metrics.json", dumps_json(doc, indent=2).encode())
-    if writer is not None:
-        writer.close()
-    cleanup_distributed(info)
+    config = train_config(args)
+    if args.print_config:
+        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+        return 0
+    metrics = main(config)
+    if os.environ.get("RANK", "0") == "0":  # one summary under torchrun
+        print(dumps_json(metrics, indent=2))
     return 0
-
-
-def _log_ponder_image(writer, detector, dataset, device, step: int) -> None:
-    import torch
-
-    from ..viz import ponder_overlay_grid
-
-    images = [dataset[i][0] for i in range(min(4, len(dataset)))]
-    with torch.no_grad():
-        detector.eval()
-        out = detector([im.to(device) for im in images])
-    if out.stages:
-        writer.add_image("val/ponder_map", ponder_overlay_grid(torch.stack(images), out.stages), step, dataformats="HWC")
 
 
 def _eval(args) -> int:
-    import torch
+    from ..detection import load_detector
+    from ..detection.evaluate import evaluate_detector, score_detections
+    from ..engine.amp import amp_dtype
+    from ..engine.distributed import cleanup_distributed, resolve_device, setup_distributed
+    from ..fileio import atomic_write_bytes, check_output_file, check_output_folder, dumps_json, remove_stale_temp_files
 
-    from ..checkpoint import atomic_write_bytes
-    from ..detection import CocoDetection, coco_evaluate, evaluate, load_detector
-
-    if (args.checkpoint is None) == (args.detections is None):
-        raise InputError("give exactly one of --checkpoint and --detections")
-    if args.out is not None and int(os.environ.get("RANK", "0")) == 0:
-        _check_outputs(args.out, ("metrics.json", "detections.json"), args.overwrite)
-    from ..engine.distributed import cleanup_distributed
-
-    device, info = _dist_setup(args.device)
-    rank, world = info.rank, info.world_size
-    val_images, val_ann = _split_paths(args, "val")
+    sources = [x for x in (args.checkpoint, args.detections, args.watch) if x is not None]
+    if len(sources) != 1:
+        raise InputError("give exactly one of --checkpoint, --detections and --watch RUN_DIR")
+    if args.batch_size < 1 or args.workers < 0 or (args.max_batches is not None and args.max_batches < 1):
+        raise InputError(f"--batch-size and --max-batches must be >= 1 and --workers >= 0, got {args.batch_size}, "
+                         f"{args.max_batches}, {args.workers}")
+    if not args.poll > 0 or (args.watch_timeout is not None and not args.watch_timeout > 0):
+        raise InputError(f"--poll and --watch-timeout must be > 0 seconds, got {args.poll}, {args.watch_timeout}")
+    if args.watch is None and args.watch_timeout is not None:
+        raise InputError("--watch-timeout needs --watch")
+    val_images, val_ann = args.val_images, args.val_ann
+    if args.data is not None:
+        val_images = val_images or args.data / "images" / args.val_split
+        val_ann = val_ann or args.data / "annotations" / f"instances_{args.val_split}.json"
+    if val_images is None or val_ann is None:
+        raise InputError("give --data or both --val-images and --val-ann")
+    names = ("metrics.json", "detections.json") if args.checkpoint is not None else ("metrics.json",)
+    if args.out is not None and args.watch is None and int(os.environ.get("RANK", "0")) == 0:  # before any work
+        check_output_folder(args.out)
+        for name in names:
+            check_output_file(args.out / name, overwrite=args.overwrite, what="--out file")
+        remove_stale_temp_files(args.out)
     if args.detections is not None:
-        dataset = CocoDetection(val_images, val_ann, in_chans=args.in_chans or 1)
-        try:
-            results = json.loads(Path(args.detections).read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise InputError(f"cannot read {args.detections}: {e}") from e
-        if not isinstance(results, list):
-            raise InputError(f"{args.detections} must hold a list of COCO result dicts")
-        try:
-            metrics = coco_evaluate(dataset.coco, results, verbose=True)
-        except ValueError as e:
-            raise InputError(f"{args.detections}: {e}") from e
+        metrics = score_detections(args.detections, val_images, val_ann)
         out = {"metrics": metrics, "detections": str(args.detections), "annotations": str(val_ann)}
-    else:
-        detector = load_detector(args.checkpoint, map_location=device)
-        in_chans = args.in_chans or detector.backbone.in_chans
-        dataset = CocoDetection(val_images, val_ann, in_chans=in_chans)
-        if args.use_sparse:
-            detector = _sparse(detector)
-        loader = _loader(dataset, args.batch_size, shuffle=False, workers=args.workers, world=world)
-        with torch.no_grad():
-            metrics, results = evaluate(detector, loader, dataset, device=device, progress=rank == 0,
-                                        max_batches=args.max_batches)
-        out = {"metrics": metrics, "checkpoint": str(args.checkpoint), "annotations": str(val_ann),
-               "use_sparse": bool(args.use_sparse), "world_size": world}
-    if rank == 0:
-        print(dumps_json(out["metrics"], indent=2))
+        print(dumps_json(metrics, indent=2))
         if args.out is not None:
             atomic_write_bytes(args.out / "metrics.json", dumps_json(out, indent=2).encode())
-            if args.checkpoint is not None:
+        return 0
+    device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
+    amp = amp_dtype(args.amp, device)
+    options = dict(device=device, batch_size=args.batch_size, workers=args.workers, in_chans=args.in_chans,
+                   use_sparse=args.use_sparse, max_batches=args.max_batches, amp_dtype=amp)
+    if args.watch is not None:
+        from ..engine.watch import watch_checkpoints
+
+        def one(path):
+            detector = load_detector(path, map_location=device)
+            metrics, _ = evaluate_detector(detector, val_images, val_ann, progress=False, **options)
+            return {"metrics": metrics, "checkpoint": str(path), "annotations": str(val_ann),
+                    "use_sparse": bool(args.use_sparse)}, detector.checkpoint_meta
+
+        watch_checkpoints(args.watch, one, out_dir=args.out or args.watch / "eval", poll_s=args.poll,
+                          timeout_s=args.watch_timeout)
+        return 0
+    info = setup_distributed(device)
+    try:
+        detector = load_detector(args.checkpoint, map_location=device)
+        metrics, results = evaluate_detector(detector, val_images, val_ann, rank=info.rank, world_size=info.world_size,
+                                             progress=info.is_main, **options)
+        if info.is_main:
+            print(dumps_json(metrics, indent=2))
+            if args.out is not None:
+                out = {"metrics": metrics, "checkpoint": str(args.checkpoint), "annotations": str(val_ann),
+                       "use_sparse": bool(args.use_sparse), "world_size": info.world_size}
+                atomic_write_bytes(args.out / "metrics.json", dumps_json(out, indent=2).encode())
                 atomic_write_bytes(args.out / "detections.json", dumps_json(results).encode())
-    cleanup_distributed(info)
+    finally:
+        cleanup_distributed(info)
     return 0
-
-
-def _sparse(detector):
-    from ..detection import sparse_detector
-
-    return sparse_detector(detector)

@@ -16,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                        "(--dataset, --data-dir); without --data-dir, Cluttered Fashion-MNIST test canvases generated "
                        "from the system Fashion-MNIST as the checkpoint was trained (a data folder named inside a "
                        "checkpoint is never opened; see docs/trust.md).")
-    p.add_argument("checkpoint", help="checkpoint (NAME, NAME.safetensors or a run folder holding model.*)")
+    p.add_argument("checkpoint", nargs="?", default=None,
+                   help="checkpoint (NAME, NAME.safetensors or a run folder holding model.*); or --watch RUN_DIR")
     p.add_argument("--dataset", default=None, choices=("cluttered", "cifar10", "imagenet", "folder"),
                    help="default: the kind the checkpoint was trained on")
     p.add_argument("--data-dir", default=None,
@@ -30,7 +31,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "one training used)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--tau", type=float, default=None, help="ponder weight of total_loss (default: the checkpoint's)")
-    p.add_argument("--out", default="metrics.json", help="where to write the metrics (JSON)")
+    p.add_argument("--out", default=None,
+                   help="where to write the metrics (JSON; default metrics.json); with --watch a folder (default RUN_DIR/eval)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="none", help="auto | none | bf16 | fp16")
@@ -40,6 +42,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-pixels", type=int, default=None,
                    help="image folders: images above this many pixels are unreadable (default 40000000)")
     p.add_argument("--no-progress", action="store_true")
+    # continuous evaluation (docs/training.md)
+    p.add_argument("--watch", default=None, metavar="RUN_DIR",
+                   help="evaluate each new checkpoint of a training run folder as it appears, one "
+                   "metrics_step<STEP>.json per checkpoint in --out (never overwritten); Ctrl-C stops")
+    p.add_argument("--poll", type=float, default=30.0, metavar="SECONDS", help="--watch: seconds between looks (default 30)")
+    p.add_argument("--watch-timeout", type=float, default=None, metavar="SECONDS",
+                   help="--watch: stop when no new checkpoint appeared for this long (default: run until Ctrl-C)")
     p.set_defaults(func=run)
 
 
@@ -71,44 +80,79 @@ def eval_config(meta: dict, args: argparse.Namespace):
     return config
 
 
+def check_watch_args(args: argparse.Namespace) -> None:
+    """``CHECKPOINT`` xor ``--watch``; ``--poll`` / ``--watch-timeout`` positive (exit 2 otherwise)."""
+    from ..errors import InputError
+
+    if (args.checkpoint is None) == (args.watch is None):
+        raise InputError("give a checkpoint or --watch RUN_DIR (exactly one)")
+    if args.watch is None and (args.watch_timeout is not None):
+        raise InputError("--watch-timeout needs --watch")
+    if not args.poll > 0 or (args.watch_timeout is not None and not args.watch_timeout > 0):
+        raise InputError(f"--poll and --watch-timeout must be > 0 seconds, got {args.poll}, {args.watch_timeout}")
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..checkpoint import atomic_write_bytes, load_checkpoint
+    from ..checkpoint import atomic_write_bytes
     from ..engine.amp import amp_dtype
-    from ..engine.datasets import build_datasets, eval_loader
     from ..engine.distributed import resolve_device
-    from ..engine.evaluate import evaluate
     from ..errors import InputError
     from ..fileio import check_output_file, dumps_json, remove_stale_temp_files
 
-    out = check_output_file(args.out, overwrite=args.overwrite)  # before any work
-    remove_stale_temp_files(out.parent)  # of killed sact processes only
+    check_watch_args(args)
+    if args.watch is None:
+        out = check_output_file(args.out or "metrics.json", overwrite=args.overwrite)  # before any work
+        remove_stale_temp_files(out.parent)  # of killed sact processes only
     if args.batch_size < 1 or args.workers < 0:
         raise InputError(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size}, {args.workers}")
     device = resolve_device(args.device)
     amp = amp_dtype(args.amp, device)
-    model = load_checkpoint(args.checkpoint, map_location=device)
-    meta = model.checkpoint_meta
-    config = eval_config(meta, args)
-    pre = meta.get("preprocess") if isinstance(meta.get("preprocess"), dict) else None
-    if pre is None and model.in_chans in (1, 3):  # image folders: as many channels as the model takes
-        config = config.replace(model_kwargs={"in_chans": model.in_chans})
-    data = build_datasets(config, train=False, eval_preprocess=pre)  # the preprocessing training used
-    outputs = model.sact_config["kwargs"].get("num_classes")
-    if isinstance(outputs, int) and data.num_classes > outputs:
-        raise InputError(f"the data has {len(data.classes)} classes (labels up to {data.num_classes - 1}) but the "
-                         f"model {args.checkpoint} has {outputs} outputs: is --data-dir the dataset it was trained on?")
-    tau = args.tau if args.tau is not None else meta.get("tau", config.tau)
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
-        raise InputError(f"{args.checkpoint}: tau={tau!r} in the checkpoint is not a number; pass --tau")
-    loader = eval_loader(data.eval, args.batch_size, workers=args.workers)
-    metrics = evaluate(model, loader, device=device, tau=float(tau), amp_dtype=amp, progress=not args.no_progress)
-    metrics = {"checkpoint": str(args.checkpoint), "model": model.sact_config["name"], "mode": model.mode,
-               "model_config": model.sact_config, "dataset": config.dataset, "tau": float(tau), "device": str(device),
-               **metrics}
+    if args.watch is not None:
+        from ..engine.watch import watch_checkpoints
+
+        datasets = {}  # evaluation sets by config, built once
+        watch_checkpoints(args.watch, lambda path: _evaluate(args, path, device, amp, datasets)[::2],
+                          out_dir=args.out or Path(args.watch) / "eval", poll_s=args.poll, timeout_s=args.watch_timeout)
+        return 0
+    metrics, config, meta = _evaluate(args, args.checkpoint, device, amp, {})
     atomic_write_bytes(out, dumps_json(metrics, indent=2).encode())
     top5 = f", top-5 {metrics['top5']:.2%}" if "top5" in metrics else ""
     print(f"top-1 {metrics['top1']:.2%}{top5}, loss {metrics['loss']:.4f}, FLOPs {metrics['flops_mean'] / 1e6:.2f}M "
           f"+- {metrics['flops_std'] / 1e6:.2f}M, {metrics['images_per_s']:.1f} images/s -> {out}")
     return 0
+
+
+def _evaluate(args: argparse.Namespace, path, device, amp, datasets: dict) -> tuple[dict, object, dict]:
+    """``(metrics, config, checkpoint meta)`` of one checkpoint (``datasets``: a cache by data config)."""
+    import json
+
+    from ..checkpoint import load_checkpoint
+    from ..engine.datasets import build_datasets, eval_loader
+    from ..engine.evaluate import evaluate
+    from ..errors import InputError
+
+    model = load_checkpoint(path, map_location=device)
+    meta = model.checkpoint_meta
+    config = eval_config(meta, args)
+    pre = meta.get("preprocess") if isinstance(meta.get("preprocess"), dict) else None
+    if pre is None and model.in_chans in (1, 3):  # image folders: as many channels as the model takes
+        config = config.replace(model_kwargs={"in_chans": model.in_chans})
+    key = json.dumps([config.to_dict(), pre], sort_keys=True)
+    if key not in datasets:
+        datasets[key] = build_datasets(config, train=False, eval_preprocess=pre)  # the preprocessing training used
+    data = datasets[key]
+    outputs = model.sact_config["kwargs"].get("num_classes")
+    if isinstance(outputs, int) and data.num_classes > outputs:
+        raise InputError(f"the data has {len(data.classes)} classes (labels up to {data.num_classes - 1}) but the "
+                         f"model {path} has {outputs} outputs: is --data-dir the dataset it was trained on?")
+    tau = args.tau if args.tau is not None else meta.get("tau", config.tau)
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
+        raise InputError(f"{path}: tau={tau!r} in the checkpoint is not a number; pass --tau")
+    loader = eval_loader(data.eval, args.batch_size, workers=args.workers)
+    metrics = evaluate(model, loader, device=device, tau=float(tau), amp_dtype=amp, progress=not args.no_progress)
+    metrics = {"checkpoint": str(path), "model": model.sact_config["name"], "mode": model.mode,
+               "model_config": model.sact_config, "dataset": config.dataset, "tau": float(tau), "device": str(device),
+               **metrics}
+    return metrics, config, meta

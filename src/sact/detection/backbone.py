@@ -101,38 +101,22 @@ def _stage_strides(model: AdaptiveResNet) -> dict[str, int]:
 
 
 def load_backbone_weights(model: AdaptiveResNet, path: str | Path) -> AdaptiveResNet:
-    """Warm-start ``model`` from a torchvision ResNet file or an sact classification checkpoint.
+    """Warm-start a detection backbone's model: :func:`sact.engine.warm_start` with the
+    detection options (a classifier of another size skipped, an RGB stem summed for
+    ``in_chans=1``).
 
     Args:
         model: the backbone's model, *before* :class:`SACTBackbone` freezes its BNs.
-        path: a torchvision state dict (``.pth`` / ``.pt``; ``{"model": ...}`` or
-            ``{"state_dict": ...}`` wrappers accepted) or an sact checkpoint
-            (``NAME[.safetensors|.json]`` or its folder) of the same architecture in any mode.
-
-    Loading follows :func:`sact.load_torchvision_weights`: the classifier is skipped
-    when its size differs, a 3-channel stem is summed for ``in_chans=1``, halting
-    branches missing from the file keep their initialisation, and halting branches in
-    the file are dropped if it was trained in another mode (as :func:`sact.engine.warm_start`).
+        path: a torchvision state dict (``.pth`` / ``.pt``) or an sact checkpoint of the
+            same architecture in any mode.
 
     Raises:
-        ValueError: architecture mismatch (the tensors are listed).
+        sact.CheckpointError: unreadable file, or tensors that do not fit (a ``ValueError``).
     """
-    from ..checkpoint import load_checkpoint
-    from ..engine.warm_start import read_torch_state_dict
-    from ..models import load_torchvision_weights
+    from ..engine.warm_start import warm_start
 
-    p = Path(path)
-    if p.suffix in (".pth", ".pt", ".bin"):
-        state, source_mode = read_torch_state_dict(p), "vanilla"
-    else:
-        src = load_checkpoint(p)
-        want, got = model.sact_config.get("name"), src.sact_config.get("name")
-        if want != got:
-            raise ValueError(f"checkpoint {path} holds a {got}, the backbone is a {want}")
-        state, source_mode = src.state_dict(), src.mode
-    if source_mode != model.mode:  # halting branches of another mode do not fit: keep ours fresh
-        state = {k: v for k, v in state.items() if ".halting." not in k}
-    return load_torchvision_weights(model, state, strict_head=False)
+    warm_start(model, path, skip_classifier=True, sum_rgb_stem=True)
+    return model
 
 
 class SACTBackbone(nn.Module):

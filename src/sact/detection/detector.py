@@ -8,13 +8,14 @@ and stage outputs. The training loss is ``sum(losses) + tau * ponder_cost.mean()
 (:func:`detection_loss`), the reference's ponder term added to the detection losses.
 
 :func:`build_detector` assembles one from a registered model with settings suited to
-small images; :func:`save_detector` / :func:`load_detector` store it as safetensors
-plus a JSON sidecar holding everything needed to rebuild it.
+small images; :func:`save_detector` / :func:`load_detector` store it in the sact
+checkpoint format (:mod:`sact.checkpoint`: safetensors whose header holds the backbone's
+spec and the detector's arguments, a data hash, and a JSON sidecar), so the weights file
+alone rebuilds it. Detector files of sact 0.1 (format ``sact-detector``) still load.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,8 @@ import torch
 from torch import Tensor
 from torchvision.models.detection import FasterRCNN
 
-from ..checkpoint import CheckpointError, atomic_write_bytes, non_finite_tensors, validate_model_spec
+from ..checkpoint import (CheckpointError, checkpoint_paths, read_checkpoint_meta, read_safetensors_header,
+                          read_verified_state, save_checkpoint, state_signature, validate_model_spec)
 from ..models.base import AdaptiveResNet
 from ..stage import StageOutput
 from .backbone import SACTBackbone
@@ -36,11 +38,11 @@ __all__ = [
     "detection_loss",
     "save_detector",
     "load_detector",
-    "DETECTOR_FORMAT",
+    "LEGACY_DETECTOR_FORMAT",
 ]
 
-DETECTOR_FORMAT = "sact-detector"
-_VERSION = 1
+#: The format of detector files written by sact 0.1 (read, never written).
+LEGACY_DETECTOR_FORMAT = "sact-detector"
 
 
 @dataclass
@@ -56,6 +58,7 @@ class DetectorOutput:
         backbone_flops: ``[B]`` FLOPs of the backbone's stem and stages per image.
         stages: per stage :class:`StageOutput` (ponder maps at the padded input's resolution).
         image_sizes: per image ``(h, w)`` after the transform's resize (before padding).
+        input_size: ``(H, W)`` of the padded batch the backbone ran on.
     """
 
     losses: dict[str, Tensor] = field(default_factory=dict)
@@ -64,6 +67,24 @@ class DetectorOutput:
     backbone_flops: Tensor | None = None
     stages: list[StageOutput] = field(default_factory=list)
     image_sizes: list[tuple[int, int]] = field(default_factory=list)
+    input_size: tuple[int, int] | None = None
+
+
+def loss_terms(output: DetectorOutput, tau: float) -> tuple[Tensor, dict[str, Tensor]]:
+    """``sum(detection losses) + tau * mean(ponder_cost)`` and its terms as tensors (no sync).
+
+    Returns:
+        ``(loss, {"loss", "loss_<name>"..., "ponder_cost", "ponder_loss"})``, 0-dim tensors.
+    """
+    if tau < 0:
+        raise ValueError(f"tau must be non-negative, got {tau}")
+    if not output.losses:
+        raise ValueError("the output holds no losses: call the detector in training mode with targets")
+    ponder = output.ponder_cost.float().mean()
+    loss = sum(v.float() for v in output.losses.values()) + tau * ponder
+    terms = {k: v.detach() for k, v in output.losses.items()}
+    terms.update(ponder_cost=ponder.detach(), ponder_loss=tau * ponder.detach(), loss=loss.detach())
+    return loss, terms
 
 
 def detection_loss(output: DetectorOutput, tau: float) -> tuple[Tensor, dict[str, float]]:
@@ -72,16 +93,8 @@ def detection_loss(output: DetectorOutput, tau: float) -> tuple[Tensor, dict[str
     Returns:
         ``(loss, {"loss", "loss_<name>"..., "ponder_cost", "ponder_loss"})`` (floats).
     """
-    if tau < 0:
-        raise ValueError(f"tau must be non-negative, got {tau}")
-    if not output.losses:
-        raise ValueError("the output holds no losses: call the detector in training mode with targets")
-    det = sum(output.losses.values())
-    ponder = output.ponder_cost.mean()
-    loss = det + tau * ponder
-    logs = {k: float(v.detach()) for k, v in output.losses.items()}
-    logs.update(ponder_cost=float(ponder.detach()), ponder_loss=float(tau * ponder.detach()), loss=float(loss.detach()))
-    return loss, logs
+    loss, terms = loss_terms(output, tau)
+    return loss, {k: float(v) for k, v in terms.items()}
 
 
 class SACTFasterRCNN(FasterRCNN):
@@ -95,6 +108,11 @@ class SACTFasterRCNN(FasterRCNN):
         if not isinstance(backbone, SACTBackbone):
             raise ValueError(f"backbone must be an SACTBackbone, got {type(backbone).__name__}")
         super().__init__(backbone, **kwargs)
+
+    @property
+    def sact_config(self) -> dict:
+        """The backbone model's ``{"name", "kwargs"}`` (:func:`sact.create_model` arguments)."""
+        return self.backbone.body.sact_config
 
     def forward(
         self,
@@ -132,6 +150,7 @@ class SACTFasterRCNN(FasterRCNN):
             backbone_flops=out.flops,
             stages=out.stages,
             image_sizes=[tuple(s) for s in batch.image_sizes],
+            input_size=(int(batch.tensors.shape[-2]), int(batch.tensors.shape[-1])),
         )
         if self.training:
             result.losses = {**rpn_losses, **roi_losses}
@@ -231,50 +250,31 @@ def build_detector(
     return detector
 
 
-def _paths(path: str | Path) -> tuple[Path, Path]:
-    from ..checkpoint import checkpoint_paths
-
-    return checkpoint_paths(path, default_name="detector")
-
-
 def save_detector(detector: SACTFasterRCNN, path: str | Path, *, meta: dict[str, Any] | None = None) -> Path:
-    """Save weights (``NAME.safetensors``) and a JSON sidecar (``NAME.json``), atomically.
+    """Save a detector in the sact checkpoint format (:func:`sact.save_checkpoint`), atomically.
 
-    The document ``{"format": "sact-detector", "version", "backbone": model.sact_config,
-    "detector": detector_config, "meta"}`` is also stored in the safetensors header.
+    The header holds ``{"format": "sact-checkpoint", "model": backbone sact_config,
+    "detector": detector_config, "meta", "data_sha256"}``; the sidecar the same plus
+    the file's hash.
 
     Args:
         detector: from :func:`build_detector` (a DDP wrapper is unwrapped).
-        path: ``NAME``, ``NAME.safetensors`` or a folder (then ``folder/detector``).
+        path: ``NAME``, ``NAME.safetensors`` or a folder (then ``folder/model``).
         meta: JSON-serialisable extras (tau, metrics, class names, training config).
 
     Returns:
         The weights file's path.
     """
-    from safetensors.torch import save
-
     detector = getattr(detector, "module", detector)
-    config = getattr(detector, "detector_config", None)
-    backbone_cfg = getattr(detector.backbone.body, "sact_config", None)
-    if config is None or backbone_cfg is None:
-        raise CheckpointError("detector lacks detector_config / backbone sact_config: build it with build_detector")
-    weights, sidecar = _paths(path)
-    state = {k: v.detach().cpu().contiguous() for k, v in detector.state_dict().items()}
-    doc = {"format": DETECTOR_FORMAT, "version": _VERSION, "backbone": backbone_cfg, "detector": config,
-           "meta": meta or {}}
-    header = json.dumps(doc, sort_keys=True)
-    blob = save(state, metadata={"sact": header})
-    text = json.dumps({**doc, "weights_file": weights.name, "weights_sha256": hashlib.sha256(blob).hexdigest()},
-                      indent=2, sort_keys=True)
-    atomic_write_bytes(weights, blob)
-    atomic_write_bytes(sidecar, text.encode())
-    return weights
+    if getattr(detector, "detector_config", None) is None or not isinstance(detector, SACTFasterRCNN):
+        raise CheckpointError("detector lacks detector_config: build it with build_detector")
+    return save_checkpoint(detector, path, meta=meta)
 
 
 def _check_detector_doc(doc: dict, weights: Path) -> None:
     """The backbone spec (:func:`sact.checkpoint.validate_model_spec`) and the detector's
     arguments (plain values, numbers within 100000, lists of at most 64) of a header."""
-    backbone, options = doc.get("backbone"), doc.get("detector")
+    backbone, options = doc.get("model"), doc.get("detector")
     if not (isinstance(backbone, dict) and isinstance(backbone.get("kwargs"), dict) and isinstance(options, dict)):
         raise CheckpointError(f"{weights}: the header lacks the backbone or detector arguments")
     try:
@@ -294,42 +294,73 @@ def _check_detector_doc(doc: dict, weights: Path) -> None:
         raise CheckpointError(f"{weights}: detector arguments out of bounds: {', '.join(bad[:5])}")
 
 
-def load_detector(path: str | Path, *, map_location: str | torch.device = "cpu") -> SACTFasterRCNN:
-    """Rebuild a detector saved by :func:`save_detector` (eval mode).
+def _detector_paths(path: str | Path) -> tuple[Path, Path]:
+    """``NAME`` / its files / a run folder (``model.*``; a folder of sact 0.1 holds ``detector.*``)."""
+    p = Path(path)
+    if p.is_dir() and not (p / "model.safetensors").exists() and (p / "detector.safetensors").exists():
+        return checkpoint_paths(p, default_name="detector")
+    return checkpoint_paths(p)
+
+
+def _read_doc(weights: Path) -> dict:
+    """The checkpoint document; a legacy ``sact-detector`` header is mapped onto it (no data hash)."""
+    if weights.is_file():
+        meta = read_safetensors_header(weights).get("__metadata__") or {}
+        try:
+            legacy = json.loads(meta.get("sact", "null"))
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{weights}: the sact document in the header is not valid JSON: {e}") from e
+        if isinstance(legacy, dict) and legacy.get("format") == LEGACY_DETECTOR_FORMAT:
+            if legacy.get("version") != 1 or not isinstance(legacy.get("meta", {}), dict):
+                raise CheckpointError(f"{weights}: unknown {LEGACY_DETECTOR_FORMAT} version {legacy.get('version')!r}")
+            return {"model": legacy.get("backbone"), "detector": legacy.get("detector"), "meta": legacy.get("meta", {})}
+    return read_checkpoint_meta(weights)
+
+
+def load_detector(path: str | Path, *, map_location: str | torch.device = "cpu",
+                  allow_non_finite: bool = False) -> SACTFasterRCNN:
+    """Rebuild a detector saved by :func:`save_detector` or a detection run (eval mode).
+
+    The header is validated before anything is built (backbone spec, detector arguments
+    within bounds), then every tensor's dtype and shape, the hashes and the values
+    (:func:`sact.checkpoint.read_verified_state`).
+
+    Args:
+        path: ``NAME``, ``NAME.safetensors``, or a run folder holding ``model.*``.
+        map_location: device for the weights.
+        allow_non_finite: load weights holding NaN / inf.
 
     Returns:
         The detector with ``checkpoint_meta`` set to the saved ``meta``.
 
     Raises:
-        CheckpointError: missing / corrupt files, a different format, mismatched weights.
+        CheckpointError: missing / corrupt files, a classification checkpoint, forged
+            or mismatched weights, non-finite weights.
     """
-    from safetensors import safe_open
-    from safetensors.torch import load
-
     from ..models import create_model
 
-    weights, sidecar = _paths(path)
+    weights, _ = _detector_paths(path)
     if not weights.exists():
         raise CheckpointError(f"detector weights not found: {weights}")
-    try:
-        with safe_open(str(weights), framework="pt") as f:
-            doc = json.loads((f.metadata() or {}).get("sact", "null"))
-        state = load(weights.read_bytes())
-    except Exception as e:  # safetensors raises several types on corrupt data
-        raise CheckpointError(f"cannot read {weights}: {e}") from e
-    if not isinstance(doc, dict) or doc.get("format") != DETECTOR_FORMAT or doc.get("version") != _VERSION:
-        raise CheckpointError(f"{weights} is not an sact detector checkpoint (version {_VERSION})")
+    doc = _read_doc(weights)
+    if "detector" not in doc:
+        name = doc["model"].get("name") if isinstance(doc.get("model"), dict) else None
+        raise CheckpointError(f"{weights} holds a classification model ({name}), not a detector: evaluate it with "
+                              "sact eval, or train a detector with sact detect train")
     _check_detector_doc(doc, weights)  # before anything is built (a forged header cannot ask for a giant)
-    bad = non_finite_tensors(state)
-    if bad:
-        raise CheckpointError(f"{weights} holds non-finite weights (NaN or inf) in {len(bad)} tensor(s), e.g. {bad[:3]}")
-    kwargs = dict(doc["backbone"]["kwargs"])
+    kwargs = dict(doc["model"]["kwargs"])
     mode = kwargs.pop("mode", "sact")
+    label = f"detector over {doc['model']['name']} ({mode})"
     try:
-        model = create_model(doc["backbone"]["name"], mode=mode, **kwargs)
+        model = create_model(doc["model"]["name"], mode=mode, **kwargs)
         detector = build_detector(model, **doc["detector"])
-        detector.load_state_dict(state)
     except (RuntimeError, ValueError, TypeError) as e:
-        raise CheckpointError(f"{weights} does not fit the detector it describes: {e}") from e
+        raise CheckpointError(f"{weights}: cannot build the {label} it describes: {e}") from e
+    state = read_verified_state(weights, doc, expected=state_signature(detector), label=label,
+                                allow_non_finite=allow_non_finite)
+    try:
+        detector.load_state_dict(state)
+    except (RuntimeError, ValueError) as e:
+        raise CheckpointError(f"{weights} does not fit the {label} it describes: {e}") from e
     detector.checkpoint_meta = doc.get("meta", {})
     return detector.to(map_location).eval()

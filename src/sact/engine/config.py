@@ -41,11 +41,13 @@ RESUME_MAY_CHANGE = frozenset({
 class ConfigError(InputError):
     """Config values of the wrong type or out of range (the message lists every one)."""
 
-_DATASETS = ("cluttered", "cifar10", "imagenet", "folder")
+_DATASETS = ("cluttered", "cifar10", "imagenet", "folder", "coco")
 _SCHEDULES = ("piecewise", "staircase", "cosine", "constant")
 _AMP = ("auto", "none", "bf16", "fp16")
 _MODES = ("vanilla", "act", "sact")
 _PREPROCESS = ("auto", "dataset", "inception", "torchvision")
+_TASKS = ("classification", "detection")
+_SPLIT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -68,7 +70,7 @@ def _check_type(value: Any, hint: Any) -> tuple[bool, Any, str]:
     if hint is str:
         return isinstance(value, str), value, "a string"
     if origin is list:
-        want = "a list of numbers"
+        want = "a list of names" if args[0] is str else "a list of numbers"
         if not isinstance(value, (list, tuple)):
             return False, value, want
         items = [_check_type(v, args[0]) for v in value]
@@ -93,7 +95,8 @@ class TrainConfig:
         dataset: ``"cluttered"`` (Cluttered Fashion-MNIST), ``"cifar10"``, ``"imagenet"``
             (``train/`` and ``val/`` class folders, the reference's preprocessing) or
             ``"folder"`` (your own images: class folders of any format Pillow reads, with
-            ``train/`` and ``val/`` or split by ``val_fraction``; :mod:`sact.data.folder`).
+            ``train/`` and ``val/`` or split by ``val_fraction``; :mod:`sact.data.folder`);
+            ``"coco"`` (COCO-format detection data) with ``task: detection``.
         data_dir: dataset folder (Fashion-MNIST files, ``cifar-10-batches-py``'s parent,
             or the root of the class folders).
         download: let torchvision download Fashion-MNIST if it is not found.
@@ -160,6 +163,36 @@ class TrainConfig:
             cluttered: [0, 1]; cifar10: per-image standardisation), ``"inception"``,
             ``"torchvision"``. cluttered and cifar10 always use their own.
         num_classes: classifier outputs (null: the dataset's classes + ``label_offset``).
+
+    Detection task (``task: detection``, ``dataset: coco``; docs/detection.md). The loop,
+    optimiser, schedules, checkpoints and resume are the ones above; these fields say
+    what differs: the COCO-format data and the Faster R-CNN + FPN built over ``model``.
+
+    Attributes:
+        task: ``"classification"`` or ``"detection"`` (Faster R-CNN over the model;
+            ``model_kwargs["in_chans"]`` gives the image channels, default 3).
+        train_split: detection, ``data_dir/images/<split>/`` and
+            ``data_dir/annotations/instances_<split>.json`` of the training data.
+        val_split: detection, the same for the evaluation data.
+        train_images: detection, the training image folder (instead of ``data_dir``).
+        train_ann: detection, the training ``instances_*.json``.
+        val_images: detection, the evaluation image folder.
+        val_ann: detection, the evaluation ``instances_*.json``.
+        return_stages: detection, the stages feeding the FPN (default: stride >= 2).
+        trainable_layers: detection, stages trained, counted from the last returned
+            one (default: all, the stem too).
+        frozen_bn: detection, FrozenBatchNorm2d everywhere (default: on with ``init``,
+            off from scratch).
+        fpn_channels: detection, FPN channels.
+        representation_size: detection, width of the two-layer box head.
+        anchor_sizes: detection, one anchor size per FPN level (default ``8 * stride``).
+        min_size: detection, the transform's resize of the shorter side (default: the
+            side of the first training image, so small canvases are not upscaled).
+        max_size: detection, cap on the longer side (default ``min_size``).
+        rpn_proposals: detection, RPN proposals kept after NMS ``[train, test]``.
+        detections_per_img: detection, detections kept per image.
+        box_batch_size: detection, RoIs sampled per image for the box head.
+        hflip: detection, probability of a horizontal flip of a training image.
     """
 
     model: str = "resnet32_cifar"
@@ -211,6 +244,26 @@ class TrainConfig:
     val_fraction: float | None = None
     preprocess: str = "auto"
     num_classes: int | None = None
+    # detection task ------------------------------------------------------------------
+    task: str = "classification"
+    train_split: str = "train"
+    val_split: str = "test"
+    train_images: str | None = None
+    train_ann: str | None = None
+    val_images: str | None = None
+    val_ann: str | None = None
+    return_stages: list[str] | None = None
+    trainable_layers: int | None = None
+    frozen_bn: bool | None = None
+    fpn_channels: int = 64
+    representation_size: int = 256
+    anchor_sizes: list[int] | None = None
+    min_size: int | None = None
+    max_size: int | None = None
+    rpn_proposals: list[int] = field(default_factory=lambda: [600, 300])
+    detections_per_img: int = 50
+    box_batch_size: int = 128
+    hflip: float = 0.5
 
     def __post_init__(self) -> None:
         self.validate()
@@ -284,6 +337,7 @@ class TrainConfig:
         problems += self._data_problems(skip)
         if self.resume is True and self.overwrite is True:
             problems.append("resume=True and overwrite=True (choose one: continue the run, or replace it)")
+        problems += self._task_problems(skip)
         from ..checkpoint import validate_model_spec
 
         try:
@@ -316,6 +370,53 @@ class TrainConfig:
             elif given is not None and given != self.num_classes:
                 problems.append(f"num_classes={self.num_classes!r} and model_kwargs num_classes={given!r} differ "
                                 "(give one)")
+        return problems
+
+    def _task_problems(self, skip: set[str]) -> list[str]:
+        """Checks of the detection task's fields, and of the task against the dataset."""
+        positive = lambda v: v is None or v >= 1  # noqa: E731
+        checks = {
+            "task": (lambda: self.task in _TASKS, f"one of {', '.join(_TASKS)}"),
+            "train_split": (lambda: _SPLIT_RE.match(self.train_split) is not None, "a folder name"),
+            "val_split": (lambda: _SPLIT_RE.match(self.val_split) is not None, "a folder name"),
+            "return_stages": (lambda: self.return_stages is None or (
+                bool(self.return_stages) and len(set(self.return_stages)) == len(self.return_stages)),
+                "null or a non-empty list of distinct stage names"),
+            "trainable_layers": (lambda: self.trainable_layers is None or self.trainable_layers >= 0, ">= 0 or null"),
+            "fpn_channels": (lambda: 1 <= self.fpn_channels <= 4096, "in [1, 4096]"),
+            "representation_size": (lambda: 1 <= self.representation_size <= 65536, "in [1, 65536]"),
+            "anchor_sizes": (lambda: self.anchor_sizes is None or (
+                bool(self.anchor_sizes) and all(a >= 1 for a in self.anchor_sizes)), "null or sizes >= 1"),
+            "min_size": (lambda: positive(self.min_size), ">= 1 or null"),
+            "max_size": (lambda: positive(self.max_size) and (
+                self.max_size is None or self.min_size is None or self.max_size >= self.min_size),
+                ">= 1 and >= min_size, or null"),
+            "rpn_proposals": (lambda: len(self.rpn_proposals) == 2 and all(n >= 1 for n in self.rpn_proposals),
+                              "two counts >= 1: [train, test]"),
+            "detections_per_img": (lambda: self.detections_per_img >= 1, ">= 1"),
+            "box_batch_size": (lambda: self.box_batch_size >= 1, ">= 1"),
+            "hflip": (lambda: 0 <= self.hflip <= 1, "a probability in [0, 1]"),
+        }
+        needs = {"max_size": {"min_size"}}
+        problems = [f"{name}={getattr(self, name)!r} (must be {want})" for name, (ok, want) in checks.items()
+                    if name not in skip and not (needs.get(name, set()) & skip) and not ok()]
+        if {"task", "dataset"} & skip or self.task not in _TASKS:
+            return problems
+        if self.task == "detection" and self.dataset != "coco":
+            problems.append(f"dataset={self.dataset!r} with task='detection' (detection reads COCO-format data: "
+                            "dataset: coco)")
+        if self.task == "classification" and self.dataset == "coco":
+            problems.append("dataset='coco' with task='classification' (COCO-format data is for task: detection)")
+        chans = self.model_kwargs.get("in_chans", 3) if "model_kwargs" not in skip else 3
+        if self.task == "detection" and chans not in (1, 3):
+            problems.append(f"model_kwargs.in_chans={chans!r} with task='detection' (images are read as 1 or 3 channels)")
+        if self.task == "detection" and "label_smoothing" not in skip and self.label_smoothing:
+            problems.append(f"label_smoothing={self.label_smoothing!r} with task='detection' (classification only)")
+        if self.task == "detection" and self.return_stages and not ({"return_stages", "model", "model_kwargs"} & skip):
+            names = _stage_names(self.model, self.mode, self.model_kwargs)
+            if names is not None and not set(self.return_stages) <= set(names):
+                problems.append(f"return_stages={self.return_stages!r} (must be stages of {self.model}: "
+                                f"{', '.join(names)})")
         return problems
 
     def differences(self, saved: dict[str, Any]) -> list[str]:
@@ -359,6 +460,19 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
+def _stage_names(model: str, mode: str, kwargs: dict[str, Any]) -> list[str] | None:
+    """The stage names of a registered model (built on the meta device), or None if it cannot be built."""
+    import torch
+
+    from ..models import create_model
+
+    try:
+        with torch.device("meta"):
+            return list(create_model(model, mode=mode if mode in _MODES else "sact", **kwargs).stage_names)
+    except (ValueError, TypeError, RuntimeError):
+        return None  # reported by the model checks
+
+
 def yaml_load(text: str) -> Any:
     """``yaml.safe_load`` that also reads ``1e-3`` / ``5e4`` as floats (YAML 1.2 numbers).
 
@@ -399,14 +513,15 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Defaults, then the YAML file ``path``, then ``overrides`` (flags).
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None, *,
+                base: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults, then ``base`` (a command's own defaults), then the YAML file ``path``, then ``overrides`` (flags).
 
     Raises:
         ConfigError: the file is missing or not YAML, not a mapping, or has unknown
             keys / invalid values (all listed).
     """
-    values: dict[str, Any] = {}
+    values: dict[str, Any] = dict(base or {})
     if path is not None:
         path = Path(path)
         if not path.is_file():

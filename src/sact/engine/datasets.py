@@ -323,10 +323,12 @@ class SkipSampler(Sampler[int]):
         return len(self.indices)
 
 
-def train_loader(dataset: Dataset, config, *, rank: int, world_size: int, epoch: int, skip_batches: int = 0) -> DataLoader:
+def train_loader(dataset: Dataset, config, *, rank: int, world_size: int, epoch: int, skip_batches: int = 0,
+                 collate_fn=None) -> DataLoader:
     """One epoch of full training batches for this rank, in the seeded order.
 
-    ``skip_batches`` leaves out the batches a resumed run already trained on.
+    ``skip_batches`` leaves out the batches a resumed run already trained on;
+    ``collate_fn`` replaces :func:`collate` (detection batches are lists).
     """
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=config.seed, drop_last=True)
     sampler.set_epoch(epoch)
@@ -336,7 +338,7 @@ def train_loader(dataset: Dataset, config, *, rank: int, world_size: int, epoch:
         sampler=SkipSampler(sampler, skip_batches * config.batch_size),
         drop_last=True,
         num_workers=config.workers,
-        collate_fn=collate,
+        collate_fn=collate_fn or collate,
         # worker seeds come from this generator, not the global RNG, so creating the
         # loader on resume does not shift the augmentation random stream
         generator=torch.Generator().manual_seed(config.seed * 100003 + epoch),
@@ -358,11 +360,12 @@ def steps_per_epoch(dataset: Dataset, config, world_size: int) -> int:
     return per_rank // config.batch_size
 
 
-def eval_loader(dataset: Dataset, batch_size: int, *, rank: int = 0, world_size: int = 1, workers: int = 0) -> DataLoader:
+def eval_loader(dataset: Dataset, batch_size: int, *, rank: int = 0, world_size: int = 1, workers: int = 0,
+                collate_fn=None) -> DataLoader:
     """This rank's share ``rank::world_size`` of the evaluation set, in order (no padding,
-    so every image is counted exactly once over the ranks)."""
+    so every image is counted exactly once over the ranks); ``collate_fn`` replaces :func:`collate`."""
     indices = list(range(rank, len(dataset), world_size))
     return DataLoader(
         torch.utils.data.Subset(dataset, indices), batch_size=batch_size, shuffle=False, num_workers=workers,
-        collate_fn=collate,
+        collate_fn=collate_fn or collate,
     )

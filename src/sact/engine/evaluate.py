@@ -1,9 +1,18 @@
 """Evaluation: accuracy, loss, FLOPs and ponder statistics over a dataset.
 
-Statistics are accumulated as per-image sums and sums of squares (float64) and summed
-over ranks, so the result does not depend on the batch size or the number of
-processes. Standard deviations are population std over images (as the reference's
-streaming covariance, up to the ``n / (n - 1)`` factor).
+Statistics are accumulated as sums and sums of squares (float64) and summed over
+ranks, so the result does not depend on the batch size or the number of processes.
+Standard deviations are population std (as the reference's streaming covariance, up to
+the ``n / (n - 1)`` factor):
+
+* ``*_std`` (whole model, and per stage ``ponder_cost_std`` / ``num_units_std``): over
+  images, of each image's value (its mean over positions);
+* per stage ``ponder_cost_std_positions`` / ``num_units_std_positions``: over *all
+  positions* of all images -- the reference's per-block ``moments_metric_map`` on the
+  ``[B, H, W]`` maps, which also counts the spread inside an image (an ACT stage, constant
+  over an image, has the same std both ways);
+* per stage ``flops_mean`` / ``flops_std``: the stage's FLOPs (units and halting
+  branches) per image, as the reference's per-block ``flops_metric_map``.
 """
 
 from __future__ import annotations
@@ -44,7 +53,7 @@ class _Moments:
         return {n: (float(t[2 * i]), float(t[2 * i + 1])) for i, n in enumerate(names)}
 
 
-def _mean_std(sums: tuple[float, float], n: int) -> tuple[float, float]:
+def _mean_std(sums: tuple[float, float], n: float) -> tuple[float, float]:
     mean = sums[0] / n
     return mean, math.sqrt(max(0.0, sums[1] / n - mean * mean))
 
@@ -99,10 +108,11 @@ def evaluate(
         ``{"num_images", "skipped_images" (unreadable, left out), "top1", "top5" (only with more than 5 classes), "loss" (mean
         cross entropy), "total_loss" (+ tau * ponder cost unless vanilla),
         "ponder_cost_mean", "ponder_cost_std", "flops_mean", "flops_std",
-        "stages": [{"ponder_cost_mean", "ponder_cost_std", "num_units_mean",
-        "num_units_std", "num_units_hist"}], "images_per_s", "wall_time_s"}``; accuracies
-        are fractions; ``num_units_hist[k]`` counts the positions (over all images) that
-        ran ``k + 1`` units of the stage (what ``sact plot`` draws).
+        "stages": [{"ponder_cost_mean", "ponder_cost_std", "ponder_cost_std_positions",
+        "num_units_mean", "num_units_std", "num_units_std_positions", "flops_mean",
+        "flops_std", "num_units_hist"}], "images_per_s", "wall_time_s"}``; accuracies are
+        fractions; std definitions in the module docstring; ``num_units_hist[k]`` counts the
+        positions (over all images) that ran ``k + 1`` units of the stage (what ``sact plot`` draws).
     """
     from tqdm.auto import tqdm
 
@@ -133,6 +143,10 @@ def evaluate(
         for i, s in enumerate(out.stages):
             moments.add(f"stage{i}_ponder", s.ponder_cost.float())
             moments.add(f"stage{i}_units", s.num_units_mean.float())
+            moments.add(f"stage{i}_flops", s.flops.double())
+            moments.add(f"stage{i}_positions", torch.tensor([float(s.num_units.numel())]))
+            moments.add(f"stage{i}_ponder_pos", s.ponder_map.float().flatten())
+            moments.add(f"stage{i}_units_pos", s.num_units.float().flatten())
         _add_num_units_hist(hists, out.stages)
         count += images.shape[0]
     counts = all_reduce_sum(torch.tensor([float(count), float(skipped)], dtype=torch.float64, device=device), info)
@@ -164,7 +178,13 @@ def evaluate(
     for i in stage_ids:
         pm, ps = _mean_std(sums[f"stage{i}_ponder"], n)
         um, us = _mean_std(sums[f"stage{i}_units"], n)
-        metrics["stages"].append({"ponder_cost_mean": pm, "ponder_cost_std": ps, "num_units_mean": um, "num_units_std": us})
+        fm, fs = _mean_std(sums[f"stage{i}_flops"], n)
+        positions = sums[f"stage{i}_positions"][0]
+        _, ps_pos = _mean_std(sums[f"stage{i}_ponder_pos"], positions)
+        _, us_pos = _mean_std(sums[f"stage{i}_units_pos"], positions)
+        metrics["stages"].append({"ponder_cost_mean": pm, "ponder_cost_std": ps, "ponder_cost_std_positions": ps_pos,
+                                  "num_units_mean": um, "num_units_std": us, "num_units_std_positions": us_pos,
+                                  "flops_mean": fm, "flops_std": fs})
         if i < len(hists):
             metrics["stages"][-1]["num_units_hist"] = hists[i]
     metrics["wall_time_s"] = wall

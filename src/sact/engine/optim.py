@@ -67,9 +67,11 @@ def lr_factor(step: int, *, total_steps: int, steps_per_epoch: int, config) -> f
       0.0001 at 60k / 75k / 90k of 100k steps, i.e. boundaries 0.6 / 0.75 / 0.9);
     * ``staircase``: ``decay_rate ** floor(step / (decay_epochs * steps_per_epoch))``
       (reference ImageNet: x0.1 every 30 epochs);
-    * ``cosine``: half cosine from 1 to 0 over the run; ``constant``: 1.
+    * ``cosine``: half cosine from 1 to 0 over the steps after the warm-up (as
+      torchvision's references: linear warm-up, then cosine annealing); ``constant``: 1.
 
-    A linear warm-up over ``warmup_steps`` multiplies the result.
+    A linear warm-up over ``warmup_steps`` multiplies the result (for ``cosine``, whose
+    decay starts after it, the warm-up factor alone applies during the warm-up).
     """
     if config.schedule == "piecewise":
         k = sum(step >= round(b * total_steps) for b in config.boundaries)
@@ -78,7 +80,9 @@ def lr_factor(step: int, *, total_steps: int, steps_per_epoch: int, config) -> f
         period = max(1, round(config.decay_epochs * steps_per_epoch))
         f = config.decay_rate ** (step // period)
     elif config.schedule == "cosine":
-        f = 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(1, total_steps)))
+        warm = min(config.warmup_steps, total_steps)
+        done = min(max(step - warm, 0), total_steps - warm)
+        f = 0.5 * (1.0 + math.cos(math.pi * done / max(1, total_steps - warm)))
     else:
         f = 1.0
     if config.warmup_steps and step < config.warmup_steps:

@@ -1,12 +1,18 @@
 """The training loop: ``train_one_epoch``, ``main(config)`` (torchvision-references style).
 
-Loss (reference ``add_all_ponder_costs``): ``CE + tau * ponder_cost`` with the ponder
-term left out for vanilla models; L2 regularisation is SGD weight decay on kernels.
+One loop for every task: what differs between classification and detection (the data,
+the network, the loss of a batch, the metrics) is a :class:`~sact.engine.tasks.Task`
+picked by ``config.task``; everything else below is shared.
+
+Loss (reference ``add_all_ponder_costs``): classification ``CE + tau * ponder_cost``
+with the ponder term left out for vanilla models; detection ``sum(detection losses) +
+tau * ponder_cost``. L2 regularisation is SGD weight decay on kernels.
 
 Run folder ``config.out_dir``:
 
 * ``model.safetensors`` + ``model.json`` -- the latest weights (:func:`sact.save_checkpoint`;
-  meta: tau, step, metrics, preprocess, config, classes);
+  meta: tau, step, metrics, preprocess, config, classes; a detector also carries its
+  arguments, :func:`sact.detection.load_detector`);
 * ``train_state.safetensors`` -- everything needed to continue exactly (:mod:`.state`);
 * ``config.yaml``, ``metrics.json`` (final evaluation, strict JSON), ``tb/`` (TensorBoard).
 
@@ -39,23 +45,20 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import checkpoint as ckpt
 from ..errors import DataError, InputError, OutputExistsError, RunFailure
 from ..fileio import OutputLock, check_output_folder, dumps_json, remove_stale_temp_files
-from ..output import ModelOutput, ponder_loss
 from .amp import amp_dtype as _amp_dtype
-from .amp import autocast, grad_scaler
+from .amp import grad_scaler
 from .config import TrainConfig
-from .datasets import build_datasets, eval_loader, spec_from_sets, steps_per_epoch, train_loader
+from .datasets import eval_loader, steps_per_epoch, train_loader
 from .distributed import DistInfo, all_reduce_sum, cleanup_distributed, resolve_device, setup_distributed
-from .evaluate import evaluate
 from .optim import build_optimizer, build_scheduler
 from .state import (LEGACY_STATE_FILE, STATE_FILE, legacy_state_message, load_train_state, rng_state,
                     save_train_state, set_rng_state)
-from .warm_start import warm_start
+from .tasks import Task, compute_loss, get_task
 
 __all__ = ["NonFiniteLossError", "compute_loss", "train_one_epoch", "main", "Run", "RUN_FILES", "prepare_run_folder"]
 
@@ -66,19 +69,6 @@ RUN_FILES = ("model.safetensors", "model.json", STATE_FILE, LEGACY_STATE_FILE, "
 class NonFiniteLossError(RunFailure):
     """The loss or the weights became NaN or infinite; training stopped and nothing of
     the bad step was saved (exit 1)."""
-
-
-def compute_loss(out: ModelOutput, labels: torch.Tensor, *, tau: float, mode: str, label_smoothing: float = 0.0):
-    """``(total, cross_entropy)``: ``CE + tau * ponder_cost`` (no ponder term for vanilla).
-
-    Args:
-        out: model output (logits ``[B, K]``, ponder cost ``[B]``).
-        labels: ``[B]`` int64.
-    """
-    ce = F.cross_entropy(out.logits.float(), labels, label_smoothing=label_smoothing)
-    if mode == "vanilla":
-        return ce, ce
-    return ce + ponder_loss(out, tau), ce
 
 
 @dataclass
@@ -96,6 +86,7 @@ class Run:
     total_steps: int
     steps_per_epoch: int
     data: object  # DataSpec
+    task: Task = None
     step: int = 0
     writer: object = None
     last_saved_step: int | None = None
@@ -121,6 +112,7 @@ def _meta(run: Run) -> dict:
         "input_size": list(run.data.input_size) if run.data.input_size else None,  # (C, H, W) trained at
         "config": run.config.to_dict(),
         "classes": run.data.classes,
+        **run.task.meta(run.data),
     }
 
 
@@ -271,8 +263,11 @@ def _log_scalars(run: Run, prefix: str, values: dict) -> None:
     if run.writer is None:
         return
     for k, v in values.items():
-        if isinstance(v, (int, float)) and math.isfinite(v):
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
             run.writer.add_scalar(f"{prefix}/{k}", v, run.step)
+        elif k == "stages" and isinstance(v, list):  # per-stage metrics, as the reference's per-block summaries
+            for i, stage in enumerate(v):
+                _log_scalars(run, f"{prefix}/stage{i + 1}", stage)
 
 
 def run_eval(run: Run) -> dict:
@@ -283,12 +278,13 @@ def run_eval(run: Run) -> dict:
         for b in run.net.buffers():
             dist.broadcast(b, 0)
     loader = eval_loader(run.data.eval, run.config.eval_batch_size, rank=run.info.rank, world_size=run.info.world_size,
-                         workers=run.config.workers)
-    metrics = evaluate(run.net, loader, device=run.device, tau=run.config.tau, amp_dtype=run.amp, info=run.info,
-                       progress=run.config.progress)
+                         workers=run.config.workers, collate_fn=run.task.collate)
+    metrics = run.task.evaluate(run.net, loader, config=run.config, data=run.data, device=run.device, amp=run.amp,
+                                info=run.info, progress=run.config.progress and run.info.is_main)
     metrics["step"] = run.step
+    metrics["world_size"] = run.info.world_size
     run.last_metrics = metrics
-    _log_scalars(run, "eval", {k: v for k, v in metrics.items() if k != "stages"})
+    _log_scalars(run, "eval", {k: v for k, v in metrics.items() if k not in ("step", "world_size")})
     return metrics
 
 
@@ -301,24 +297,21 @@ def train_one_epoch(run: Run, loader, *, pbar=None, step_callback: Callable[[int
             before anything is saved): the last checkpoint on disk stays the last
             finite one.
     """
-    cfg, model = run.config, run.model
+    cfg, model, task = run.config, run.model, run.task
     model.train()
     for batch in loader:
         if run.step >= run.total_steps:
             break
-        images, labels = batch[0], batch[1]
         run.skipped += getattr(batch, "skipped", 0)  # unreadable images, each named in a warning
-        if images.shape[0] == 0 or (getattr(batch, "skipped", 0) and images.shape[0] < 2):
+        size = len(batch[0])
+        if size == 0 or (getattr(batch, "skipped", 0) and size < 2):
             # nothing (or, after skipping, one image: BatchNorm needs two) left to train on
             if run.info.enabled:  # the other ranks would wait for this one's gradients
                 raise DataError(f"the unreadable images of a batch (named above) left fewer than 2 at step "
                                 f"{run.step + 1}")
             continue
-        images = images.to(run.device, non_blocking=True)
-        labels = labels.to(run.device, non_blocking=True)
-        with autocast(run.device, run.amp):
-            out = model(images)
-        loss, ce = compute_loss(out, labels, tau=cfg.tau, mode=cfg.mode, label_smoothing=cfg.label_smoothing)
+        step = task.step(model, batch, cfg, device=run.device, amp=run.amp)
+        loss = step.loss
         bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0], device=run.device)
         if all_reduce_sum(bad, run.info).item() > 0:
             raise NonFiniteLossError(
@@ -342,19 +335,14 @@ def train_one_epoch(run: Run, loader, *, pbar=None, step_callback: Callable[[int
         if pbar is not None:
             pbar.update(1)
         if run.writer is not None and run.step % cfg.log_every == 0:
-            acc = (out.logits.argmax(1) == labels).float().mean().item()
-            _log_scalars(run, "train", {
-                "loss": loss.item(), "cross_entropy": ce.item(), "accuracy": acc,
-                "ponder_cost": out.ponder_cost.mean().item(), "flops": out.flops.double().mean().item(),
-                "lr": run.optimizer.param_groups[0]["lr"],
-            })
+            logs = task.train_logs(step)
+            _log_scalars(run, "train", {**logs, "lr": run.optimizer.param_groups[0]["lr"]})
             if pbar is not None:
-                pbar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{acc:.2f}")
-        if (run.writer is not None and cfg.image_every and run.step % cfg.image_every == 0 and cfg.mode != "vanilla"):
-            from ..viz import ponder_overlay_grid
-
-            run.writer.add_image("ponder_maps", ponder_overlay_grid(images.float(), out.stages), run.step,
-                                 dataformats="HWC")
+                pbar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k in ("loss", "accuracy", "ponder_cost")})
+        if run.writer is not None and cfg.image_every and run.step % cfg.image_every == 0 and cfg.mode != "vanilla":
+            for name, picture in task.images(step).items():
+                run.writer.add_image(name, picture, run.step, dataformats="HWC")
+        del step, loss  # free the graph's outputs before evaluation / the next batch
         if cfg.eval_every and run.step % cfg.eval_every == 0 and run.step < run.total_steps:
             run_eval(run)
             model.train()
@@ -368,13 +356,6 @@ def _last_good(run: Run) -> str:
     return f"the last good checkpoint is {run.out_dir / 'model.safetensors'} (step {run.last_saved_step})"
 
 
-def _build_model(config: TrainConfig, data) -> nn.Module:
-    from ..models import create_model
-
-    kwargs = {"num_classes": data.num_classes, "in_chans": data.in_chans, **config.model_kwargs}
-    return create_model(config.model, mode=config.mode, **kwargs)
-
-
 def main(
     config: TrainConfig,
     *,
@@ -385,8 +366,9 @@ def main(
     """Trains (or resumes) the run described by ``config`` and evaluates the result.
 
     Args:
-        config: the run's configuration.
-        train_set: replaces the training dataset of ``config`` (items as :func:`collate` takes).
+        config: the run's configuration (``config.task`` picks the task).
+        train_set: replaces the training dataset of ``config`` (items as the task's
+            ``collate`` takes: ``(image, label)`` pairs, or ``(image, target)`` for detection).
         eval_set: replaces the evaluation dataset.
         step_callback: called on every rank after each optimisation step with
             ``(step, bare model)`` (tests, custom monitoring).
@@ -425,16 +407,11 @@ def _main(config: TrainConfig, device: torch.device, *, train_set, eval_set, ste
         torch.manual_seed(config.seed)
         np.random.seed(config.seed)
         random.seed(config.seed)
-        if train_set is not None and eval_set is not None:
-            data = spec_from_sets(train_set, eval_set, config)
-        else:
-            data = build_datasets(config, train=train_set is None)
-            data.train = train_set if train_set is not None else data.train
-            data.eval = eval_set if eval_set is not None else data.eval
-        model = _build_model(config, data)
+        task = get_task(config.task)
+        data = task.data(config, train_set=train_set, eval_set=eval_set)
+        # on resume every weight comes from the state
+        model = task.model(config, data, warm_start=not config.resume)
         state_path = Path(config.out_dir) / STATE_FILE
-        if config.init and not config.resume:  # on resume every weight comes from the state
-            warm_start(model, config.init)
         model.to(device)
         amp = _amp_dtype(config.amp, device)
         if info.enabled:
@@ -443,7 +420,7 @@ def _main(config: TrainConfig, device: torch.device, *, train_set, eval_set, ste
         spe = steps_per_epoch(data.train, config, info.world_size)
         total = config.steps or config.epochs * spe
         run = Run(config, model, optimizer, build_scheduler(optimizer, total_steps=total, steps_per_epoch=spe, config=config),
-                  grad_scaler(device, amp), device, amp, info, total, spe, data)
+                  grad_scaler(device, amp), device, amp, info, total, spe, data, task)
         if config.resume:
             _restore(run, load_train_state(state_path), state_path)
         if info.is_main:
@@ -454,12 +431,13 @@ def _main(config: TrainConfig, device: torch.device, *, train_set, eval_set, ste
                 from ..tb import summary_writer
 
                 run.writer = summary_writer(run.out_dir / "tb")
-        pbar = tqdm(total=total, initial=run.step, desc=f"train {config.model} {config.mode}",
+        what = f"{config.model} {config.mode}" + (" detector" if config.task == "detection" else "")
+        pbar = tqdm(total=total, initial=run.step, desc=f"train {what}",
                     disable=not (config.progress and info.is_main))
         while run.step < total:
             epoch = run.step // spe
             loader = train_loader(data.train, config, rank=info.rank, world_size=info.world_size, epoch=epoch,
-                                  skip_batches=run.step - epoch * spe)
+                                  skip_batches=run.step - epoch * spe, collate_fn=task.collate)
             train_one_epoch(run, loader, pbar=pbar, step_callback=step_callback)
             if run.step % spe == 0 or run.step >= total:
                 save(run)  # epoch end: always resumable, whatever checkpoint_every says

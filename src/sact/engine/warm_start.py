@@ -33,14 +33,22 @@ def read_torch_state_dict(path: str | Path) -> dict:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
-def warm_start(model: nn.Module, path: str | Path) -> str:
+def warm_start(model: nn.Module, path: str | Path, *, skip_classifier: bool = False, sum_rgb_stem: bool = False) -> str:
     """Loads the weights of ``path`` into ``model`` (halting branches fresh where needed).
+
+    The one warm start of classification and detection; what detection needs differently
+    are the two options (``sact train`` with ``task: detection`` turns both on: the
+    detector never runs the classifier, and its images may be greyscale).
 
     Args:
         model: built with :func:`sact.create_model`.
         path: a torchvision ResNet state dict (``.pth``/``.pt``; ImageNet ResNets only;
-            a classifier of another size is skipped) or an sact checkpoint (same
-            architecture; any mode).
+            a classifier of another size is always skipped, a 3-channel stem is summed
+            for a 1-channel model) or an sact checkpoint (same architecture, any mode).
+        skip_classifier: sact checkpoints: skip a classifier (``fc``) of another size
+            instead of refusing the file.
+        sum_rgb_stem: sact checkpoints: a 3-channel stem loads into a 1-channel model
+            by summing its filters over the colour channels.
 
     Returns:
         A one-line description of what was loaded.
@@ -63,7 +71,17 @@ def warm_start(model: nn.Module, path: str | Path) -> str:
     src, own = source.state_dict(), model.state_dict()
     same_mode = source.mode == model.mode
     keep = {k: v for k, v in src.items() if same_mode or ".halting." not in k}
-    missing = sorted(k for k in own if k not in keep and (same_mode or ".halting." not in k))
+    notes = [] if same_mode else ["halting branches fresh"]
+    stem = _stem_key(own)
+    if sum_rgb_stem and stem in keep and stem in own and keep[stem].shape[1] == 3 and own[stem].shape[1] == 1:
+        keep[stem] = keep[stem].sum(1, keepdim=True)
+        notes.append("RGB stem summed")
+    skipped = [k for k in _CLASSIFIER if skip_classifier and k in keep and k in own and keep[k].shape != own[k].shape]
+    for k in skipped:
+        del keep[k]
+    if skipped:
+        notes.append("classifier of another size skipped")
+    missing = sorted(k for k in own if k not in keep and k not in skipped and (same_mode or ".halting." not in k))
     unexpected = sorted(k for k in keep if k not in own)
     shapes = sorted(f"{k}: {tuple(keep[k].shape)} vs {tuple(own[k].shape)}" for k in keep if k in own and keep[k].shape != own[k].shape)
     if missing or unexpected or shapes:
@@ -72,5 +90,13 @@ def warm_start(model: nn.Module, path: str | Path) -> str:
             f"({model.mode}): missing {missing[:5]}, unexpected {unexpected[:5]}, wrong shapes {shapes[:5]}"
         )
     model.load_state_dict(keep, strict=False)
-    fresh = "" if same_mode else " (halting branches fresh)"
-    return f"sact checkpoint {path} ({source.mode}){fresh}"
+    return f"sact checkpoint {path} ({source.mode})" + (f" ({', '.join(notes)})" if notes else "")
+
+
+_CLASSIFIER = ("fc.weight", "fc.bias", "logits.weight", "logits.bias")  # torchvision layout, ResNet-v2
+
+
+def _stem_key(state: dict) -> str:
+    """The first convolution's weight: ``conv1.weight`` (ImageNet ResNets) or the CIFAR stem's."""
+    return "conv1.weight" if "conv1.weight" in state else next(
+        (k for k in state if k.startswith("stem") and k.endswith("weight") and state[k].dim() == 4), "conv1.weight")
