@@ -310,6 +310,13 @@ def _next_where(state: HaltingState, prev: Where, compact: bool, dtype: torch.dt
 # ---------------------------------------------------------------------------------------
 
 
+def _tracing() -> bool:
+    """True under ``torch.compile`` / ``torch.export``: memoised tensors would become constants
+    of one trace (fake tensors in the next), so the FLOP memos are bypassed there."""
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)  # torch < 2.6 has no is_exporting
+    return torch.compiler.is_compiling() or exporting()
+
+
 class AdaptiveStage(nn.Module):
     """Runs residual units as one ACT / SACT / vanilla stage.
 
@@ -418,7 +425,7 @@ class AdaptiveStage(nn.Module):
         if hw is None:
             hw = int(active[0, 0]) if active.shape[1] else 0
         key = ("coef", active.dtype, active.device)
-        cache = self._flop_cache()
+        cache = {} if _tracing() else self._flop_cache()  # a traced constant must not outlive its trace
         if key not in cache:
             cache[key] = torch.tensor([[a + h for a, h in zip(ra, hr)], rd], dtype=active.dtype,
                                       device=active.device)[:, :, None]  # [2, U, 1]
@@ -427,13 +434,17 @@ class AdaptiveStage(nn.Module):
         return self._unit0_flops(x) + total + (sum(hi) + sum(re) * hw)
 
     def _flop_cache(self) -> dict:
+        """Memo of shape-only FLOP terms (eager mode only: see :func:`_tracing`)."""
         if getattr(self, "_flops_memo", None) is None:
             object.__setattr__(self, "_flops_memo", {})
         return self._flops_memo
 
     def _unit0_flops(self, x: Tensor) -> Tensor:
         """``units[0].flops(x, None)``, remembered per input shape (it depends on nothing else)."""
-        key = ("unit0", tuple(x.shape), x.device)
+        shape = tuple(x.shape)
+        if _tracing() or not all(type(s) is int for s in shape):
+            return self.units[0].flops(x, None)
+        key = ("unit0", shape, x.device)
         cache = self._flop_cache()
         if key not in cache:
             if len(cache) > 64:

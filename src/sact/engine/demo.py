@@ -77,7 +77,7 @@ class DemoSettings:
     finetune_steps: int = 250
     batch_size: int = 64
     lr: float = 0.05
-    tau_act: float = 0.05
+    tau_act: float = 0.1
     tau_sact: float = 0.05
     halting_lr_mult: float = 20.0
     train_samples: int = 16000
