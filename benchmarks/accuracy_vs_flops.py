@@ -274,13 +274,17 @@ class Canvases:
 
 def _train_config(job: Job, proto: Protocol, out: Path, *, init: str | None, data_dir: str | None):
     from sact.engine.config import TrainConfig
+    from sact.engine.state import STATE_FILE
 
     return TrainConfig(
         model=MODEL_NAMES[job.depth], mode=job.mode, model_kwargs={"base_channels": proto.base_channels},
         tau=job.tau, dataset="cluttered", data_dir=data_dir, train_samples=train_steps(job, proto) * proto.batch_size,
         eval_samples=proto.curve_samples, data_seed=proto.data_seed, clutter={"canvas_size": proto.canvas_size},
         batch_size=proto.batch_size, eval_batch_size=200, steps=train_steps(job, proto), lr=proto.lr,
-        schedule="piecewise", init=init, out_dir=str(out), resume=True, checkpoint_every=proto.checkpoint_every,
+        # the job's own folder: continue its training state if a killed process left one, else
+        # start afresh over whatever a killed process wrote before its first state
+        schedule="piecewise", init=init, out_dir=str(out), resume=(out / STATE_FILE).is_file(),
+        overwrite=not (out / STATE_FILE).is_file(), checkpoint_every=proto.checkpoint_every,
         tensorboard=False, progress=False, amp="none", device="cpu", threads=proto.threads, seed=job.seed,
         log_every=10**9, image_every=0, halting_lr_mult=proto.halting_lr_mult if job.mode != "vanilla" else 1.0,
     )
@@ -331,6 +335,7 @@ def run_job(run_dir: Path, job: Job, proto: Protocol, *, data_dir: str | None = 
     from sact.checkpoint import atomic_write_bytes
     from sact.engine.datasets import eval_loader
     from sact.engine.evaluate import evaluate
+    from sact.engine.state import STATE_FILE
     from sact.engine.train import main as train_main
 
     torch.set_num_threads(proto.threads)
@@ -393,7 +398,7 @@ def run_job(run_dir: Path, job: Job, proto: Protocol, *, data_dir: str | None = 
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     atomic_write_bytes(jdir / RESULT_FILE, json.dumps(result, indent=1).encode())
-    (jdir / "train" / "train_state.pt").unlink(missing_ok=True)  # done: only the weights are kept
+    (jdir / "train" / STATE_FILE).unlink(missing_ok=True)  # done: only the weights are kept
     print(f"{time.strftime('%H:%M:%S')} {job.id}: done, top-1 {100 * metrics['top1']:.2f}%, "
           f"{metrics['flops_mean'] / 1e6:.2f} MFLOPs, {result['cpu_s']:.0f} CPU s", flush=True)
     return result
