@@ -132,6 +132,41 @@ def test_sact_eval_command_writes_metrics(tmp_path, capsys):
     assert "sact eval:" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
 
 
+@pytest.mark.parametrize("mode", ["sact", "act"])
+def test_sact_eval_sparse_gives_the_dense_metrics(tmp_path, mode):
+    """``sact eval --sparse`` runs the engine (halted positions skipped) and reports the dense
+    evaluation's numbers: accuracy, loss, FLOPs, ponder cost, per-stage unit histograms."""
+    data_dir = _tiny_fashion_mnist(tmp_path / "fmnist")
+    cfg = TrainConfig(model="resnet20_cifar", model_kwargs={"base_channels": 4}, data_dir=str(data_dir), eval_samples=6,
+                      clutter={"canvas_size": 16, "num_clutter": 2})
+    model = _halting_model()
+    if mode == "act":
+        act = sact.create_model("resnet20_cifar", mode="act", base_channels=4, in_chans=1).eval()
+        act.load_state_dict(model.state_dict(), strict=False)  # same units; ACT's own (fresh) halting branches
+        with torch.no_grad():
+            for stage in act.stages:
+                for h in stage.halting:
+                    h.global_conv.weight.normal_(0, 1.0)  # per-image halting
+                    h.global_conv.bias.fill_(1.0)
+        model = act
+    sact.save_checkpoint(model, tmp_path / "ck", meta={"tau": 0.02, "config": cfg.to_dict()})
+    runs = {}
+    for engine in ("dense", "sparse"):
+        out = tmp_path / f"{engine}.json"
+        args = ["eval", str(tmp_path / "ck"), "--out", str(out), "--batch-size", "4", "--no-progress",
+                "--data-dir", str(data_dir)] + (["--sparse"] if engine == "sparse" else [])
+        assert cli(args) == 0
+        runs[engine] = json.loads(out.read_text())
+    dense, sparse = runs["dense"], runs["sparse"]
+    assert (dense["engine"], sparse["engine"]) == ("dense", "sparse")
+    assert any(st["num_units_mean"] < 2.99 for st in dense["stages"])  # something halted: the engine skipped work
+    for k in ("num_images", "top1", "top5", "loss", "total_loss", "flops_mean", "flops_std", "ponder_cost_mean"):
+        assert sparse[k] == pytest.approx(dense[k], rel=1e-5, abs=1e-6), k
+    for sd, ss in zip(dense["stages"], sparse["stages"]):
+        assert ss["num_units_hist"] == sd["num_units_hist"]
+        assert ss["ponder_cost_mean"] == pytest.approx(sd["ponder_cost_mean"], rel=1e-5)
+
+
 def test_truncated_checkpoint_and_eval_of_wrong_input(tmp_path, capsys):
     model = _halting_model()
     path = sact.save_checkpoint(model, tmp_path / "m")

@@ -41,6 +41,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="image folders: stop at the first unreadable image (default: skip it with a warning)")
     p.add_argument("--max-pixels", type=int, default=None,
                    help="image folders: images above this many pixels are unreadable (default 40000000)")
+    p.add_argument("--sparse", action="store_true",
+                   help="run the model through the sparse engine (sact.to_sparse: halted positions are skipped; "
+                   "the same metrics up to float rounding, docs/sparse.md)")
     p.add_argument("--no-progress", action="store_true")
     # continuous evaluation (docs/training.md)
     p.add_argument("--watch", default=None, metavar="RUN_DIR",
@@ -151,8 +154,15 @@ def _evaluate(args: argparse.Namespace, path, device, amp, datasets: dict) -> tu
     if isinstance(tau, bool) or not isinstance(tau, (int, float)):
         raise InputError(f"{path}: tau={tau!r} in the checkpoint is not a number; pass --tau")
     loader = eval_loader(data.eval, args.batch_size, workers=args.workers)
-    metrics = evaluate(model, loader, device=device, tau=float(tau), amp_dtype=amp, progress=not args.no_progress)
+    runner = model
+    if args.sparse:
+        if amp is not None:
+            raise InputError("--sparse runs in the model's float precision: drop --amp (or pass --amp none)")
+        from ..sparse import to_sparse
+
+        runner = to_sparse(model)
+    metrics = evaluate(runner, loader, device=device, tau=float(tau), amp_dtype=amp, progress=not args.no_progress)
     metrics = {"checkpoint": str(path), "model": model.sact_config["name"], "mode": model.mode,
                "model_config": model.sact_config, "dataset": config.dataset, "tau": float(tau), "device": str(device),
-               **metrics}
+               "engine": "sparse" if args.sparse else "dense", **metrics}
     return metrics, config, meta

@@ -34,6 +34,16 @@ class SparseModel(nn.Module):
         )
         super().train(False)
 
+    @property
+    def mode(self) -> str:
+        """The wrapped model's mode (``"vanilla"``, ``"act"`` or ``"sact"``)."""
+        return self.model.mode
+
+    @property
+    def stages(self) -> nn.ModuleList:
+        """The wrapped model's adaptive stages (what evaluation and ponder-map code read)."""
+        return self.model.stages
+
     def stage_executors(self) -> list:
         """One executor per stage (``None``: the stage runs densely), for ``model.forward(x, executors=...)``."""
         return [None if isinstance(e, nn.Identity) else e for e in self.executors]
