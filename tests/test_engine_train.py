@@ -103,6 +103,30 @@ def test_resume_is_bitwise_equal_to_uninterrupted(tmp_path, mode):
     assert resumed["loss"] == straight["loss"]
 
 
+def test_memory_format_channels_last_trains_the_same_model(tmp_path):
+    """``memory_format``: ``auto`` trains channels-last on the CPU (weights and images), and
+    gives the NCHW run's weights up to float rounding; a bad value is a config error."""
+    seen = {}
+
+    def look(step, net):
+        if step == 1:
+            conv = net.stages[0].units[1].conv1.weight
+            seen["cl"] = conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+
+    runs = {}
+    for fmt in ("auto", "contiguous"):
+        cfg = tiny_config(tmp_path / fmt, steps=6, memory_format=fmt)
+        runs[fmt] = main(cfg, train_set=Patterns(32), eval_set=Patterns(16), step_callback=look if fmt == "auto" else None)
+    assert seen["cl"], "auto on the CPU trains channels-last"
+    a = weights(sact.load_checkpoint(tmp_path / "auto" / "run" / "model"))
+    b = weights(sact.load_checkpoint(tmp_path / "contiguous" / "run" / "model"))
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), rtol=1e-3, atol=1e-4), k
+    assert runs["auto"]["loss"] == pytest.approx(runs["contiguous"]["loss"], rel=1e-3)
+    with pytest.raises(sact.engine.config.ConfigError, match="memory_format"):
+        tiny_config(tmp_path, memory_format="nhwc")
+
+
 def test_resume_refuses_another_model(tmp_path):
     main(tiny_config(tmp_path, steps=2), train_set=Patterns(16), eval_set=Patterns(16))
     cfg = tiny_config(tmp_path, steps=4, resume=True, model_kwargs={"base_channels": 6, "num_classes": 4, "in_chans": 1})

@@ -30,6 +30,8 @@ _FLAGS = {
     "--init": ("init", str, "warm start: torchvision .pth or sact checkpoint"),
     "--out": ("out_dir", str, "run folder"),
     "--amp": ("amp", str, "auto | none | bf16 | fp16"),
+    "--memory-format": ("memory_format", str, "auto (channels-last for classification on the CPU) | channels_last | "
+                        "contiguous"),
     "--device": ("device", str, "auto | cpu | cuda | cuda:N"),
     "--workers": ("workers", int, "DataLoader workers"),
     "--threads": ("threads", int, "torch threads (0: default)"),

@@ -20,7 +20,19 @@ import contextlib
 
 import torch
 
-__all__ = ["amp_dtype", "autocast", "grad_scaler"]
+__all__ = ["amp_dtype", "autocast", "grad_scaler", "training_memory_format"]
+
+
+def training_memory_format(value: str, device: torch.device, task: str = "classification") -> torch.memory_format:
+    """The layout of weights and images in training for the config's ``memory_format``.
+
+    ``"auto"``: channels-last for classification on the CPU (oneDNN's convolutions, and the
+    halting branches' one-channel 3x3 convolutions above all, are much faster that way:
+    ``benchmarks/train_step.py``), NCHW elsewhere.
+    """
+    if value == "channels_last" or (value == "auto" and device.type == "cpu" and task == "classification"):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..output import ModelOutput, ponder_loss
-from .amp import autocast
+from .amp import autocast, training_memory_format
 
 __all__ = ["Task", "Step", "ClassificationTask", "get_task", "compute_loss"]
 
@@ -124,7 +124,8 @@ class ClassificationTask:
         return model
 
     def step(self, model, batch, config, *, device, amp) -> Step:
-        images = batch[0].to(device, non_blocking=True)
+        fmt = training_memory_format(config.memory_format, device, self.name)
+        images = batch[0].to(device, non_blocking=True).contiguous(memory_format=fmt)
         labels = batch[1].to(device, non_blocking=True)
         with autocast(device, amp):
             out = model(images)

@@ -51,7 +51,7 @@ from .. import checkpoint as ckpt
 from ..errors import DataError, InputError, OutputExistsError, RunFailure
 from ..fileio import OutputLock, check_output_folder, dumps_json, remove_stale_temp_files
 from .amp import amp_dtype as _amp_dtype
-from .amp import grad_scaler
+from .amp import grad_scaler, training_memory_format
 from .config import TrainConfig
 from .datasets import eval_loader, steps_per_epoch, train_loader
 from .distributed import DistInfo, all_reduce_sum, cleanup_distributed, resolve_device, setup_distributed
@@ -413,6 +413,7 @@ def _main(config: TrainConfig, device: torch.device, *, train_set, eval_set, ste
         model = task.model(config, data, warm_start=not config.resume)
         state_path = Path(config.out_dir) / STATE_FILE
         model.to(device)
+        model.to(memory_format=training_memory_format(config.memory_format, device, config.task))
         amp = _amp_dtype(config.amp, device)
         if info.enabled:
             model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
