@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..stage import AdaptiveStage, StageRun, Where
+from ..stage import AdaptiveStage, StageRun, Where, _DenseRun
 from . import native
 from .halting_kernels import make_halting_kernel
 from .rows import image_index, neighbour_table, rows_view
@@ -158,19 +158,11 @@ class RowExecutor(nn.Module):
         return _RowRun(self, stage, x)
 
 
-class _ImageRun:
-    """One ACT stage call: later units on the images still running."""
+class _ImageRun(_DenseRun):
+    """One ACT stage call: later units on the images still running (unit 0 and the
+    features as the dense run's)."""
 
     compact = True
-
-    def __init__(self, stage: AdaptiveStage, x: Tensor) -> None:
-        self.stage = stage
-        self.x = stage.units[0](x)  # [B, C, H, W]
-        self.out: Tensor | None = None
-
-    @property
-    def features(self) -> Tensor:
-        return self.x
 
     def unit(self, n: int, where: Where) -> None:
         idx, unit = where.idx, self.stage.units[n]
