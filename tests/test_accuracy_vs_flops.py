@@ -19,14 +19,19 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "accuracy_vs_flops.
 
 @pytest.fixture(scope="module")
 def bench():
+    from sact.models import _REGISTRY
+
     spec = importlib.util.spec_from_file_location("accuracy_vs_flops_under_test", BENCH)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up while the file runs
+    registered = set(_REGISTRY)
     try:
         spec.loader.exec_module(module)
         yield module
     finally:
         sys.modules.pop(spec.name, None)
+        for name in set(_REGISTRY) - registered:  # the script's extra depths: not for other tests
+            del _REGISTRY[name]
 
 
 def test_plan_jobs(bench):
