@@ -471,12 +471,14 @@ def aggregate(results: list[dict], jobs: list[Job], proto: Protocol, *, ref_flop
     by_id = {r["job"]: r for r in results}
     done = [j for j in jobs if j.id in by_id]
     missing = [j.id for j in jobs if j.id not in by_id]
-    # the vanilla depth curve of every seed, for the equal-FLOPs comparison
-    vanilla_curve: dict[int, tuple[list[float], list[float]]] = {}
-    for s in sorted({j.seed for j in jobs}):
-        pts = sorted((by_id[j.id]["metrics"]["flops_mean"] / ref_flops, by_id[j.id]["metrics"]["top1"])
-                     for j in done if j.mode == "vanilla" and j.seed == s)
-        vanilla_curve[s] = ([p[0] for p in pts], [p[1] for p in pts])
+    # per seed, the vanilla depth curve and the ACT tau curve (top-1 vs relative FLOPs), for
+    # the equal-FLOPs comparisons: every point against vanilla, SACT also against ACT
+    curve: dict[tuple[str, int], tuple[list[float], list[float]]] = {}
+    for mode in ("vanilla", "act"):
+        for s in sorted({j.seed for j in jobs}):
+            pts = sorted((by_id[j.id]["metrics"]["flops_mean"] / ref_flops, by_id[j.id]["metrics"]["top1"])
+                         for j in done if j.mode == mode and j.seed == s)
+            curve[mode, s] = ([p[0] for p in pts], [p[1] for p in pts])
     points = []
     order = {"vanilla": 0, "act": 1, "sact": 2}
     for key in sorted({j.point for j in jobs}, key=lambda k: (order[k[0]], k[1], k[2])):
@@ -487,8 +489,8 @@ def aggregate(results: list[dict], jobs: list[Job], proto: Protocol, *, ref_flop
         per_seed = []
         for r in runs:
             m, rel = r["metrics"], r["metrics"]["flops_mean"] / ref_flops
-            xs, ys = vanilla_curve[r["seed"]]
-            v = _interp(rel, xs, ys) if mode != "vanilla" else None
+            v = _interp(rel, *curve["vanilla", r["seed"]]) if mode != "vanilla" else None
+            a = _interp(rel, *curve["act", r["seed"]]) if mode == "sact" else None
             per_seed.append({
                 "seed": r["seed"], "top1": m["top1"], "flops_mean": m["flops_mean"], "flops_std": m["flops_std"],
                 "rel_flops": rel, "ponder_cost": m["ponder_cost_mean"],
@@ -496,12 +498,14 @@ def aggregate(results: list[dict], jobs: list[Job], proto: Protocol, *, ref_flop
                 "box_ponder_ratio": r["box"]["ponder_ratio"], "box_extra_share_inside": r["box"]["extra_share_inside"],
                 "box_area_share": r["box"]["box_area_share"],
                 "vanilla_top1_at_equal_flops": v, "delta_vs_vanilla": None if v is None else m["top1"] - v,
+                "act_top1_at_equal_flops": a, "delta_vs_act": None if a is None else m["top1"] - a,
                 "cpu_s": r["cpu_s"],
             })
         top1, rel = _stat([p["top1"] for p in per_seed]), _stat([p["rel_flops"] for p in per_seed])
         ratio = _stat([p["box_ponder_ratio"] for p in per_seed])
         extra = [p["box_extra_share_inside"] for p in per_seed if not math.isnan(p["box_extra_share_inside"])]
         deltas = [p["delta_vs_vanilla"] for p in per_seed if p["delta_vs_vanilla"] is not None]
+        deltas_act = [p["delta_vs_act"] for p in per_seed if p["delta_vs_act"] is not None]
         points.append({
             "mode": mode, "depth": depth, "model": MODEL_NAMES[depth], "tau": tau, "seeds": [p["seed"] for p in per_seed],
             "n": len(per_seed),
@@ -514,6 +518,9 @@ def aggregate(results: list[dict], jobs: list[Job], proto: Protocol, *, ref_flop
             "delta_vs_vanilla_mean": _stat(deltas)["mean"] if deltas else None,
             "delta_vs_vanilla_ci95": _stat(deltas)["ci95"] if deltas else None,
             "delta_vs_vanilla_n": len(deltas),
+            "delta_vs_act_mean": _stat(deltas_act)["mean"] if deltas_act else None,
+            "delta_vs_act_ci95": _stat(deltas_act)["ci95"] if deltas_act else None,
+            "delta_vs_act_n": len(deltas_act),
             "per_seed": per_seed,
         })
     curves = {str(r["seed"]): r["curve"] for r in results if r.get("curve")}
@@ -553,6 +560,14 @@ def _ci(mean: float | None, ci: list | None, scale: float = 100.0, digits: int =
     return f"{scale * mean:.{digits}f} [{scale * ci[0]:.{digits}f}, {scale * ci[1]:.{digits}f}]"
 
 
+def _delta_cell(p: dict, against: str) -> str:
+    """``Δ [interval]`` of a point against ``against``'s curve, with ``(n=K)`` when fewer
+    seeds than the point's fall inside that curve's FLOPs range."""
+    n = p.get(f"delta_vs_{against}_n", 0)
+    cell = _ci(p.get(f"delta_vs_{against}_mean"), p.get(f"delta_vs_{against}_ci95"))
+    return cell + (f" (n={n})" if 0 < n < p["n"] else "")
+
+
 def markdown(doc: dict) -> str:
     """The table of ``doc`` (from :func:`aggregate`) with settings and status."""
     st, s = doc["status"], doc["settings"]
@@ -564,20 +579,22 @@ def markdown(doc: dict) -> str:
         f"Mean over seeds and two-sided 95% Student-t interval in brackets; {s['eval_samples']} test canvases; "
         f"FLOPs relative to the vanilla {s['flops_reference']['model']} ({s['flops_reference']['flops'] / 1e6:.2f} "
         f"MFLOPs per image). Δ vs vanilla: top-1 minus the same seed's vanilla depth curve interpolated at the "
-        "point's FLOPs (n/a outside the vanilla range). Ponder in/out box: mean ponder cost per pixel inside the "
+        "point's FLOPs (n/a outside the vanilla range); Δ vs ACT (SACT points): the same against the same seed's ACT "
+        "tau curve. Ponder in/out box: mean ponder cost per pixel inside the "
         "object's box over the mean outside; extra units in box: share of the units above one per stage that run "
         "inside the box (the box covers "
         f"{_pct(doc['points'][0]['box_area_share']) if doc['points'] else 'n/a'} % of the canvas).",
         "",
         "| model | units/stage | tau | seeds | top-1 (%) | rel. FLOPs (%) | MFLOPs | Δ top-1 vs vanilla (points) "
-        "| ponder in/out box | extra units in box (%) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| Δ top-1 vs ACT (points) | ponder in/out box | extra units in box (%) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in sorted(doc["points"], key=lambda p: p["rel_flops"]):
         lines.append(
             f"| {p['mode']} {p['model']} | {p['depth']} | {p['tau']:g} | {p['n']} | {_ci(p['top1_mean'], p['top1_ci95'])} "
             f"| {_ci(p['rel_flops'], p['rel_flops_ci95'], digits=1)} | {p['flops_mean'] / 1e6:.2f} "
-            f"| {_ci(p['delta_vs_vanilla_mean'], p['delta_vs_vanilla_ci95'])} "
+            f"| {_delta_cell(p, 'vanilla') if p['mode'] != 'vanilla' else 'n/a'} "
+            f"| {_delta_cell(p, 'act') if p['mode'] == 'sact' else '-'} "
             f"| {_ci(p['box_ponder_ratio'], p['box_ponder_ratio_ci95'], scale=1.0, digits=3)} "
             f"| {_pct(p['box_extra_share_inside'])} |"
         )

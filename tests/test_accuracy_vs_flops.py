@@ -105,9 +105,28 @@ def test_aggregate_synthetic(bench, tmp_path):
     assert [p["vanilla_top1_at_equal_flops"] for p in s["per_seed"]] == pytest.approx(interp)
     assert s["delta_vs_vanilla_mean"] == pytest.approx(np.mean(np.array(sa) - interp))
     assert points[("vanilla", 3)]["rel_flops"] == pytest.approx(1.0) and points[("vanilla", 3)]["delta_vs_vanilla_mean"] is None
+    assert s["delta_vs_act_n"] == 0 and s["delta_vs_act_mean"] is None  # no ACT curve yet
+    # with the ACT runs (one tau per seed is a single point, no curve), then two ACT taus:
+    # SACT at 65% lies between ACT at 50% and 80%, so it is compared with their midpoint
+    act_jobs = bench.plan_jobs(seeds=[0, 1, 2], depths=[1, 3], act_taus=[0.1, 0.2], sact_taus=[0.02],
+                               adaptive_depth=3)
+    acts = [_result(bench, j, proto, top1=0.60 + 0.1 * (j.tau == 0.1), flops=50.0 if j.tau == 0.2 else 80.0)
+            for j in act_jobs if j.mode == "act"]
+    doc2 = bench.aggregate(results + acts, act_jobs, proto, ref_flops=ref, settings={"x": 1})
+    s2 = next(p for p in doc2["points"] if p["mode"] == "sact")
+    assert s2["delta_vs_act_n"] == 3
+    assert [p["act_top1_at_equal_flops"] for p in s2["per_seed"]] == pytest.approx([0.65] * 3)
+    assert s2["delta_vs_act_mean"] == pytest.approx(np.mean(sa) - 0.65)
+    assert "Δ top-1 vs ACT" in bench.markdown({**doc2, "settings": _md_settings()})
     curve = doc["learning_curve"]
     assert set(curve["per_seed"]) == {"0", "1", "2"}
     assert [c["step"] for c in curve["mean"]] == [5, 10] and curve["mean"][1]["top1_mean"] == pytest.approx(np.mean(v3))
+
+
+def _md_settings() -> dict:
+    return {"eval_samples": 10, "flops_reference": {"model": "resnet20_cifar", "flops": 100.0}, "command": "x",
+            "recipe": "r", "protocol": {"threads": 1}, "seeds": [0, 1, 2], "depths": [1, 3], "act_taus": [0.1, 0.2],
+            "sact_taus": [0.02], "environment": {"torch": "t", "cpu_count": 2}, "jobs": 2}
 
 
 def test_sweep_skips_finished_jobs_and_waits_for_the_warm_start(bench, tmp_path):
