@@ -39,13 +39,12 @@ from pathlib import Path
 
 import torch
 
-import sact
 from sact.output import ModelOutput
 from sact.sparse import native, to_sparse
 from sact.sparse.native_stage import NativeBasicStage
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sparse_speed import environment, impose_object_halting, object_inputs  # noqa: E402
+from sact.sparse.bench import environment
+from sact.sparse.workloads import load_trained, object_inputs, object_model, vanilla_twin
 
 # (model, image size, batch sizes, disc radii as a fraction of the side; None = nothing halts)
 GRID = [
@@ -214,22 +213,14 @@ def print_profile(prof: list[dict], parts: dict, *, per_unit: bool = False) -> N
 
 def demo_rows(path: Path, args) -> list[tuple]:
     """(label, model, vanilla, images) for a trained checkpoint on its own test canvases."""
-    model = sact.load_checkpoint(path).eval()
+    trained = load_trained(path, num_images=max(args.demo_batches))  # the bench's trained rows' canvases
+    model = trained.model
     if model.mode != "sact" or not all(NativeBasicStage.supports(s) for s in model.stages):
         print(f"{path}: not a CIFAR-style SACT model; skipped", file=sys.stderr)
         return []
-    from sact.data import ClutterConfig, ClutteredFashionMNIST
-
-    meta = getattr(model, "checkpoint_meta", {}) or {}
-    size = int(meta.get("preprocess", {}).get("image_size") or 64)
-    # the demo's test canvases (sact.engine.demo: split "test", seed + 1, no normalisation)
-    data = ClutteredFashionMNIST(split="test", num_samples=64, seed=1, config=ClutterConfig(canvas_size=size))
-    images = torch.stack([data[i]["image"] for i in range(64)])
-    cfg = dict(model.sact_config["kwargs"])
-    cfg.pop("mode", None)
-    vanilla = sact.create_model(model.sact_config["name"], mode="vanilla", **cfg).eval()
-    return [(f"demo {path.parent.name} (trained) @{images.shape[-1]}", model, vanilla, images[:b].contiguous())
-            for b in args.demo_batches]
+    vanilla = vanilla_twin(model)
+    return [(f"demo {path.parent.name} (trained) @{trained.images.shape[-1]}", model, vanilla,
+             trained.images[:b].contiguous()) for b in args.demo_batches]
 
 
 def main(argv=None) -> int:
@@ -270,11 +261,11 @@ def main(argv=None) -> int:
         if args.models and name not in args.models:
             continue
         for b in batches:
-            for radius in radii:
-                model = sact.create_model(name, mode="sact").eval()
-                impose_object_halting(model, halt_background=radius is not None)
-                vanilla = sact.create_model(name, mode="vanilla").eval()
-                jobs.append((f"{name} @{size} r={radius}", model, vanilla, object_inputs(b, size, radius)))
+            obj, full = object_model(name, image_size=size)
+            vanilla = vanilla_twin(full)
+            for radius in radii:  # the disc's radius as a fraction of the side (sact.sparse.workloads)
+                model = obj if radius is not None else full
+                jobs.append((f"{name} @{size} r={radius}", model, vanilla, object_inputs(b, size, radius)[0]))
     if args.demo is not None:
         jobs += demo_rows(args.demo, args)
     profiles = []

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -28,22 +27,10 @@ import torch
 
 import sact
 from sact.engine.train import compute_loss
+from sact.sparse.bench import environment
 
 ROWS = [("resnet50", 224, 8, 1000), ("resnet32_cifar", 32, 64, 10)]
 MODES = ("vanilla", "act", "sact")
-
-
-def environment(threads: int) -> dict:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    return {"cpu": cpu, "cpu_count": os.cpu_count(), "threads": threads, "torch": torch.__version__,
-            "python": platform.python_version(),
-            "malloc": {k: os.environ.get(k) for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")},
-            "loadavg_start": list(os.getloadavg())}
 
 
 def make_step(name: str, mode: str, x: torch.Tensor, y: torch.Tensor, *, compile_model: bool, channels_last: bool,
@@ -123,6 +110,27 @@ def markdown(rows: list[dict], env: dict, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def operator_tables(args) -> int:
+    """torch.profiler's self-CPU-time table of 3 steps (after 3 warm-up steps) per variant."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for name, size, batch, classes in ROWS:
+        if args.models and name not in args.models:
+            continue
+        x, y = torch.randn(batch, 3, size, size), torch.randint(0, classes, (batch,))
+        for layout in args.layouts:
+            for mode in MODES:
+                step = make_step(name, mode, x, y, compile_model=False, channels_last=layout == "channels-last")
+                for _ in range(3):
+                    step()
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    for _ in range(3):
+                        step()
+                print(f"\n## {name} b{batch} {layout} {mode}: 3 steps")
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2)
@@ -134,12 +142,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="memory formats of model and input to time (default both)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--tag", default="")
+    p.add_argument("--ops", action="store_true",
+                   help="instead of timing: torch.profiler's per-operator table of 3 steps of each variant "
+                        "(where the SACT step's extra time goes); printed, no files")
     args = p.parse_args(argv)
     if args.threads < 1 or args.reps < 1 or args.warmup < 0:
         p.error("--threads and --reps must be positive, --warmup non-negative")
     torch.set_num_threads(args.threads)
-    env = environment(args.threads)
+    env = environment(args.threads)  # sact.sparse.bench's: CPU model, versions, MALLOC_*, load average
     print(json.dumps(env), file=sys.stderr)
+    if args.ops:
+        return operator_tables(args)
     from sact.checkpoint import atomic_write_bytes
 
     stem = args.out / ("train_step" + (f"_{args.tag}" if args.tag else ""))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 
 import pytest
@@ -41,3 +42,16 @@ def _seed_and_grad_mode():
     yield
     # in-process CLI tests must not leak global autograd state into later tests
     assert torch.is_grad_enabled(), "a test (or the code it ran) left autograd disabled"
+
+
+@pytest.fixture(scope="module")
+def built():
+    """The native sparse kernels, built and enabled (skips where there is no C++ compiler)."""
+    from sact.sparse import native
+
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("no C++ compiler: the engine uses the pure-PyTorch kernels")
+    assert native.available(), native.load_error()
+    prev = native.set_enabled(True)
+    yield
+    native.set_enabled(prev)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import tiny_fashion_mnist
 
 torch.set_num_threads(1)
 
@@ -192,19 +193,8 @@ def test_sweep_skips_finished_jobs_and_waits_for_the_warm_start(bench, tmp_path)
     assert launched == ["vanilla_d3_s1"]
 
 
-def _tiny_fashion_mnist(folder: Path) -> Path:
-    from sact.data import write_idx
-
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True)
-    for prefix, n in (("train", 60), ("t10k", 30)):
-        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
-        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", (np.arange(n) % 10).astype(np.uint8))
-    return folder
-
-
 def test_tiny_jobs_end_to_end(bench, tmp_path):
-    data = str(_tiny_fashion_mnist(tmp_path / "fmnist"))
+    data = str(tiny_fashion_mnist(tmp_path / "fmnist", n_train=60, n_test=30))
     proto = bench.Protocol(steps=4, warm_step=2, batch_size=4, canvas_size=48, base_channels=2, eval_samples=12,
                            curve_samples=6, curve_points=2, checkpoint_every=0)
     run = tmp_path / "run"

@@ -21,7 +21,7 @@ from sact.engine import TrainConfig
 from sact.engine.datasets import build_datasets, folder_preprocess
 from sact.errors import DataError, InputError
 
-from safety_helpers import error_line
+from helpers import error_line
 
 torch.set_num_threads(1)
 FORMATS = (".png", ".jpg", ".bmp", ".tiff", ".webp", ".gif")  # torchvision's ImageFolder misses none of these...

@@ -11,6 +11,7 @@ import torch
 import sact
 from sact.engine.demo import DemoSettings, ponder_box_stats, run_demo
 from sact.export import default_image_size
+from helpers import tiny_fashion_mnist
 
 torch.set_num_threads(1)
 
@@ -31,19 +32,8 @@ def test_ponder_box_stats_by_hand():
     assert flat["ponder_ratio"] == pytest.approx(1.0) and np.isnan(flat["extra_share_inside"])
 
 
-def _tiny_fashion_mnist(folder):
-    from sact.data import write_idx
-
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True)
-    for prefix, n in (("train", 60), ("t10k", 30)):
-        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
-        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", (np.arange(n) % 10).astype(np.uint8))
-    return folder
-
-
 def test_tiny_demo_writes_the_report(tmp_path):
-    data_dir = _tiny_fashion_mnist(tmp_path / "fmnist")
+    data_dir = tiny_fashion_mnist(tmp_path / "fmnist", n_train=60, n_test=30)
     settings = DemoSettings(base_channels=4, pretrain_steps=3, finetune_steps=3, batch_size=8, train_samples=32,
                             eval_samples=16, canvas_size=48, num_maps=2, threads=1)
     out = tmp_path / "report"

@@ -15,6 +15,7 @@ from sact.cli import main as cli
 from sact.engine import TrainConfig, evaluate, load_config
 from sact.engine.datasets import eval_loader
 from sact.engine.distributed import DistInfo
+from helpers import tiny_fashion_mnist
 
 torch.set_num_threads(1)
 
@@ -100,19 +101,8 @@ def test_eval_shards_cover_every_image_once():
     assert DistInfo().is_main and not DistInfo().enabled
 
 
-def _tiny_fashion_mnist(folder, n_train=40, n_test=20):
-    from sact.data import write_idx
-
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    for prefix, n in (("train", n_train), ("t10k", n_test)):
-        write_idx(folder / f"{prefix}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
-        write_idx(folder / f"{prefix}-labels-idx1-ubyte.gz", (np.arange(n) % 10).astype(np.uint8))
-    return folder
-
-
 def test_sact_eval_command_writes_metrics(tmp_path, capsys):
-    data_dir = _tiny_fashion_mnist(tmp_path / "fmnist")
+    data_dir = tiny_fashion_mnist(tmp_path / "fmnist")
     cfg = TrainConfig(model="resnet20_cifar", model_kwargs={"base_channels": 4}, data_dir=str(data_dir), eval_samples=6,
                       clutter={"canvas_size": 16, "num_clutter": 2})
     model = _halting_model()
@@ -136,7 +126,7 @@ def test_sact_eval_command_writes_metrics(tmp_path, capsys):
 def test_sact_eval_sparse_gives_the_dense_metrics(tmp_path, mode):
     """``sact eval --sparse`` runs the engine (halted positions skipped) and reports the dense
     evaluation's numbers: accuracy, loss, FLOPs, ponder cost, per-stage unit histograms."""
-    data_dir = _tiny_fashion_mnist(tmp_path / "fmnist")
+    data_dir = tiny_fashion_mnist(tmp_path / "fmnist")
     cfg = TrainConfig(model="resnet20_cifar", model_kwargs={"base_channels": 4}, data_dir=str(data_dir), eval_samples=6,
                       clutter={"canvas_size": 16, "num_clutter": 2})
     model = _halting_model()

@@ -13,7 +13,8 @@ import torch
 import sact
 from sact.cli import main as cli
 from sact.engine.watch import watch_checkpoints
-from test_engine_eval import _halting_model, _tiny_fashion_mnist
+from helpers import tiny_fashion_mnist
+from test_engine_eval import _halting_model
 
 torch.set_num_threads(1)
 
@@ -126,7 +127,7 @@ def test_ctrl_c_stops_cleanly_without_a_partial_file(tmp_path):
 
 
 def test_sact_eval_watch_writes_what_sact_eval_writes(tmp_path, capsys):
-    data_dir = _tiny_fashion_mnist(tmp_path / "fmnist")
+    data_dir = tiny_fashion_mnist(tmp_path / "fmnist")
     cfg = sact.engine.TrainConfig(model="resnet20_cifar", model_kwargs={"base_channels": 4}, eval_samples=6,
                                   clutter={"canvas_size": 16, "num_clutter": 2})
     sact.save_checkpoint(_halting_model(), tmp_path / "run" / "model", meta={"tau": 0.02, "step": 40,

@@ -176,6 +176,8 @@ def test_pretrained_cfg_per_family_and_from_a_checkpoint(tmp_path):
     assert (cfg["classifier"], cfg["first_conv"], cfg["architecture"]) == ("fc", "conv1", "resnet18")
     assert isinstance(r.get_submodule(cfg["first_conv"]), nn.Conv2d)
     assert Preprocess.from_dict(cfg["preprocess"]).kind == "normalize"
+    odd = sact.create_model("resnet20_cifar", in_chans=2, base_channels=4).pretrained_cfg  # no default preprocessing
+    assert odd["input_size"][0] == 2 and odd["mean"] is None and odd["std"] is None
     v2 = sact.create_model("resnet50_v2", base_width=4).pretrained_cfg
     assert v2["classifier"] == "logits" and v2["mean"] == v2["std"] == (0.5, 0.5, 0.5) and v2["num_classes"] == 1001
     c = sact.create_model("resnet20_cifar", in_chans=1, base_channels=4)

@@ -18,7 +18,7 @@ import torch
 import sact
 import sact.data
 from sact.cli import main
-from safety_helpers import TRAIN_FLAGS, Payload, error_line, malicious_pickle, snapshot, tiny_fashion_mnist
+from helpers import TRAIN_FLAGS, Payload, error_line, malicious_pickle, snapshot, tiny_fashion_mnist
 
 
 @pytest.fixture(scope="module")

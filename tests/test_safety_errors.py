@@ -16,7 +16,7 @@ from PIL import Image
 import sact
 import sact.data
 from sact.cli import main
-from safety_helpers import error_line, tiny_fashion_mnist
+from helpers import error_line, tiny_fashion_mnist
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from PIL import Image
 import sact
 import sact.data
 from sact.cli import main
-from safety_helpers import TRAIN_FLAGS, error_line, snapshot, tiny_fashion_mnist
+from helpers import TRAIN_FLAGS, error_line, snapshot, tiny_fashion_mnist
 
 
 @pytest.fixture(scope="module")

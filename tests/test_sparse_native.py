@@ -19,16 +19,6 @@ from test_sparse_engine import assert_same, small_model
 pytestmark = pytest.mark.xdist_group("native-build")  # one worker builds, the other reuses the cache
 
 
-@pytest.fixture(scope="module")
-def built():
-    if shutil.which("c++") is None and shutil.which("g++") is None:
-        pytest.skip("no C++ compiler: the engine uses the pure-PyTorch kernels")
-    assert native.available(), native.load_error()
-    prev = native.set_enabled(True)
-    yield
-    native.set_enabled(prev)
-
-
 def both_backends(model, x, **kw):
     """(dense, sparse with native kernels, sparse with pure-PyTorch kernels)."""
     with torch.no_grad():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 
 import pytest
 import torch
@@ -17,16 +16,6 @@ from test_sparse_engine import BIASES, assert_same, small_model
 pytestmark = pytest.mark.xdist_group("native-build")  # one worker builds, the other reuses the cache
 
 CIFAR = [n for n in sact.list_models() if n.endswith("_cifar")]
-
-
-@pytest.fixture(scope="module")
-def built():
-    if shutil.which("c++") is None and shutil.which("g++") is None:
-        pytest.skip("no C++ compiler: the engine uses the pure-PyTorch kernels")
-    assert native.available(), native.load_error()
-    prev = native.set_enabled(True)
-    yield
-    native.set_enabled(prev)
 
 
 @pytest.fixture

@@ -196,11 +196,6 @@ def ponder_map(
         max_side: resize (bicubic, aspect kept) so that the longer side is this long.
         upscale: an image whose shorter side is below :func:`total_stride` is enlarged
             (bicubic) until it reaches it, with a warning; False raises instead.
-
-    Warns (``UserWarning``) when the image is unlike the training data of a checkpoint's
-    model (:func:`input_mismatch`): colour given to a greyscale model (or the reverse),
-    or a size more than :data:`SCALE_TOLERANCE` times larger or smaller than the
-    training images (objects at another scale; ``max_side`` or ``crop`` fixes it).
         crop: apply the preprocess's central crop and resize too (as in evaluation)
             instead of keeping the whole image; ``max_side`` is then ignored.
 
@@ -210,6 +205,11 @@ def ponder_map(
     Raises:
         ValueError: bad image shape/dtype, ``max_side``, or a too-small image with
             ``upscale=False``.
+
+    Warns (``UserWarning``) when the image is unlike the training data of a checkpoint's
+    model (:func:`input_mismatch`): colour given to a greyscale model (or the reverse),
+    or a size more than :data:`SCALE_TOLERANCE` times larger or smaller than the
+    training images (objects at another scale; ``max_side`` or ``crop`` fixes it).
     """
     from .data import to_float_image
 
@@ -222,7 +222,8 @@ def ponder_map(
         x01 = dataclasses.replace(pre, kind="unit", mean=None, std=None)(x01)  # geometry only
     elif max_side is not None:
         x01 = resize_longer_side(x01, max_side)
-    _warn_unlike_training(model, image, x01, pre)
+    for problem in input_mismatch(model, image, tuple(x01.shape[-2:])):
+        warnings.warn(problem, stacklevel=2)
     x01, upscaled = _reach_stride(x01.float(), total_stride(model), upscale)
     x = dataclasses.replace(pre, image_size=None, central_crop=None)(x01)  # value mapping only
     param = next(model.parameters())
@@ -285,8 +286,7 @@ def input_mismatch(model: nn.Module, image, size: tuple[int, int]) -> list[str]:
     if trained is None:
         return []
     problems = []
-    colour = _is_colour(image)
-    if trained[0] == 1 and colour:
+    if trained[0] == 1 and _is_colour(image):
         problems.append("the model was trained on greyscale images; this colour image is converted to greyscale")
     elif trained[0] == 3 and _channels(image) == 1:
         problems.append("the model was trained on colour images; this greyscale image is repeated to 3 channels")
@@ -296,11 +296,6 @@ def input_mismatch(model: nn.Module, image, size: tuple[int, int]) -> list[str]:
                         f"images: objects at another scale may not be recognised and the map may not mean much; "
                         f"resize it (max_side={trained_side}, CLI --max-side {trained_side}) or use crop=True (--crop)")
     return problems
-
-
-def _warn_unlike_training(model: nn.Module, image, x01: Tensor, pre) -> None:
-    for problem in input_mismatch(model, image, tuple(x01.shape[-2:])):
-        warnings.warn(problem, stacklevel=3)
 
 
 def vanilla_flops(model: nn.Module, size: tuple[int, int]) -> int | None:
@@ -317,7 +312,7 @@ def vanilla_flops(model: nn.Module, size: tuple[int, int]) -> int | None:
     Returns:
         The count, or None for a model not built by :func:`sact.create_model` (no ``sact_config``).
     """
-    from torch.utils.flop_counter import FlopCounterMode
+    from .flops import count_model_flops
 
     config = getattr(model, "sact_config", None)
     if not isinstance(config, dict):
@@ -336,9 +331,7 @@ def vanilla_flops(model: nn.Module, size: tuple[int, int]) -> int | None:
     key = (int(size[0]), int(size[1]))
     if key not in counts:
         try:
-            with torch.no_grad(), FlopCounterMode(display=False) as counter:
-                vanilla(torch.empty(1, vanilla.in_chans, *key, device="meta"))
-            counts[key] = int(counter.get_total_flops())
+            counts[key] = count_model_flops(vanilla, torch.empty(1, vanilla.in_chans, *key, device="meta"))
         except (RuntimeError, NotImplementedError):  # an op without a meta kernel: count on real tensors
             real = vanilla.to_empty(device="cpu")
             with torch.no_grad():

@@ -32,15 +32,11 @@ def run(args: argparse.Namespace) -> int:
 
     from ..engine.demo import PRESETS, run_demo
 
-    from ..errors import InputError
-
     settings = PRESETS["quick" if args.quick else "default"]
     changes = {"finetune_steps": args.steps, "pretrain_steps": args.pretrain_steps, "tau_act": args.tau,
                "tau_sact": args.tau, "threads": args.threads, "seed": args.seed}
-    try:
-        settings = dataclasses.replace(settings, **{k: v for k, v in changes.items() if v is not None})
-    except (ValueError, TypeError) as e:
-        raise InputError(str(e)) from e
+    # a bad value raises ValueError in DemoSettings: the CLI reports it in one line, exit 2
+    settings = dataclasses.replace(settings, **{k: v for k, v in changes.items() if v is not None})
     results = run_demo(settings, args.out, data_dir=args.data_dir, download=args.download,
                        progress=not args.no_progress, command="sact " + shlex.join(sys.argv[1:]),
                        overwrite=args.overwrite)

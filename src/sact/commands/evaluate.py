@@ -98,11 +98,10 @@ def check_watch_args(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from ..checkpoint import atomic_write_bytes
     from ..engine.amp import amp_dtype
     from ..engine.distributed import resolve_device
     from ..errors import InputError
-    from ..fileio import check_output_file, dumps_json, remove_stale_temp_files
+    from ..fileio import atomic_write_bytes, check_output_file, dumps_json, remove_stale_temp_files
 
     check_watch_args(args)
     if args.watch is None:
@@ -116,10 +115,10 @@ def run(args: argparse.Namespace) -> int:
         from ..engine.watch import watch_checkpoints
 
         datasets = {}  # evaluation sets by config, built once
-        watch_checkpoints(args.watch, lambda path: _evaluate(args, path, device, amp, datasets)[::2],
+        watch_checkpoints(args.watch, lambda path: _evaluate(args, path, device, amp, datasets),
                           out_dir=args.out or Path(args.watch) / "eval", poll_s=args.poll, timeout_s=args.watch_timeout)
         return 0
-    metrics, config, meta = _evaluate(args, args.checkpoint, device, amp, {})
+    metrics, _ = _evaluate(args, args.checkpoint, device, amp, {})
     atomic_write_bytes(out, dumps_json(metrics, indent=2).encode())
     top5 = f", top-5 {metrics['top5']:.2%}" if "top5" in metrics else ""
     print(f"top-1 {metrics['top1']:.2%}{top5}, loss {metrics['loss']:.4f}, FLOPs {metrics['flops_mean'] / 1e6:.2f}M "
@@ -127,8 +126,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _evaluate(args: argparse.Namespace, path, device, amp, datasets: dict) -> tuple[dict, object, dict]:
-    """``(metrics, config, checkpoint meta)`` of one checkpoint (``datasets``: a cache by data config)."""
+def _evaluate(args: argparse.Namespace, path, device, amp, datasets: dict) -> tuple[dict, dict]:
+    """``(metrics, checkpoint meta)`` of one checkpoint (``datasets``: a cache by data config)."""
     import json
 
     from ..checkpoint import load_checkpoint
@@ -165,4 +164,4 @@ def _evaluate(args: argparse.Namespace, path, device, amp, datasets: dict) -> tu
     metrics = {"checkpoint": str(path), "model": model.sact_config["name"], "mode": model.mode,
                "model_config": model.sact_config, "dataset": config.dataset, "tau": float(tau), "device": str(device),
                "engine": "sparse" if args.sparse else "dense", **metrics}
-    return metrics, config, meta
+    return metrics, meta

@@ -107,7 +107,8 @@ def split_by_class(samples: Sequence[tuple[str, int]], fraction: float, seed: in
         n = len(items)
         k = min(max(round(fraction * n), 1), n - 1) if n >= 2 else 0
         order = np.random.default_rng([seed, label]).permutation(n)
-        held.update(sorted(items)[i][0] for i in order[:k])
+        ordered = sorted(items)  # once: the permutation indexes the sorted list
+        held.update(ordered[i][0] for i in order[:k])
     return [s for s in samples if s[0] not in held], [s for s in samples if s[0] in held]
 
 

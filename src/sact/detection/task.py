@@ -89,13 +89,13 @@ def detector_from_config(config, *, num_classes: int, image_side: int, warm_star
         InputError: detector settings that do not fit the model (stage names, anchors).
         CheckpointError: an ``init`` file that does not fit.
     """
-    from ..engine.warm_start import warm_start as load
     from ..models import create_model
+    from .backbone import load_backbone_weights
 
     kwargs = {"in_chans": _in_chans(config), **config.model_kwargs}
     model = create_model(config.model, mode=config.mode, **kwargs)
     if warm_start and config.init:
-        load(model, config.init, skip_classifier=True, sum_rgb_stem=True)
+        load_backbone_weights(model, config.init)
     frozen_bn = config.init is not None if config.frozen_bn is None else config.frozen_bn  # same on resume
     min_size = config.min_size or image_side
     proposals_train, proposals_test = config.rpn_proposals

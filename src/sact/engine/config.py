@@ -148,7 +148,7 @@ class TrainConfig:
             ``"bf16"`` (autocast; CPU too) or ``"fp16"`` (CUDA only, with GradScaler).
         memory_format: layout of the model's weights and the images in training:
             ``"channels_last"``, ``"contiguous"`` (NCHW) or ``"auto"`` (channels-last for
-            classification on the CPU, where oneDNN's convolutions are 20-35% faster that way,
+            classification on the CPU, where steps are 13-31% faster that way,
             measured in ``benchmarks/train_step.py``; NCHW otherwise). The same values either
             way up to float rounding.
         device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.

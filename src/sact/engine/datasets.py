@@ -169,7 +169,7 @@ def folder_preprocess(config, *, in_chans: int = 3):
                                           central_crop=stored.central_crop or 0.875)
                 return pre, f"the preprocessing stored in {config.init} ({_describe(stored)})"
     if choice in ("dataset", "inception"):
-        return D.Preprocess(kind="inception", in_chans=in_chans, image_size=size, central_crop=0.875), reason
+        return dataclasses.replace(D.imagenet_preprocess(size), in_chans=in_chans), reason
     if in_chans != 3:
         raise InputError("preprocess torchvision (ImageNet mean/std) needs 3 input channels; this run has "
                          f"{in_chans}: pass --preprocess inception, or model_kwargs in_chans 3")

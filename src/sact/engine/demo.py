@@ -28,9 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_write_bytes
 from ..errors import OutputExistsError
-from ..fileio import OutputLock, check_output_folder, dumps_json, remove_stale_temp_files
+from ..fileio import OutputLock, atomic_write_bytes, check_output_folder, dumps_json, remove_stale_temp_files
 from .config import TrainConfig
 
 __all__ = ["DemoSettings", "PRESETS", "run_demo", "ponder_box_stats", "demo_files"]

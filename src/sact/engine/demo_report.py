@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..checkpoint import atomic_write_bytes
+from ..fileio import atomic_write_bytes
 
 __all__ = ["write"]
 

@@ -301,11 +301,12 @@ class AdaptiveResNet(nn.Module):
         pre = pre or self.default_preprocess()
         size = (pre.image_size if pre is not None else None) or self.default_input_size
         mean = std = None  # unknown, or per-image standardisation
-        if pre is not None and pre.kind == "unit":
+        kind = pre.kind if pre is not None else None
+        if kind == "unit":
             mean, std = (0.0,) * self.in_chans, (1.0,) * self.in_chans
-        elif pre.kind == "inception":
+        elif kind == "inception":
             mean, std = (0.5,) * self.in_chans, (0.5,) * self.in_chans
-        elif pre.kind == "normalize":
+        elif kind == "normalize":
             mean, std = tuple(pre.mean), tuple(pre.std)
         cfg = {
             "architecture": (getattr(self, "sact_config", None) or {}).get("name", type(self).__name__),

@@ -627,10 +627,11 @@ def run_break_even(*, options: BenchOptions, batches: Sequence[int] = (1, 8)) ->
     from .break_even import UNIT_CASES, break_even
 
     _check_free(options)
-    threads = torch.get_num_threads()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(options.threads)
     try:
-        doc = {"format": FORMAT, "version": 1, "command": options.command, "env": environment(threads),
-               "settings": {"reps": options.reps, "threads": threads, "clock": "wall"}, "break_even": []}
+        doc = {"format": FORMAT, "version": 1, "command": options.command, "env": environment(options.threads),
+               "settings": {"reps": options.reps, "threads": options.threads, "clock": "wall"}, "break_even": []}
         todo = [(name, build, side, b) for name, build, side in UNIT_CASES for b in batches]
         for name, build, side, b in tqdm(todo, desc="break-even", file=sys.stderr, disable=not options.progress):
             res = break_even(build(), side, batch=b, reps=options.reps)
@@ -640,7 +641,7 @@ def run_break_even(*, options: BenchOptions, batches: Sequence[int] = (1, 8)) ->
             doc["env"]["loadavg_end"] = _loadavg()
             _write(doc, options)
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(previous)
     return doc
 
 
@@ -670,7 +671,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile", action="store_true", help="add the per-stage, per-unit profile of the engine")
     p.add_argument("--break-even", action="store_true",
                    help="instead of the rows: the active fraction where each unit kernel's sparse path stops "
-                        "beating its dense path (one thread; files break_even[_TAG])")
+                        "beating its dense path (at --threads, wall clock; files break_even[_TAG])")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or per-row lines")
 

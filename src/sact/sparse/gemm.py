@@ -4,7 +4,8 @@ The row kernels compute 1x1 convolutions as products of row matrices ``(M, K)`` 
 folded weights. ``torch.addmm`` goes to the BLAS torch was built with (MKL in the
 official wheels), which on some CPUs (AMD ones in particular) runs its AVX2 code path:
 measured here, about half the speed of oneDNN, the library torch's own CPU
-convolutions use (e.g. ``(3136 x 256) @ (256 x 64)``: 0.51 ms vs 0.27 ms, 2 threads). The
+convolutions use (e.g. ``(3136 x 256) @ (256 x 64)``: 0.50 ms vs 0.24 ms, 2 threads,
+``benchmarks/gemm_backends.py``). The
 functions below use oneDNN (``torch.ops.mkldnn._linear_pointwise``, with the bias,
 ReLU or residual addition fused) for float32 / bfloat16 / float16 CPU rows when torch has
 it, and ``addmm`` otherwise (float64, CUDA, builds without oneDNN).

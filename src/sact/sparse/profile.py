@@ -111,6 +111,8 @@ class _ProfiledRun:
 
     def __init__(self, run: StageRun, stage: AdaptiveStage, record: StageRecord, clock: Clock) -> None:
         self._run, self._stage, self._rec, self._clock = run, stage, record, clock
+        if getattr(run, "fused_step", None) is not None:  # the loop takes the engine's fused path, timed
+            self.fused_step = self._fused_step
 
     @property
     def compact(self) -> bool:
@@ -136,6 +138,13 @@ class _ProfiledRun:
         t0 = self._clock()
         self._run.accumulate(n, weight, where)
         self._rec.accumulate[n] = self._rec.accumulate.get(n, 0.0) + self._clock() - t0
+
+    def _fused_step(self, n: int, state, proba, where: Where, dist_n: Tensor, eps: float) -> Tensor:
+        """The wrapped run's fused halting step + accumulation, timed as the accumulation."""
+        t0 = self._clock()
+        idx = self._run.fused_step(n, state, proba, where, dist_n, eps)
+        self._rec.accumulate[n] = self._rec.accumulate.get(n, 0.0) + self._clock() - t0
+        return idx
 
     def output(self) -> Tensor:
         t0 = self._clock()

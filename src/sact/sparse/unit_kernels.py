@@ -48,14 +48,14 @@ __all__ = [
 #: most ``SMALL_MAP`` positions per image (e.g. 14x14), where the dense convolution is less
 #: efficient.
 DEFAULT_DENSE_ABOVE = {
-    # native kernels with oneDNN products: sparse wins up to 0.91-1.0 (2 threads, wall clock)
+    # native kernels with oneDNN products: sparse wins up to 0.97-1.0 (0.71-0.97 on 7x7 maps;
+    # benchmarks/results/break_even_2threads.md, 2 threads, wall clock)
     "SparseBottleneck": 0.9,
     "SparseBottleneck@small": 0.9,
     "SparsePreActBottleneck": 0.9,
     "SparsePreActBottleneck@small": 0.9,
     "SparsePreActBasic": 0.25,
-    # pure PyTorch: break-even 0.30-0.41 at 64x56x56 and 256x14x14, batch 1 and 8 (two runs of
-    # benchmarks.sparse_speed.break_even_rows, 1 thread, SACT_NATIVE=0)
+    # break-even 0.28-0.31 at 64x56x56, batch 1 and 8 (the same file)
     "SparseBasicBlock": 0.3,
 }
 SMALL_MAP = 256

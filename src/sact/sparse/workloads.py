@@ -271,9 +271,7 @@ def load_trained(path: str | Path, *, num_images: int, data_dir: str | Path | No
         pre = D.Preprocess.from_dict(meta["preprocess"]) if meta.get("preprocess") else D.cluttered_preprocess()
     except (TypeError, ValueError) as e:
         raise WorkloadError(f"checkpoint {path}: unusable data settings in its metadata: {e}") from e
-    saved_dir = config.get("data_dir")
-    if data_dir is None and saved_dir and Path(saved_dir).is_dir():
-        data_dir = saved_dir
+    # a data folder named inside a checkpoint is never opened (docs/trust.md): --data-dir or the system copy
     seed = int(config.get("data_seed", 0)) + 1
     try:
         data = D.ClutteredFashionMNIST(split="test", num_samples=num_images, seed=seed, config=clutter,

@@ -1,4 +1,4 @@
-"""Shared pieces of the safety tests: a harmless pickle payload, tiny data, CLI helpers."""
+"""Shared pieces of the tests: a harmless pickle payload, tiny Fashion-MNIST files, CLI helpers."""
 
 from __future__ import annotations
 
