@@ -32,3 +32,16 @@ __all__ += ["ponder_map", "PonderMap"]
 from .sparse import to_sparse  # noqa: E402
 
 __all__ += ["to_sparse"]
+
+# Sub-packages the docs use as ``sact.<name>.X`` after a plain ``import sact`` (e.g.
+# ``sact.data.Preprocess``); imported on first use so ``import sact`` stays light.
+_LAZY_SUBMODULES = frozenset({"data", "detection", "saliency", "engine", "export", "viz", "plots", "gallery",
+                              "convert_tf", "fileio", "errors", "flops", "halting", "units", "tb"})
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

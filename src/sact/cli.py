@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "demo",
     "train",
     "evaluate",
+    "predict",
     "ponder_map",
     "plot",
     "bench",
