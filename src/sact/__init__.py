@@ -33,6 +33,10 @@ from .sparse import to_sparse  # noqa: E402
 
 __all__ += ["to_sparse"]
 
+from .inference import Prediction, predict  # noqa: E402
+
+__all__ += ["predict", "Prediction"]
+
 # Sub-packages the docs use as ``sact.<name>.X`` after a plain ``import sact`` (e.g.
 # ``sact.data.Preprocess``); imported on first use so ``import sact`` stays light.
 _LAZY_SUBMODULES = frozenset({"data", "detection", "saliency", "engine", "export", "viz", "plots", "gallery",
