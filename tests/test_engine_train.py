@@ -244,7 +244,7 @@ def test_warm_start_errors(tmp_path):
     with pytest.raises(CheckpointError):
         warm_start(wide, tmp_path / "bad.safetensors")
     torch.save({"conv1.weight": torch.zeros(1)}, tmp_path / "tv.pth")
-    with pytest.raises(CheckpointError, match="torchvision ResNet weights fit only"):
+    with pytest.raises(CheckpointError, match="tv.pth does not fit resnet20_cifar: .*missing"):
         warm_start(wide, tmp_path / "tv.pth")
 
 

@@ -18,9 +18,14 @@ the same folder and renamed into place, so a crash never leaves a half-written f
 loader trusts the header and uses the sidecar only for files without one.
 
 Loading never unpickles and validates before it allocates: the model name and its
-arguments (registered, typed, within bounds), then every tensor's dtype and shape in
-the safetensors header against the architecture built on the ``meta`` device, then the
-hashes; weights holding NaN / inf are refused unless asked for. See ``docs/trust.md``.
+arguments (registered, typed, within bounds), the size of the architecture and every
+tensor's dtype and shape in the safetensors header against it (built on the ``meta``
+device), then the hashes; weights holding NaN / inf are refused unless asked for. See
+``docs/trust.md``.
+
+A file that is not an sact checkpoint (a torchvision ``.pth``, a plain ``.safetensors``
+state dict) is named as such (:func:`file_kind`); :func:`read_state_dict` reads one
+without running code, for ``create_model(name, pretrained=...)`` and ``--init``.
 """
 
 from __future__ import annotations
@@ -30,19 +35,22 @@ import inspect
 import json
 import math
 import os
+import re
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
 
 from .errors import InputError
-from .fileio import atomic_write_bytes, dumps_json, finite_or_none
+from .fileio import atomic_write_bytes, dumps_json, finite_or_none, loads_json
 
 __all__ = ["checkpoint_paths", "save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "validate_model_spec",
            "trained_input_size", "non_finite_tensors", "read_safetensors_header", "read_verified_state",
-           "state_signature", "atomic_write_bytes",
-           "CheckpointError"]
+           "state_signature", "meta_state", "expected_state", "file_kind", "not_a_checkpoint", "read_state_dict",
+           "header_document", "atomic_write_bytes",
+           "CheckpointError", "MAX_MODEL_ELEMENTS"]
 
 FORMAT = "sact-checkpoint"
 VERSION = 1
@@ -62,6 +70,12 @@ _KWARG_BOUNDS: dict[str, tuple[type, float, float]] = {
     "zero_init_residual": (bool, 0, 1),
 }
 _OTHER_BOUND = 4096  # numeric arguments of builders not listed above
+
+#: Most elements (parameters and buffers) of a model built from a file's header: 4 GB in
+#: float32, 16 times the largest registered model (ResNet-152: 61 M; a Faster R-CNN over
+#: ResNet-50: 42 M). The bounds above alone allow far more (ResNet-152 at base width 1024:
+#: 15 G), and a detector's sizes multiply (FPN and box head 5000 wide: 1.9 G).
+MAX_MODEL_ELEMENTS = 1_000_000_000
 
 
 class CheckpointError(InputError):
@@ -160,8 +174,8 @@ def read_safetensors_header(path: str | Path) -> dict[str, Any]:
             n = int.from_bytes(head, "little") if len(head) == 8 else -1
             if not 2 <= n <= min(MAX_HEADER_BYTES, size - 8):
                 raise CheckpointError(f"{path} is not a safetensors file (header length {n}, file size {size})")
-            header = json.loads(f.read(n))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            header = loads_json(f.read(n))
+    except (OSError, ValueError) as e:  # ValueError: not JSON, not UTF-8, nested too deeply
         raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from e
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: the safetensors header is not a JSON object")
@@ -185,10 +199,58 @@ def _header_doc(weights: Path) -> dict | None:
     meta = read_safetensors_header(weights).get("__metadata__") or {}
     if "sact" not in meta:
         return None
+    return header_document(meta["sact"], weights)
+
+
+def header_document(text: str, weights: Path) -> Any:
+    """The sact document ``text`` of ``weights``'s header, decoded (:func:`sact.fileio.loads_json`).
+
+    Raises:
+        CheckpointError: not JSON, or nested too deeply (a corrupt checkpoint).
+    """
     try:
-        return json.loads(meta["sact"])
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{weights}: the sact document in the header is not valid JSON: {e}") from e
+        return loads_json(text)
+    except ValueError as e:
+        raise CheckpointError(f"{weights}: corrupt checkpoint: the sact document in its header is not valid "
+                              f"JSON: {e}") from e
+
+
+_TORCH_ZIP_PICKLE = re.compile(r"[^/]+/data\.pkl")  # torch.save's zip layout: ARCHIVE/data.pkl
+
+
+def file_kind(path: str | Path) -> tuple[str, Path]:
+    """What ``path`` (as :func:`load_checkpoint` takes it) holds, from its first bytes and header only.
+
+    Returns:
+        ``(kind, file)``: ``"sact"`` (a checkpoint: a safetensors header or a sidecar
+        naming it), ``"safetensors"`` (a plain state dict), ``"train-state"`` (an sact
+        training state), ``"torch"`` (a ``torch.save`` file: zip or legacy pickle),
+        ``"unknown"`` (another file) or ``"missing"``; ``file`` the file it looked at.
+
+    Raises:
+        CheckpointError: a ``.safetensors`` file whose header is malformed.
+    """
+    weights, sidecar = checkpoint_paths(path)
+    if weights.is_file():
+        meta = read_safetensors_header(weights).get("__metadata__") or {}
+        if "sact" in meta or sidecar.is_file():
+            return "sact", weights
+        return ("train-state" if meta.get("format") == "sact-train-state" else "safetensors"), weights
+    if sidecar.is_file():
+        return "sact", sidecar
+    p = Path(path)
+    if not p.is_file():
+        return "missing", p
+    try:
+        with open(p, "rb") as f:
+            head = f.read(2)
+        if zipfile.is_zipfile(p):
+            with zipfile.ZipFile(p) as z:
+                return ("torch" if any(_TORCH_ZIP_PICKLE.fullmatch(n) for n in z.namelist()) else "unknown"), p
+    except (OSError, zipfile.BadZipFile):
+        return "unknown", p
+    legacy = len(head) == 2 and head[0] == 0x80 and 2 <= head[1] <= 5  # a pickle (torch.save before 1.6)
+    return ("torch" if legacy else "unknown"), p
 
 
 def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
@@ -206,10 +268,10 @@ def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
     if doc is None:
         source = sidecar
         if not sidecar.is_file():
-            raise CheckpointError(f"checkpoint not found: neither {weights} (with an sact header) nor {sidecar} exists")
+            raise CheckpointError(not_a_checkpoint(path))
         try:
-            doc = json.loads(sidecar.read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+            doc = loads_json(sidecar.read_bytes())
+        except (OSError, ValueError) as e:
             raise CheckpointError(f"checkpoint sidecar {sidecar} is not valid JSON: {e}") from e
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         fmt = doc.get("format") if isinstance(doc, dict) else None
@@ -228,6 +290,60 @@ def read_checkpoint_meta(path: str | Path) -> dict[str, Any]:
     except ValueError as e:
         raise CheckpointError(f"{source}: {e}") from e
     return doc
+
+
+def not_a_checkpoint(path: str | Path) -> str:
+    """Why ``path`` cannot be read as an sact checkpoint: missing, or what the file is and how to use it."""
+    kind, file = file_kind(path)
+    weights, sidecar = checkpoint_paths(path)
+    use = (f"use it as a warm start with `sact train --init {file}`, or in Python "
+           f"`sact.create_model(name, pretrained='{file}')`")
+    if kind == "torch":
+        return (f"{file} is a PyTorch state dict file (torch.save), not an sact checkpoint: {use} (or "
+                f"`sact.load_torchvision_weights(model, torch.load('{file}', weights_only=True))`)")
+    if kind == "safetensors":
+        return f"{file} is a plain safetensors state dict, not an sact checkpoint (no sact header): {use}"
+    if kind == "train-state":
+        return (f"{file} is an sact training state (for `sact train --resume`), not a model checkpoint: the run's "
+                f"model is {file.parent / 'model.safetensors'}")
+    if kind == "unknown":
+        return f"{file} is not an sact checkpoint (neither safetensors nor a PyTorch state dict file)"
+    if Path(path).suffix not in ("", ".safetensors", ".json"):
+        return f"checkpoint not found: {path}"
+    return f"checkpoint not found: neither {weights} (with an sact header) nor {sidecar} exists"
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a plain state dict file, read without running code.
+
+    A ``.safetensors`` file (its header checked first), or a ``torch.save`` file read with
+    ``torch.load(weights_only=True)`` (tensors and containers only); as timm's
+    ``load_checkpoint``, a ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper is
+    unwrapped and a ``module.`` prefix (DataParallel) removed.
+
+    Args:
+        path: the file (a ``NAME`` whose ``NAME.safetensors`` exists is that file).
+
+    Raises:
+        CheckpointError: a missing or unreadable file, or one that holds no state dict of tensors.
+    """
+    from safetensors.torch import load_file
+
+    file = file_kind(path)[1]
+    try:
+        if file.suffix == ".safetensors":
+            sd = load_file(file)
+        else:
+            sd = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # safetensors, zip and unpickling errors come in several types
+        raise CheckpointError(f"cannot read {file} as a state dict: {' '.join(str(e).split())[:300]}") from e
+    for key in ("state_dict", "model"):  # training scripts' wrappers (timm, torchvision references, Lightning)
+        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
+            sd = sd[key]
+    if not isinstance(sd, dict) or not sd or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                      for k, v in sd.items()):
+        raise CheckpointError(f"{file} does not hold a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
 def validate_model_spec(name: Any, kwargs: dict[str, Any]) -> None:
@@ -282,15 +398,33 @@ _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", t
            torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
 
 
-def _expected_state(name: str, kwargs: dict[str, Any]) -> dict[str, tuple[str, list[int]]]:
-    """``{key: (safetensors dtype, shape)}`` of the architecture, built on the meta device (no memory)."""
+def meta_state(build: Callable[[], nn.Module]) -> dict[str, tuple[str, list[int]]]:
+    """:func:`state_signature` of the module ``build()`` makes on the ``meta`` device (nothing is allocated).
+
+    The one size check of everything built from a file's header (or a config): call it
+    before building for real.
+
+    Raises:
+        ValueError: the module has more than :data:`MAX_MODEL_ELEMENTS` parameters and
+            buffers (and what ``build`` raises).
+    """
+    with torch.device("meta"):
+        module = build()
+    signature = state_signature(module)
+    n = sum(math.prod(shape) for _, shape in signature.values())
+    if n > MAX_MODEL_ELEMENTS:
+        raise ValueError(f"the model would have {n:,} parameters and buffers ({4 * n / 1e9:.1f} GB in float32), "
+                         f"above sact's cap of {MAX_MODEL_ELEMENTS:,} (sact.checkpoint.MAX_MODEL_ELEMENTS)")
+    return signature
+
+
+def expected_state(name: str, kwargs: dict[str, Any]) -> dict[str, tuple[str, list[int]]]:
+    """``{key: (safetensors dtype, shape)}`` of the registered model ``name(**kwargs)`` (:func:`meta_state`)."""
     from .models import create_model
 
     kwargs = dict(kwargs)
     mode = kwargs.pop("mode", "sact")
-    with torch.device("meta"):
-        model = create_model(name, mode=mode, **kwargs)
-    return state_signature(model)
+    return meta_state(lambda: create_model(name, mode=mode, **kwargs))
 
 
 _FLOAT_CODES = {"F16", "BF16", "F32", "F64"}
@@ -434,7 +568,7 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device | None
     mode = kwargs.pop("mode", "sact")
     label = f"{cfg['name']} ({mode})"
     try:
-        expected = _expected_state(cfg["name"], {"mode": mode, **kwargs})
+        expected = expected_state(cfg["name"], {"mode": mode, **kwargs})
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{weights}: cannot build {label}: {e}") from e
     state = read_verified_state(weights, doc, expected=expected, label=label, allow_non_finite=allow_non_finite)

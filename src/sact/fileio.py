@@ -7,19 +7,24 @@
   temporary files left there by a killed sact process (same host, PID no longer
   running) are removed -- and nothing else.
 * :class:`OutputLock`: one sact command at a time writes a multi-file output folder.
+* :func:`output_folder`: a folder a command creates for its outputs is removed again if
+  the run leaves it empty (refused or failed before writing anything).
 * :func:`check_output_file` / :func:`check_output_folder`: an ``--out`` that clashes
   with an existing file or folder is reported before any work.
 * :func:`dumps_json`: strict JSON (non-finite floats become ``null``).
+* :func:`loads_json`: JSON from a file made by someone else, nesting bounded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
 import socket
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +35,13 @@ __all__ = [
     "remove_stale_temp_files",
     "is_temp_file",
     "OutputLock",
+    "output_folder",
     "check_output_file",
     "check_output_folder",
     "finite_or_none",
     "dumps_json",
+    "loads_json",
+    "MAX_JSON_DEPTH",
 ]
 
 _HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:40] or "host"
@@ -127,7 +135,8 @@ class OutputLock:
     stale and taken over.
 
     Args:
-        folder: the output folder (created).
+        folder: the output folder (created; removed again on release if this lock
+            created it and it is still empty, see :func:`output_folder`).
         command: the command's name (``train``, ``demo``, ``ponder-map``...).
 
     Raises:
@@ -139,6 +148,7 @@ class OutputLock:
         self.path = self.folder / f".sact-{command}.lock"
         self.command = command
         self._held = False
+        self._created: list[Path] = []
 
     def __enter__(self) -> OutputLock:
         self.acquire()
@@ -148,7 +158,15 @@ class OutputLock:
         self.release()
 
     def acquire(self) -> None:
+        self._created = _missing_folders(self.folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self._take()
+        except BaseException:
+            _remove_empty(self._created)
+            raise
+
+    def _take(self) -> None:
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -172,6 +190,43 @@ class OutputLock:
         if self._held:
             self.path.unlink(missing_ok=True)
             self._held = False
+            _remove_empty(self._created)
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    return missing
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Removes each of ``folders`` (deepest first) that is empty; ``rmdir`` never removes content."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (something was written), or already gone
+            pass
+
+
+@contextlib.contextmanager
+def output_folder(path: str | Path) -> Iterator[Path]:
+    """The folder ``path`` (and its missing parents) created for a command's outputs.
+
+    On the way out -- success, refusal or crash -- the folders this created that are
+    still empty are removed again, so a run that wrote nothing leaves no empty folder
+    behind. A folder that existed before, or that holds anything, is never removed.
+    """
+    path = Path(path)
+    created = _missing_folders(path)
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        yield path
+    finally:
+        _remove_empty(created)
 
 
 def _first_existing(path: Path) -> Path:
@@ -228,3 +283,33 @@ def finite_or_none(obj: Any) -> Any:
 def dumps_json(obj: Any, **kwargs: Any) -> str:
     """``json.dumps`` that always writes valid JSON: NaN / inf become ``null``."""
     return json.dumps(finite_or_none(obj), allow_nan=False, **kwargs)
+
+
+#: Deepest nesting of lists and objects :func:`loads_json` accepts (sact's own documents use fewer than 10).
+MAX_JSON_DEPTH = 100
+
+
+def loads_json(text: str | bytes) -> Any:
+    """``json.loads`` for a document made by someone else: nesting is bounded.
+
+    A document nested deeper than :data:`MAX_JSON_DEPTH` levels is refused, whether the
+    decoder gives up (``RecursionError`` at about 1000 levels) or not: code walking a
+    decoded document recursively (``dumps_json``, a decoder of tagged values) would
+    fail on it later.
+
+    Raises:
+        ValueError: invalid JSON (``json.JSONDecodeError``) or too deeply nested.
+    """
+    too_deep = f"JSON nested more than {MAX_JSON_DEPTH} levels deep"
+    try:
+        doc = json.loads(text)
+    except RecursionError:
+        raise ValueError(too_deep) from None
+    stack = [(doc, 1)]  # (value, its nesting level); iterative, so any depth is walked safely
+    while stack:
+        obj, level = stack.pop()
+        if isinstance(obj, (dict, list)):
+            if level > MAX_JSON_DEPTH:
+                raise ValueError(too_deep)
+            stack.extend((v, level + 1) for v in (obj.values() if isinstance(obj, dict) else obj))
+    return doc

@@ -16,7 +16,6 @@ alone rebuilds it. Detector files of sact 0.1 (format ``sact-detector``) still l
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -25,8 +24,8 @@ import torch
 from torch import Tensor
 from torchvision.models.detection import FasterRCNN
 
-from ..checkpoint import (CheckpointError, checkpoint_paths, read_checkpoint_meta, read_safetensors_header,
-                          read_verified_state, save_checkpoint, state_signature, validate_model_spec)
+from ..checkpoint import (CheckpointError, checkpoint_paths, header_document, meta_state, read_checkpoint_meta,
+                          read_safetensors_header, read_verified_state, save_checkpoint, validate_model_spec)
 from ..models.base import AdaptiveResNet
 from ..stage import StageOutput
 from .backbone import SACTBackbone
@@ -271,9 +270,16 @@ def save_detector(detector: SACTFasterRCNN, path: str | Path, *, meta: dict[str,
     return save_checkpoint(detector, path, meta=meta)
 
 
+#: Largest image side a detector header may resize to (``min_size`` / ``max_size``): the
+#: transform scales every image up to it, so it bounds the memory of each forward pass.
+MAX_IMAGE_SIDE = 8192
+
+
 def _check_detector_doc(doc: dict, weights: Path) -> None:
     """The backbone spec (:func:`sact.checkpoint.validate_model_spec`) and the detector's
-    arguments (plain values, numbers within 100000, lists of at most 64) of a header."""
+    arguments (plain values, numbers within 100000, lists of at most 64, image sides
+    within :data:`MAX_IMAGE_SIDE`) of a header. The sizes of the layers they ask for are
+    bounded together when the detector is built on the ``meta`` device (:func:`load_detector`)."""
     backbone, options = doc.get("model"), doc.get("detector")
     if not (isinstance(backbone, dict) and isinstance(backbone.get("kwargs"), dict) and isinstance(options, dict)):
         raise CheckpointError(f"{weights}: the header lacks the backbone or detector arguments")
@@ -290,6 +296,8 @@ def _check_detector_doc(doc: dict, weights: Path) -> None:
         return v is None or isinstance(v, (bool, str))
 
     bad = [f"{k}={v!r}" for k, v in options.items() if not (isinstance(k, str) and plain(v))]
+    bad += [f"{k}={options[k]!r} (at most {MAX_IMAGE_SIDE})" for k in ("min_size", "max_size")
+            if isinstance(options.get(k), (int, float)) and options[k] > MAX_IMAGE_SIDE]
     if bad:
         raise CheckpointError(f"{weights}: detector arguments out of bounds: {', '.join(bad[:5])}")
 
@@ -306,10 +314,7 @@ def _read_doc(weights: Path) -> dict:
     """The checkpoint document; a legacy ``sact-detector`` header is mapped onto it (no data hash)."""
     if weights.is_file():
         meta = read_safetensors_header(weights).get("__metadata__") or {}
-        try:
-            legacy = json.loads(meta.get("sact", "null"))
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{weights}: the sact document in the header is not valid JSON: {e}") from e
+        legacy = header_document(meta.get("sact", "null"), weights)
         if isinstance(legacy, dict) and legacy.get("format") == LEGACY_DETECTOR_FORMAT:
             if legacy.get("version") != 1 or not isinstance(legacy.get("meta", {}), dict):
                 raise CheckpointError(f"{weights}: unknown {LEGACY_DETECTOR_FORMAT} version {legacy.get('version')!r}")
@@ -321,9 +326,11 @@ def load_detector(path: str | Path, *, map_location: str | torch.device = "cpu",
                   allow_non_finite: bool = False) -> SACTFasterRCNN:
     """Rebuild a detector saved by :func:`save_detector` or a detection run (eval mode).
 
-    The header is validated before anything is built (backbone spec, detector arguments
-    within bounds), then every tensor's dtype and shape, the hashes and the values
-    (:func:`sact.checkpoint.read_verified_state`).
+    The header is validated before anything is allocated (backbone spec, detector
+    arguments within bounds, then the detector built on the ``meta`` device: at most
+    :data:`sact.checkpoint.MAX_MODEL_ELEMENTS` parameters and buffers), then every
+    tensor's dtype and shape, the hashes and the values
+    (:func:`sact.checkpoint.read_verified_state`); only then is it built for real.
 
     Args:
         path: ``NAME``, ``NAME.safetensors``, or a run folder holding ``model.*``.
@@ -351,14 +358,17 @@ def load_detector(path: str | Path, *, map_location: str | torch.device = "cpu",
     kwargs = dict(doc["model"]["kwargs"])
     mode = kwargs.pop("mode", "sact")
     label = f"detector over {doc['model']['name']} ({mode})"
+
+    def build() -> SACTFasterRCNN:
+        return build_detector(create_model(doc["model"]["name"], mode=mode, **kwargs), **doc["detector"])
+
     try:
-        model = create_model(doc["model"]["name"], mode=mode, **kwargs)
-        detector = build_detector(model, **doc["detector"])
+        expected = meta_state(build)  # sizes bounded on the meta device: nothing allocated yet
     except (RuntimeError, ValueError, TypeError) as e:
         raise CheckpointError(f"{weights}: cannot build the {label} it describes: {e}") from e
-    state = read_verified_state(weights, doc, expected=state_signature(detector), label=label,
-                                allow_non_finite=allow_non_finite)
+    state = read_verified_state(weights, doc, expected=expected, label=label, allow_non_finite=allow_non_finite)
     try:
+        detector = build()
         detector.load_state_dict(state)
     except (RuntimeError, ValueError) as e:
         raise CheckpointError(f"{weights} does not fit the {label} it describes: {e}") from e

@@ -86,20 +86,21 @@ def detector_from_config(config, *, num_classes: int, image_side: int, warm_star
         warm_start: load ``config.init`` into the backbone model (before BNs are frozen).
 
     Raises:
-        InputError: detector settings that do not fit the model (stage names, anchors).
+        InputError: detector settings that do not fit the model (stage names, anchors), or
+            a detector above :data:`sact.checkpoint.MAX_MODEL_ELEMENTS` (found on the
+            ``meta`` device, before anything is allocated).
         CheckpointError: an ``init`` file that does not fit.
     """
+    from ..checkpoint import meta_state
     from ..models import create_model
     from .backbone import load_backbone_weights
 
     kwargs = {"in_chans": _in_chans(config), **config.model_kwargs}
-    model = create_model(config.model, mode=config.mode, **kwargs)
-    if warm_start and config.init:
-        load_backbone_weights(model, config.init)
     frozen_bn = config.init is not None if config.frozen_bn is None else config.frozen_bn  # same on resume
     min_size = config.min_size or image_side
     proposals_train, proposals_test = config.rpn_proposals
-    try:
+
+    def detector(model: nn.Module) -> nn.Module:
         return build_detector(
             model, num_classes=num_classes, return_stages=config.return_stages,
             trainable_layers=config.trainable_layers, frozen_bn=frozen_bn, out_channels=config.fpn_channels,
@@ -109,8 +110,15 @@ def detector_from_config(config, *, num_classes: int, image_side: int, warm_star
             rpn_pre_nms_top_n_test=2 * proposals_test, rpn_post_nms_top_n_test=proposals_test,
             box_detections_per_img=config.detections_per_img,
         )
+
+    try:
+        meta_state(lambda: detector(create_model(config.model, mode=config.mode, **kwargs)))  # allocates nothing
     except ValueError as e:
         raise InputError(f"detector settings do not fit {config.model}: {e}") from e
+    model = create_model(config.model, mode=config.mode, **kwargs)
+    if warm_start and config.init:
+        load_backbone_weights(model, config.init)
+    return detector(model)
 
 
 def image_maps(out: DetectorOutput, sizes: list[tuple[int, int]], *, field: str = "ponder_map") -> list[Tensor]:

@@ -148,14 +148,14 @@ def folder_preprocess(config, *, in_chans: int = 3):
     import dataclasses
 
     from .. import data as D
-    from .warm_start import _TORCH_SUFFIXES
+    from .warm_start import is_state_dict_file
 
     choice, size = config.preprocess, config.image_size
     reason = f"preprocess={choice}"
     if choice == "auto":
         if config.init is None:
             choice, reason = "dataset", "no initial weights: the dataset's default"
-        elif Path(config.init).suffix in _TORCH_SUFFIXES:
+        elif is_state_dict_file(config.init):
             choice, reason = "torchvision", f"torchvision weights ({config.init}) expect torchvision's mean/std"
         else:
             stored = _stored_preprocess(config.init)
@@ -198,9 +198,9 @@ def _stored_preprocess(init: str):
 def _warn_if_init_differs(config, preprocess: dict) -> None:
     """cluttered / cifar10 keep their own preprocessing; say so when the initial weights were trained otherwise."""
     from ..checkpoint import CheckpointError
-    from .warm_start import _TORCH_SUFFIXES
+    from .warm_start import is_state_dict_file
 
-    if config.init is None or Path(config.init).suffix in _TORCH_SUFFIXES:
+    if config.init is None or is_state_dict_file(config.init):
         return
     try:
         stored = _stored_preprocess(config.init)

@@ -1,4 +1,4 @@
-"""Warm start ("fine-tuning init"): a torchvision ResNet file or an sact checkpoint.
+"""Warm start ("fine-tuning init"): a plain state dict (torchvision's ResNet weights) or an sact checkpoint.
 
 As the reference's ``finetuning_init_fn``, every tensor of the network is restored
 except the halting branches (``*.halting.*``), which keep their fresh initialisation
@@ -9,28 +9,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from ..checkpoint import CheckpointError, load_checkpoint
+from ..checkpoint import CheckpointError, file_kind, load_checkpoint, read_state_dict
 
-__all__ = ["warm_start", "read_torch_state_dict"]
+__all__ = ["warm_start", "is_state_dict_file"]
 
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".tar", ".ckpt")
 
 
-def read_torch_state_dict(path: str | Path) -> dict:
-    """A ``torch.save``d state dict (``{"model"|"state_dict": ...}`` wrappers and ``module.`` prefixes removed)."""
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt or foreign pickles raise several types
-        raise CheckpointError(f"cannot read {path} as a torch state dict: {e}") from e
-    for key in ("model", "state_dict"):  # torchvision references / Lightning wrappers
-        if isinstance(sd, dict) and isinstance(sd.get(key), dict):
-            sd = sd[key]
-    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise CheckpointError(f"{path} does not hold a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in sd.items()}
+def is_state_dict_file(path: str | Path) -> bool:
+    """True when ``path`` names a plain state dict, not an sact checkpoint: a ``torch.save`` file (by
+    its suffix, or its first bytes) or a ``.safetensors`` without an sact header (:func:`sact.checkpoint.file_kind`)."""
+    return Path(path).suffix in _TORCH_SUFFIXES or file_kind(path)[0] in ("torch", "safetensors")
 
 
 def warm_start(model: nn.Module, path: str | Path, *, skip_classifier: bool = False, sum_rgb_stem: bool = False) -> str:
@@ -42,9 +33,10 @@ def warm_start(model: nn.Module, path: str | Path, *, skip_classifier: bool = Fa
 
     Args:
         model: built with :func:`sact.create_model`.
-        path: a torchvision ResNet state dict (``.pth``/``.pt``; ImageNet ResNets only;
-            a classifier of another size is always skipped, a 3-channel stem is summed
-            for a 1-channel model) or an sact checkpoint (same architecture, any mode).
+        path: a plain state dict, e.g. torchvision's ResNet weights (a ``torch.save``
+            file read with ``weights_only=True``, or a ``.safetensors`` without an sact
+            header; a classifier of another size is always skipped, a 3-channel stem is
+            summed for a 1-channel model) or an sact checkpoint (same architecture, any mode).
         skip_classifier: sact checkpoints: skip a classifier (``fc``) of another size
             instead of refusing the file.
         sum_rgb_stem: sact checkpoints: a 3-channel stem loads into a 1-channel model
@@ -56,17 +48,15 @@ def warm_start(model: nn.Module, path: str | Path, *, skip_classifier: bool = Fa
     Raises:
         CheckpointError: unreadable file, or tensors that do not fit the model.
     """
-    from ..models import ResNet, load_torchvision_weights
+    from ..models import load_torchvision_weights
 
     path = Path(path)
-    if path.suffix in _TORCH_SUFFIXES:
-        if not isinstance(model, ResNet):
-            raise CheckpointError(f"{path}: torchvision ResNet weights fit only resnet50/101/152, not {type(model).__name__}")
+    if is_state_dict_file(path):
         try:
-            load_torchvision_weights(model, read_torch_state_dict(path), strict_head=False)
+            load_torchvision_weights(model, read_state_dict(path), strict_head=False)
         except ValueError as e:
             raise CheckpointError(f"{path} does not fit {model.sact_config['name']}: {e}") from e
-        return f"torchvision weights from {path} (halting branches fresh)"
+        return f"state dict {path} (halting branches it lacks fresh)"
     source = load_checkpoint(path)
     src, own = source.state_dict(), model.state_dict()
     same_mode = source.mode == model.mode

@@ -99,12 +99,15 @@ def create_model(
     Args:
         name: one of :func:`list_models` (e.g. ``"resnet32_cifar"``, ``"resnet18"``).
         mode: ``"vanilla"``, ``"act"`` or ``"sact"`` (the default: a SACT model).
-        pretrained: an sact checkpoint of the same architecture to start from: a path
-            (``NAME``, ``NAME.safetensors``, its folder) or an ``http(s)://`` URL of its
-            ``.safetensors`` file (cached by torch.hub; offline, a
-            :class:`~sact.CheckpointError` says so). Its mode and classifier size may
-            differ: halting branches of another mode and a classifier of another size stay
-            fresh (:func:`sact.models.pretrained.load_pretrained`). ``None``/``False``: none.
+        pretrained: weights to start from: an sact checkpoint of the same architecture,
+            a path (``NAME``, ``NAME.safetensors``, its folder) or an ``http(s)://`` URL of
+            its ``.safetensors`` file (cached by torch.hub; offline, a
+            :class:`~sact.CheckpointError` says so), whose stored arguments are used
+            (``kwargs`` need not repeat them; one that differs is an error, except
+            ``num_classes``); or a plain state dict file (a torchvision ``.pth``, a
+            ``.safetensors`` of a ``state_dict()``; read without running code). Halting
+            branches of another mode (or none) and a classifier of another size stay fresh
+            (:func:`sact.models.pretrained.load_pretrained`). ``None``/``False``: none.
         features_only: return the stages' feature maps instead of logits (timm): the
             model's ``forward`` returns a list of ``[B, C_s, H_s, W_s]``, described by
             ``model.feature_info``; ``forward_features`` still gives ponder maps and FLOPs.
@@ -141,6 +144,11 @@ def create_model(
         bad = [k for k in kwargs if k not in params]
         if bad:
             raise ValueError(f"{name} does not accept {bad}; accepted: {sorted(p for p in params if p != 'mode')}")
+    pretrained = None if pretrained is False else pretrained
+    if pretrained is not None:
+        from .pretrained import pretrained_kwargs
+
+        kwargs = pretrained_kwargs(name, pretrained, mode, kwargs)  # a checkpoint's stored arguments
     model = builder(mode=mode, **kwargs)
     if not isinstance(model, AdaptiveResNet):
         raise TypeError(
@@ -148,7 +156,7 @@ def create_model(
             "sact.models.AdaptiveResNet (docs/custom_units.md)"
         )
     model.sact_config = {"name": name, "kwargs": {"mode": mode, **kwargs}}
-    if pretrained is not None and pretrained is not False:
+    if pretrained is not None:
         from .pretrained import load_pretrained
 
         load_pretrained(model, pretrained)
