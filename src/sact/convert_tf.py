@@ -204,23 +204,34 @@ def _ignored(name: str) -> bool:
 
 
 def _resolve_prefix(path: str | Path) -> str:
-    """A checkpoint prefix from a prefix, an ``.index`` / ``.data-*`` file or a folder."""
+    """A checkpoint prefix from a prefix, an ``.index`` / ``.data-*`` file or a folder.
+
+    TensorFlow is imported only to read a folder's ``checkpoint`` file, so that a path
+    without a checkpoint is reported before TensorFlow's start-up lines.
+
+    Raises:
+        FileNotFoundError: no ``PREFIX.index`` there.
+    """
     p = Path(path)
     if p.is_dir():
-        tf = import_tensorflow()
-        latest = tf.train.latest_checkpoint(str(p))
+        latest = import_tensorflow().train.latest_checkpoint(str(p)) if (p / "checkpoint").is_file() else None
         if latest is None:
             indexes = sorted(p.glob("*.index"))
             if len(indexes) != 1:
-                raise FileNotFoundError(f"{p} holds no 'checkpoint' file and {len(indexes)} .index files; pass a prefix")
-            return str(indexes[0].with_suffix(""))
-        return latest
-    s = str(p)
-    if s.endswith(".index"):
-        return s[: -len(".index")]
-    if ".data-" in p.name:
-        return str(p.with_name(p.name.split(".data-")[0]))
-    return s
+                named = "names no checkpoint that exists" if (p / "checkpoint").is_file() else "is missing"
+                raise FileNotFoundError(f"{p}: its 'checkpoint' file {named}, and it holds {len(indexes)} .index files "
+                                        "(not 1); pass a checkpoint prefix")
+            latest = str(indexes[0].with_suffix(""))
+        prefix = latest
+    elif str(p).endswith(".index"):
+        prefix = str(p)[: -len(".index")]
+    elif ".data-" in p.name:
+        prefix = str(p.with_name(p.name.split(".data-")[0]))
+    else:
+        prefix = str(p)
+    if not Path(prefix + ".index").exists():
+        raise FileNotFoundError(f"no TensorFlow checkpoint at {prefix!r} (expected {prefix}.index)")
+    return prefix
 
 
 def read_tf_checkpoint(path: str | Path) -> tuple[str, dict[str, np.ndarray]]:
@@ -238,10 +249,8 @@ def read_tf_checkpoint(path: str | Path) -> tuple[str, dict[str, np.ndarray]]:
         FileNotFoundError: no checkpoint there.
         InputError: the files are not a readable TF checkpoint (corrupt, truncated, garbage).
     """
+    prefix = _resolve_prefix(path)  # before TensorFlow is imported (its start-up lines)
     tf = import_tensorflow()
-    prefix = _resolve_prefix(path)
-    if not Path(prefix + ".index").exists():
-        raise FileNotFoundError(f"no TensorFlow checkpoint at {prefix!r} (expected {prefix}.index)")
     try:
         reader = tf.train.load_checkpoint(prefix)
         names = [n for n, _ in tf.train.list_variables(prefix)]
@@ -385,9 +394,21 @@ def convert_tf_checkpoint(
 
     Returns:
         The converted model (eval mode) with ``checkpoint_meta`` set.
+
+    Raises:
+        ValueError: an unknown or unsupported model, a ``tau`` that is not finite and
+            >= 0 (both checked before TensorFlow is imported), or a checkpoint that does
+            not fit the model.
+        FileNotFoundError, InputError: see :func:`read_tf_checkpoint`.
     """
+    import math
+
     from .data import cifar_preprocess, imagenet_preprocess
 
+    _family(model)  # an unknown or unsupported name fails before TensorFlow is imported
+    if tau is not None and (isinstance(tau, bool) or not isinstance(tau, (int, float))
+                            or not (math.isfinite(tau) and tau >= 0)):
+        raise ValueError(f"tau must be a finite number >= 0, got {tau!r}")
     prefix, arrays = read_tf_checkpoint(path)
     kwargs = {**_infer_kwargs(arrays, model, scope), **model_kwargs}
     net = create_model(model, mode=mode, **kwargs)

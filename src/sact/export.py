@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoint import atomic_write_bytes
+from .data.images import DEFAULT_MAX_PIXELS
 from .viz import summed_map
 
 __all__ = [
@@ -34,6 +36,10 @@ __all__ = [
     "INPUT_NAMES",
     "OUTPUT_NAMES",
     "DEFAULT_OPSET",
+    "MIN_OPSET",
+    "MAX_IMAGE_SIZE",
+    "max_opset",
+    "check_opset",
     "ExportableModel",
     "export_model",
     "export_program",
@@ -47,6 +53,10 @@ FORMATS = ("onnx", "torch-export")
 INPUT_NAMES = ("images",)
 OUTPUT_NAMES = ("logits", "ponder_cost", "ponder_map")
 DEFAULT_OPSET = 18  # supported by every onnxruntime >= 1.14; the exporter's own default may move
+#: Lowest ONNX opset written: the dynamo exporter translates to opset 18 and converts upwards only.
+MIN_OPSET = 18
+#: Largest input side of an export: ``MAX_IMAGE_SIZE ** 2`` is at most the pixel cap images are read with.
+MAX_IMAGE_SIZE = math.isqrt(DEFAULT_MAX_PIXELS)  # 6324
 EXPORT_FORMAT = "sact-export"
 EXPORT_VERSION = 1
 _TRACE_BATCH = 2  # torch.export specialises a dimension of size 1, so trace with 2
@@ -79,6 +89,32 @@ class ExportableModel(nn.Module):
         return out.logits, out.ponder_cost, summed_map(out.stages, size)
 
 
+def max_opset() -> int:
+    """Highest ONNX opset the installed ``onnx`` package defines."""
+    import onnx
+
+    return int(onnx.defs.onnx_opset_version())
+
+
+def check_opset(opset: int) -> int:
+    """``opset`` if it is an int in ``[MIN_OPSET, max_opset()]``.
+
+    Raises:
+        ValueError: any other value (the exporter would write another opset than asked).
+    """
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= max_opset():
+        raise ValueError(f"ONNX opset must be an int from {MIN_OPSET} to {max_opset()} (the range this exporter "
+                         f"writes with the installed onnx), got {opset!r}")
+    return opset
+
+
+def _check_image_size(size: int) -> int:
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_IMAGE_SIZE:
+        raise ValueError(f"image_size must be an int from 1 to {MAX_IMAGE_SIZE} (a {MAX_IMAGE_SIZE}^2 image is at "
+                         f"the pixel cap), got {size!r}")
+    return size
+
+
 def default_image_size(model: nn.Module) -> int:
     """Input side for an export when none is given.
 
@@ -99,9 +135,7 @@ def default_image_size(model: nn.Module) -> int:
 def _example(model: nn.Module, example_input: Tensor | None, image_size: int | None) -> Tensor:
     param = next(model.parameters())
     if example_input is None:
-        if image_size is not None and (not isinstance(image_size, int) or image_size < 1):
-            raise ValueError(f"image_size must be a positive int, got {image_size!r}")
-        size = image_size or default_image_size(model)
+        size = _check_image_size(default_image_size(model) if image_size is None else image_size)  # before allocating
         return torch.randn(_TRACE_BATCH, model.in_chans, size, size, dtype=param.dtype, device=param.device)
     if not isinstance(example_input, Tensor) or example_input.dim() != 4:
         shape = tuple(example_input.shape) if isinstance(example_input, Tensor) else type(example_input).__name__
@@ -218,18 +252,22 @@ def export_model(
         example_input: ``[B, C, H, W]`` tensor fixing ``C, H, W`` (only its first image is
             used); default random of side ``image_size``.
         image_size: input side when ``example_input`` is None (default
-            :func:`default_image_size`).
-        opset: ONNX opset version (``format="onnx"`` only).
+            :func:`default_image_size`; at most :data:`MAX_IMAGE_SIZE`).
+        opset: ONNX opset version (``format="onnx"`` only), from :data:`MIN_OPSET` to
+            :func:`max_opset`; the file is written only if it has exactly this opset.
 
     Returns:
         ``Path(path)``.
 
     Raises:
-        ValueError: unknown ``format``, bad ``image_size`` / ``example_input``, or a model
-            without ``sact_config``.
+        ValueError: unknown ``format``, an opset out of range, bad ``image_size`` /
+            ``example_input``, or a model without ``sact_config``.
+        RuntimeError: the exporter produced another opset than asked (nothing written).
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if format == "onnx":
+        check_opset(opset)
     if getattr(model, "sact_config", None) is None:
         raise ValueError("model has no sact_config; build it with sact.create_model(...) or sact.load_checkpoint(...)")
     path = Path(path)
@@ -259,6 +297,9 @@ def _write_onnx(program: torch.export.ExportedProgram, example: Tensor, path: Pa
         verbose=False,
     )
     proto = onnx_program.model_proto
+    written = {o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")}
+    if written != {opset}:  # the exporter falls back to its own opset when a conversion fails
+        raise RuntimeError(f"the ONNX exporter produced opset {sorted(written)} instead of {opset}; nothing written")
     _name_batch_dim(proto)
     proto.doc_string = "sact dense masked model: images -> (logits, ponder_cost, ponder_map)"
     flat = {"sact": json.dumps(doc)}

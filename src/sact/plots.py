@@ -9,6 +9,10 @@ skipped with a warning; a missing required key is an error naming the file and k
 ``model`` may also be a model's ``sact_config`` (``{"name", "kwargs": {"mode", ...}}``);
 then ``mode`` defaults to ``kwargs["mode"]``. ``model``, ``mode`` and ``tau`` missing from
 a file next to a checkpoint ``model.json`` (an ``sact train`` folder) are read from it.
+The optional ``dataset`` (written by ``sact eval``; for an ``sact train`` folder, read from
+its checkpoint) names the data the accuracy was measured on: files of different datasets
+are drawn as separate curves (``model (mode, dataset)``) and a warning lists which file
+comes from which dataset, since their accuracies cannot be compared.
 
 :func:`write_plots` writes ``accuracy_vs_flops.png`` and one
 ``num_units_<model>_<mode>_tau<tau>.png`` per file, checking every output before the first
@@ -24,8 +28,8 @@ from pathlib import Path
 
 from .errors import InputError
 
-__all__ = ["MetricsError", "load_metrics", "plot_accuracy_vs_flops", "plot_num_units", "plot_names", "write_plots",
-           "REQUIRED", "STAGE_REQUIRED"]
+__all__ = ["MetricsError", "load_metrics", "by_dataset", "curve_families", "plot_accuracy_vs_flops", "plot_num_units",
+           "plot_names", "write_plots", "REQUIRED", "STAGE_REQUIRED"]
 
 REQUIRED = ("model", "mode", "tau", "top1", "flops_mean", "flops_std", "stages")
 STAGE_REQUIRED = ("ponder_cost_mean", "ponder_cost_std", "num_units_mean")
@@ -90,8 +94,8 @@ def load_metrics(path: str | Path) -> tuple[dict, list[str]]:
 
 def _from_checkpoint(doc: dict, path: Path, warnings: list[str]) -> dict:
     """``sact train`` writes ``metrics.json`` next to its checkpoint ``model.*`` without
-    ``model`` / ``mode`` / ``tau``: take the missing ones from that checkpoint."""
-    missing = [k for k in ("model", "mode", "tau") if k not in doc]
+    ``model`` / ``mode`` / ``tau`` / ``dataset``: take the missing ones from that checkpoint."""
+    missing = [k for k in ("model", "mode", "tau", "dataset") if k not in doc]
     ckpt = path.parent / "model"
     if not missing or not (path.parent / "model.json").is_file():
         return doc
@@ -101,13 +105,17 @@ def _from_checkpoint(doc: dict, path: Path, warnings: list[str]) -> dict:
         ck = read_checkpoint_meta(ckpt)
     except (CheckpointError, OSError, ValueError):
         return doc  # the missing-key error below names what is wrong
-    found = {"model": ck["model"]["name"], "mode": ck["model"]["kwargs"].get("mode", "sact"),
-             "tau": ck.get("meta", {}).get("tau")}
-    if "tau" in missing and not ("tau" in ck.get("meta", {})):
-        missing.remove("tau")
-    doc = {**doc, **{k: found[k] for k in missing}}
-    warnings.append(f"{path}: {', '.join(missing)} taken from the checkpoint {ckpt}")
-    return doc
+    meta = ck.get("meta", {})
+    config = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    found = {"model": ck["model"]["name"], "mode": ck["model"]["kwargs"].get("mode", "sact")}
+    if "tau" in meta:
+        found["tau"] = meta["tau"]
+    if "dataset" in config:
+        found["dataset"] = config["dataset"]
+    taken = [k for k in missing if k in found]
+    if taken:
+        warnings.append(f"{path}: {', '.join(taken)} taken from the checkpoint {ckpt}")
+    return {**doc, **{k: found[k] for k in taken}}
 
 
 def _from_model_config(doc: dict, path: Path) -> dict:
@@ -143,24 +151,45 @@ def _save(fig, path: Path) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def _dataset(m: dict) -> str:
+    return "unknown" if m.get("dataset") is None else str(m["dataset"])
+
+
+def by_dataset(metrics: list[dict]) -> dict[str, list[str]]:
+    """``{dataset: [paths]}`` of metrics dicts (``"unknown"`` for a file without ``dataset``)."""
+    groups: dict[str, list[str]] = {}
+    for m in metrics:
+        groups.setdefault(_dataset(m), []).append(str(m.get("path", "?")))
+    return groups
+
+
+def curve_families(metrics: list[dict]) -> dict[str, list[dict]]:
+    """The curves of the accuracy plot: ``{label: metrics}``, one per ``(model, mode)``, and
+    per dataset too when the files come from several (``"model (mode)"`` /
+    ``"model (mode, dataset)"``)."""
+    several = len(by_dataset(metrics)) > 1
+    families: dict[str, list[dict]] = {}
+    for m in metrics:
+        label = f"{m['model']} ({m['mode']}, {_dataset(m)})" if several else f"{m['model']} ({m['mode']})"
+        families.setdefault(label, []).append(m)
+    return families
+
+
 def plot_accuracy_vs_flops(metrics: list[dict], path: Path) -> None:
     """Accuracy vs mean FLOPs (horizontal bars: FLOPs std over images); one curve per
-    ``(model, mode)`` family ordered by FLOPs, each point labelled with its tau."""
+    :func:`curve_families` family ordered by FLOPs, each point labelled with its tau."""
     from matplotlib.figure import Figure
 
     percent = all(m["top1"] <= 1.0 for m in metrics)  # fractions -> shown in %
     big = max(m["flops_mean"] for m in metrics) >= 1e8
     unit, div = ("GFLOPs", 1e9) if big else ("MFLOPs", 1e6)
-    families: dict[tuple[str, str], list[dict]] = {}
-    for m in metrics:
-        families.setdefault((str(m["model"]), str(m["mode"])), []).append(m)
     fig = Figure(figsize=(7, 5), dpi=100, layout="constrained")
     ax = fig.add_subplot()
-    for (model, mode), ms in sorted(families.items()):
+    for label, ms in sorted(curve_families(metrics).items()):
         ms = sorted(ms, key=lambda m: m["flops_mean"])
         x = [m["flops_mean"] / div for m in ms]
         y = [m["top1"] * (100 if percent else 1) for m in ms]
-        ax.errorbar(x, y, xerr=[m["flops_std"] / div for m in ms], marker="o", capsize=3, label=f"{model} ({mode})")
+        ax.errorbar(x, y, xerr=[m["flops_std"] / div for m in ms], marker="o", capsize=3, label=label)
         for xi, yi, m in zip(x, y, ms):
             if m["tau"] is not None and m["mode"] != "vanilla":  # tau means nothing without halting
                 ax.annotate(f"τ={_tau_text(m['tau'])}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
@@ -178,7 +207,8 @@ def plot_num_units(m: dict, path: Path) -> None:
     from matplotlib.figure import Figure
 
     stages = m["stages"]
-    title = f"{m['model']} ({m['mode']}, tau={_tau_text(m['tau'])})"
+    on = "" if m.get("dataset") is None else f", {m['dataset']}"
+    title = f"{m['model']} ({m['mode']}, tau={_tau_text(m['tau'])}{on})"
     if not any("num_units_hist" in s for s in stages):
         fig = Figure(figsize=(1.2 * len(stages) + 2.5, 3.5), dpi=100, layout="constrained")
         ax = fig.add_subplot()
@@ -236,7 +266,7 @@ def write_plots(paths: list[str | Path], out: str | Path, *, overwrite: bool = F
         MetricsError: a file that cannot be plotted.
         OutputExistsError: a plot exists and ``overwrite`` is off; ``out`` is a file.
     """
-    from .fileio import check_output_file, check_output_folder, remove_stale_temp_files
+    from .fileio import check_output_file, check_output_folder, output_folder, remove_stale_temp_files
 
     out = check_output_folder(out)  # before any work
     metrics, warnings = [], []
@@ -244,18 +274,23 @@ def write_plots(paths: list[str | Path], out: str | Path, *, overwrite: bool = F
         m, w = load_metrics(path)
         warnings += w
         metrics.append(m)
+    datasets = by_dataset(metrics)
+    if len(datasets) > 1:
+        which = "; ".join(f"{d}: {', '.join(ps)}" for d, ps in sorted(datasets.items()))
+        warnings.append(f"the files come from {len(datasets)} datasets, whose accuracies are not comparable; drawn "
+                        f"as separate curves: {which}")
     names = plot_names(metrics)
     targets = [out / "accuracy_vs_flops.png"] + [out / f"{name}.png" for name in names if name]
     for target in targets:  # every file is checked before the first is written
         check_output_file(target, overwrite=overwrite, what="--out file")
-    out.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(out)
-    written = [out / "accuracy_vs_flops.png"]
-    plot_accuracy_vs_flops(metrics, written[0])
-    for m, name in zip(metrics, names):
-        if name:
-            plot_num_units(m, out / f"{name}.png")
-            written.append(out / f"{name}.png")
-        else:
-            warnings.append(f"{m['path']}: no stages; no num_units plot")
+    with output_folder(out):
+        remove_stale_temp_files(out)
+        written = [out / "accuracy_vs_flops.png"]
+        plot_accuracy_vs_flops(metrics, written[0])
+        for m, name in zip(metrics, names):
+            if name:
+                plot_num_units(m, out / f"{name}.png")
+                written.append(out / f"{name}.png")
+            else:
+                warnings.append(f"{m['path']}: no stages; no num_units plot")
     return written, warnings

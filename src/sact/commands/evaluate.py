@@ -1,18 +1,27 @@
-"""``sact eval``: accuracy, loss, FLOPs and ponder statistics of a checkpoint -> metrics.json."""
+"""``sact eval``: accuracy, loss, FLOPs and ponder statistics of a checkpoint -> ``NAME.eval.json``
+next to it (or ``--out``)."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 # What `sact eval` takes from the checkpoint's training config: the kind of dataset and
 # how the built-in Cluttered Fashion-MNIST test canvases are generated. Never a folder:
 # a checkpoint is someone else's file, and the data it names could be anything.
 _FROM_CHECKPOINT = ("dataset", "eval_samples", "data_seed", "clutter", "image_size", "label_offset", "val_fraction")
 
+#: Most images one evaluation takes (``--num-samples``, or the checkpoint's ``eval_samples``):
+#: Cluttered Fashion-MNIST canvases are generated, so only this bounds their number.
+MAX_EVAL_SAMPLES = 10_000_000
+#: Largest input batch (``--batch-size`` images of the evaluation size, float32), refused before it is allocated.
+MAX_BATCH_BYTES = 2**31
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate a checkpoint (top-1/top-5, loss, FLOPs, ponder cost) -> metrics.json",
-                       description="Evaluate a checkpoint and write metrics.json. The data is the one you name "
+    p = sub.add_parser("eval", help="evaluate a checkpoint (top-1/top-5, loss, FLOPs, ponder cost) -> NAME.eval.json",
+                       description="Evaluate a checkpoint and write its metrics (JSON) next to it: RUN/model.eval.json "
+                       "for a run folder, NAME.eval.json for NAME.safetensors (or --out). The data is the one you name "
                        "(--dataset, --data-dir); without --data-dir, Cluttered Fashion-MNIST test canvases generated "
                        "from the system Fashion-MNIST as the checkpoint was trained (a data folder named inside a "
                        "checkpoint is never opened; see docs/trust.md).")
@@ -25,14 +34,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "default the system copy)")
     p.add_argument("--num-samples", "--eval-samples", type=int, default=None,
                    help="images evaluated (cluttered: canvases; others: a fixed subset; default: the checkpoint's "
-                   "setting, else 2000 canvases / all images)")
+                   f"setting, else 2000 canvases / all images; at most {MAX_EVAL_SAMPLES:,})")
     p.add_argument("--val-fraction", type=float, default=None,
                    help="folder without val/: the held-out share (default: the checkpoint's, so the split is the "
                    "one training used)")
     p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--tau", type=float, default=None, help="ponder weight of total_loss (default: the checkpoint's)")
+    p.add_argument("--tau", type=float, default=None,
+                   help="ponder weight of total_loss, finite and >= 0 (default: the checkpoint's)")
     p.add_argument("--out", default=None,
-                   help="where to write the metrics (JSON; default metrics.json); with --watch a folder (default RUN_DIR/eval)")
+                   help="where to write the metrics (JSON; default next to the checkpoint: RUN/model.eval.json, "
+                   "NAME.eval.json); with --watch a folder (default RUN_DIR/eval)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--device", default="auto")
     p.add_argument("--amp", default="none", help="auto | none | bf16 | fp16")
@@ -75,18 +86,34 @@ def eval_config(meta: dict, args: argparse.Namespace):
     except ConfigError as e:
         raise CheckpointError(f"{args.checkpoint}: its training config is malformed: {e}") from e
     changes = {"dataset": args.dataset, "eval_samples": args.num_samples, "strict_data": args.strict or None,
-               "max_pixels": args.max_pixels, "val_fraction": args.val_fraction}
+               "max_pixels": args.max_pixels, "val_fraction": args.val_fraction, "tau": args.tau}
     config = config.replace(data_dir=args.data_dir, **{k: v for k, v in changes.items() if v is not None})
+    _check_eval_samples(config.eval_samples, args)
     if config.dataset != "cluttered" and args.data_dir is None:
         raise InputError(f"the checkpoint was trained on {config.dataset}: pass --data-dir with that dataset's folder "
                          "(a folder named inside a checkpoint is never opened)")
     return config
 
 
-def check_watch_args(args: argparse.Namespace) -> None:
-    """``CHECKPOINT`` xor ``--watch``; ``--poll`` / ``--watch-timeout`` positive (exit 2 otherwise)."""
+def _check_eval_samples(n: int | None, args: argparse.Namespace) -> None:
     from ..errors import InputError
 
+    if n is not None and n > MAX_EVAL_SAMPLES:
+        what = f"--num-samples {n}" if args.num_samples is not None else \
+            f"{args.checkpoint}: its eval_samples {n} (pass --num-samples)"
+        raise InputError(f"{what}: at most {MAX_EVAL_SAMPLES:,} images are evaluated")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The flags alone, before any work (exit 2): ``CHECKPOINT`` xor ``--watch``; ``--poll`` /
+    ``--watch-timeout`` positive; ``--tau``, ``--num-samples``, ``--max-pixels`` as ``sact train``
+    checks them, and ``--num-samples`` at most :data:`MAX_EVAL_SAMPLES`."""
+    from ..engine.config import TrainConfig
+    from ..errors import InputError
+
+    flags = {"tau": args.tau, "eval_samples": args.num_samples, "max_pixels": args.max_pixels}
+    TrainConfig().replace(**{k: v for k, v in flags.items() if v is not None})  # the checks of sact train's config
+    _check_eval_samples(args.num_samples, args)
     if (args.checkpoint is None) == (args.watch is None):
         raise InputError("give a checkpoint or --watch RUN_DIR (exactly one)")
     if args.watch is None and (args.watch_timeout is not None):
@@ -95,17 +122,24 @@ def check_watch_args(args: argparse.Namespace) -> None:
         raise InputError(f"--poll and --watch-timeout must be > 0 seconds, got {args.poll}, {args.watch_timeout}")
 
 
-def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def default_out(checkpoint: str | Path) -> Path:
+    """Where ``sact eval CHECKPOINT`` writes without ``--out``: next to the checkpoint,
+    ``NAME.eval.json`` (``RUN/model.eval.json`` for a run folder)."""
+    from ..checkpoint import checkpoint_paths
 
+    weights, _ = checkpoint_paths(checkpoint)
+    return weights.with_suffix(".eval.json")
+
+
+def run(args: argparse.Namespace) -> int:
     from ..engine.amp import amp_dtype
     from ..engine.distributed import resolve_device
     from ..errors import InputError
     from ..fileio import atomic_write_bytes, check_output_file, dumps_json, remove_stale_temp_files
 
-    check_watch_args(args)
+    check_args(args)
     if args.watch is None:
-        out = check_output_file(args.out or "metrics.json", overwrite=args.overwrite)  # before any work
+        out = check_output_file(args.out or default_out(args.checkpoint), overwrite=args.overwrite)  # before any work
         remove_stale_temp_files(out.parent)  # of killed sact processes only
     if args.batch_size < 1 or args.workers < 0:
         raise InputError(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size}, {args.workers}")
@@ -129,8 +163,9 @@ def run(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace, path, device, amp, datasets: dict) -> tuple[dict, dict]:
     """``(metrics, checkpoint meta)`` of one checkpoint (``datasets``: a cache by data config)."""
     import json
+    import math
 
-    from ..checkpoint import load_checkpoint
+    from ..checkpoint import CheckpointError, load_checkpoint
     from ..engine.datasets import build_datasets, eval_loader
     from ..engine.evaluate import evaluate
     from ..errors import InputError
@@ -150,8 +185,14 @@ def _evaluate(args: argparse.Namespace, path, device, amp, datasets: dict) -> tu
         raise InputError(f"the data has {len(data.classes)} classes (labels up to {data.num_classes - 1}) but the "
                          f"model {path} has {outputs} outputs: is --data-dir the dataset it was trained on?")
     tau = args.tau if args.tau is not None else meta.get("tau", config.tau)
-    if isinstance(tau, bool) or not isinstance(tau, (int, float)):
-        raise InputError(f"{path}: tau={tau!r} in the checkpoint is not a number; pass --tau")
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not (math.isfinite(tau) and tau >= 0):
+        raise CheckpointError(f"{path}: tau={tau!r} in the checkpoint is not a finite number >= 0; pass --tau")
+    batch_bytes = min(args.batch_size, len(data.eval)) * math.prod(data.input_size or (0,)) * 4
+    if batch_bytes > MAX_BATCH_BYTES:
+        c, h, w = data.input_size
+        raise InputError(f"--batch-size {args.batch_size}: a batch of {c}x{h}x{w} images takes "
+                         f"{batch_bytes / 2**30:.1f} GiB before the model runs (at most "
+                         f"{MAX_BATCH_BYTES / 2**30:.0f}); pass a smaller one")
     loader = eval_loader(data.eval, args.batch_size, workers=args.workers)
     runner = model
     if args.sparse:

@@ -19,9 +19,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="output format (default: from the --out suffix, .onnx or .pt2)")
     p.add_argument("--out", required=True, help="output file (.onnx or .pt2)")
     p.add_argument("--image-size", type=int, default=None,
-                   help="input side H = W (default: the size the checkpoint was trained at; else 32 for *_cifar, "
-                   "224)")
-    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: sact.export.DEFAULT_OPSET)")
+                   help="input side H = W, at most 6324 (default: the size the checkpoint was trained at; else 32 for "
+                   "*_cifar, 224)")
+    p.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset, from 18 to the highest the installed onnx defines (default: "
+                   "sact.export.DEFAULT_OPSET, 18)")
     p.add_argument("--verify", action="store_true",
                    help="reload the export and compare it with the eager model on random batches of 1 and 3")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -35,20 +37,25 @@ def run(args: argparse.Namespace) -> int:
 
     from ..checkpoint import load_checkpoint
     from ..errors import InputError, RunFailure
-    from ..export import DEFAULT_OPSET, ExportableModel, export_model, load_exported, metadata_path
+    from ..export import (DEFAULT_OPSET, MAX_IMAGE_SIZE, ExportableModel, check_opset, export_model, load_exported,
+                          metadata_path)
     from ..fileio import check_output_file, remove_stale_temp_files
 
     fmt = args.format or _SUFFIX_FORMATS.get(Path(args.out).suffix.lower())
     if fmt is None:
         raise InputError(f"cannot infer the format from --out {args.out!r}; pass --format onnx|torch-export")
-    if args.image_size is not None and args.image_size < 1:
-        raise InputError(f"--image-size must be positive, got {args.image_size}")
+    if args.image_size is not None and not 1 <= args.image_size <= MAX_IMAGE_SIZE:
+        raise InputError(f"--image-size must be from 1 to {MAX_IMAGE_SIZE} (a {MAX_IMAGE_SIZE}^2 image is at the "
+                         f"pixel cap), got {args.image_size}")
+    if fmt != "onnx" and args.opset is not None:
+        raise InputError(f"--opset is for ONNX exports; --format {fmt} has none")
+    opset = check_opset(DEFAULT_OPSET if args.opset is None else args.opset)  # ValueError: exit 2
     out = check_output_file(args.out, overwrite=args.overwrite)  # before any work
     if fmt == "torch-export":
         check_output_file(metadata_path(out), overwrite=args.overwrite, what="--out metadata")
     model = load_checkpoint(args.checkpoint)
     remove_stale_temp_files(out.parent)
-    out = export_model(model, out, format=fmt, image_size=args.image_size, opset=args.opset or DEFAULT_OPSET)
+    out = export_model(model, out, format=fmt, image_size=args.image_size, opset=opset)
     run_exported, doc = load_exported(out, trusted=True)  # the file this command just wrote
     c, h, w = doc["input_size"]
     print(f"wrote {out} ({fmt}, {out.stat().st_size / 1e6:.1f} MB): {doc['model']['name']} mode={doc['mode']}, "

@@ -3,12 +3,17 @@
 Two layouts (``ROOT`` is what ``--data-dir`` names):
 
 * ``ROOT/train/<class>/...`` and ``ROOT/val/<class>/...`` -- the classes are the
-  folder names under ``train/`` (sorted); ``val/`` may lack some of them, but may not
-  add others;
+  folder names under ``train/`` (sorted); ``val/`` may lack some of them (or hold an
+  empty folder for one), but may not add others;
 * ``ROOT/<class>/...`` (or only ``ROOT/train/<class>/...``) with a validation fraction:
   each class's images are shuffled with a fixed seed and ``round(fraction * n)`` of
   them (at least one, and never all, for a class of two or more) are held out, so the
   split depends only on the file names, the fraction and the seed.
+
+The folder that defines the classes (``train/``, the single tree, or ``val/`` alone when
+evaluating) must hold at least two class folders, each with at least one image: one
+class would train to a meaningless 100% top-1, and an empty folder would be a class no
+image ever has (:func:`check_class_count`).
 
 Files are found recursively under each class folder, sorted; hidden entries (``.x``) and
 files whose extension Pillow does not register are ignored. An image that cannot be
@@ -30,7 +35,8 @@ from ..errors import DataError
 from .images import DEFAULT_MAX_PIXELS, UnreadableImage, open_image
 from .transforms import to_float_image
 
-__all__ = ["image_extensions", "list_class_folders", "split_by_class", "class_folder_splits", "ImageFolderDataset"]
+__all__ = ["image_extensions", "list_class_folders", "check_class_count", "split_by_class", "class_folder_splits",
+           "ImageFolderDataset"]
 
 
 @functools.lru_cache(maxsize=1)
@@ -45,6 +51,17 @@ def _visible(path: Path, root: Path) -> bool:
     return not any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
+def check_class_count(root: str | Path, classes: Sequence[str]) -> None:
+    """A classification dataset needs at least two classes.
+
+    Raises:
+        DataError: ``classes`` (found in ``root``) has fewer than two names.
+    """
+    if len(classes) < 2:
+        raise DataError(f"found {len(classes)} class in {root} ({', '.join(classes) or 'none'}); classification needs "
+                        f"at least 2 (one folder per class: {root}/<class>/<image files>)")
+
+
 def list_class_folders(root: str | Path,
                        classes: Sequence[str] | None = None) -> tuple[list[str], list[tuple[str, int]]]:
     """The classes and image files of a class-folder tree.
@@ -52,7 +69,8 @@ def list_class_folders(root: str | Path,
     Args:
         root: folder holding one sub-folder per class.
         classes: the class list to use (e.g. the training classes for ``val/``); a
-            sub-folder outside it is an error. Default: the sorted sub-folder names.
+            sub-folder outside it is an error, a missing or empty one is fine. Default:
+            the sorted sub-folder names, which must be at least two, each holding an image.
 
     Returns:
         ``(classes, samples)``: ``samples`` are ``(file path, class index)`` pairs, by class
@@ -60,7 +78,8 @@ def list_class_folders(root: str | Path,
 
     Raises:
         DataError: ``root`` is not a folder, has no class folders, a class folder outside
-            ``classes``, or no image file at all.
+            ``classes``, or no image file at all; without ``classes``: a single class
+            folder, or a class folder without images (named).
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -68,22 +87,30 @@ def list_class_folders(root: str | Path,
     found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not found:
         raise DataError(f"{root} holds no class folders (expected {root}/<class>/<image files>)")
-    if classes is None:
+    own = classes is None  # the classes are this folder's: each must be real
+    if own:
         classes = found
+        check_class_count(root, classes)
     else:
         extra = sorted(set(found) - set(classes))
         if extra:
             raise DataError(f"{root} has class folders the training data lacks: {extra[:5]}")
     exts = image_extensions()
-    samples = []
+    samples, empty = [], []
     for index, name in enumerate(classes):
         folder = root / name
         if not folder.is_dir():
             continue
         files = sorted(f for f in folder.rglob("*") if f.is_file() and _visible(f, folder) and f.suffix.lower() in exts)
         samples += [(str(f), index) for f in files]
+        if not files:
+            empty.append(str(folder))
     if not samples:
         raise DataError(f"{root} holds no image files in its class folders (any format Pillow reads: .jpg, .png, ...)")
+    if own and empty:
+        raise DataError(f"{len(empty)} class folder(s) without images: {', '.join(empty[:5])}"
+                        f"{', ...' if len(empty) > 5 else ''}; each would be a class no image has: add images (any "
+                        "format Pillow reads) or remove the folder")
     return list(classes), samples
 
 

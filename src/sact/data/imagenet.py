@@ -18,7 +18,7 @@ from pathlib import Path
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
-from .folder import image_extensions
+from .folder import check_class_count, image_extensions
 from .images import DEFAULT_MAX_PIXELS, UnreadableImage, open_image
 from .transforms import Preprocess, imagenet_preprocess
 
@@ -76,7 +76,8 @@ class ImageNetFolder(ImageFolder):
 
     Raises:
         ValueError: bad split, label_offset or image_size.
-        FileNotFoundError: ``root/<split>`` is missing.
+        FileNotFoundError: ``root/<split>`` is missing, or a class folder holds no image.
+        DataError: ``root/<split>`` holds a single class folder.
         UnreadableImage: (when an item is read, ``strict=True``) the image and why.
     """
 
@@ -107,6 +108,7 @@ class ImageNetFolder(ImageFolder):
             raise ValueError(f"max_pixels must be a positive int, got {max_pixels!r}")
         super().__init__(str(folder), transform=transform, is_valid_file=_is_image_file,
                          loader=functools.partial(_rgb_image, max_pixels=max_pixels))
+        check_class_count(folder, self.classes)
         self.split, self.label_offset, self.strict = split, label_offset, strict
 
     def __getitem__(self, index: int):

@@ -68,7 +68,7 @@ def watch_checkpoints(
             file). It must load the file with the usual checks (:func:`sact.load_checkpoint`
             or :func:`sact.detection.load_detector`): their :class:`CheckpointError` means
             "not a complete checkpoint (yet)" and the file is retried when it changes.
-        out_dir: folder of the ``metrics_step<STEP>.json`` files (created).
+        out_dir: folder of the ``metrics_step<STEP>.json`` files (created with the first one).
         poll_s: seconds between looks at the folder.
         timeout_s: stop when no new checkpoint appeared for this long (None: never).
         name: the checkpoint's name in ``run_dir``.
@@ -90,8 +90,7 @@ def watch_checkpoints(
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if run_dir.is_file():
         raise InputError(f"--watch needs a run folder, {run_dir} is a file")
-    check_output_folder(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_output_folder(out_dir)  # created by the first metrics file: a refused watch leaves no empty folder
     remove_stale_temp_files(out_dir)
     weights, _ = checkpoint_paths(run_dir / name)
     written: list[Path] = []
