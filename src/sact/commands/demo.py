@@ -9,7 +9,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="vanilla vs ACT vs SACT on Cluttered Fashion-MNIST -> report folder",
                        description="Train a vanilla, an ACT and an SACT ResNet of the same depth on Cluttered "
                        "Fashion-MNIST, evaluate them and write report.md + PNGs + checkpoints to --out. "
-                       "Default about 15 min on 2 CPU cores, --quick about 3 min.")
+                       "A few minutes on 2 CPU cores (the measured time is in the report and in "
+                       "docs/demo.md); --quick is shorter.")
     p.add_argument("--out", default="reports/demo", help="report folder (default reports/demo)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the files of an earlier demo in --out (only the demo's own files)")
