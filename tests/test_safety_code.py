@@ -118,6 +118,7 @@ def _legacy_state(path, marker):
 def test_resume_never_unpickles_a_state(tmp_path, capsys, fmnist):
     out = tmp_path / "run"
     assert main(["train", "--out", str(out), "--data-dir", str(fmnist), *TRAIN_FLAGS]) == 0
+    capsys.readouterr()  # the run's report
     marker = tmp_path / "pwned"
     # an old-format pickle next to (or instead of) the state is never opened
     (out / "train_state.safetensors").unlink(missing_ok=True)

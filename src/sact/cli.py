@@ -10,13 +10,16 @@ Errors are reported here, once for every command: a :class:`sact.errors.SactErro
 one line ``sact <command>: <message>`` on stderr and exits with 2 (bad input or usage)
 or 1 (runtime failure); anything else is an internal error (one line, exit 1; set
 ``SACT_DEBUG=1`` for the traceback). An unknown flag prints the sub-command's usage
-(exit 2). The table is in ``docs/trust.md``.
+(exit 2) with a hint: the closest flags, or how to give a config key or a model builder
+argument that has no flag of its own (``--set``). The table is in ``docs/trust.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
+import inspect
 import os
 import sys
 import warnings
@@ -80,6 +83,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def unknown_flag_hint(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    """What to type instead of the first unknown flag in ``extras`` (empty if nothing fits).
+
+    For a command that takes ``--set KEY=VALUE``, a :class:`~sact.engine.config.TrainConfig`
+    key or an argument of a registered model builder (``--base-channels 8`` ->
+    ``--set model_kwargs='{base_channels: 8}'``) says how to give it; otherwise the
+    closest flags of ``parser``.
+    """
+    i, flag = next(((i, x) for i, x in enumerate(extras) if x.startswith("--")), (0, ""))
+    name, eq, value = flag[2:].partition("=")
+    if not name:
+        return ""
+    if not eq:
+        value = extras[i + 1] if i + 1 < len(extras) and not extras[i + 1].startswith("-") else "VALUE"
+    flags = [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+    if "--set" in flags:
+        from .engine.config import TrainConfig
+        from .models import _REGISTRY
+
+        key = name.replace("-", "_")
+        if key in TrainConfig.__dataclass_fields__:
+            return f"config key {key}: --set {key}={value}"
+        if any(key in inspect.signature(fn).parameters for fn in _REGISTRY.values()) and key != "mode":
+            return f"{key} is an argument of the model builder: --set model_kwargs='{{{key}: {value}}}'"
+    close = difflib.get_close_matches(f"--{name}", flags, n=3, cutoff=0.6)
+    return f"did you mean {' or '.join(close)}?" if close else ""
+
+
 def one_line(error: BaseException) -> str:
     """The message of ``error`` on one line.
 
@@ -133,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     args, extras = parser.parse_known_args(argv)
     leaf = vars(args).pop("_leaf_parser", parser)  # not an argument: keep it out of configs built from args
     if extras:
-        leaf.error(f"unrecognized arguments: {' '.join(extras)}")  # exits 2 with the sub-command's usage
+        hint = unknown_flag_hint(leaf, extras)
+        leaf.error(f"unrecognized arguments: {' '.join(extras)}" + (f" ({hint})" if hint else ""))  # usage, exit 2
     if not getattr(args, "func", None):
         leaf.print_help()
         return EXIT_INPUT

@@ -5,7 +5,7 @@ Sub-commands:
 * ``make-data`` -- write a multi-object Cluttered Fashion-MNIST set in COCO format;
 * ``train`` -- ``sact train`` with ``task: detection`` (the one training loop: checkpoints,
   ``--resume``, ``torchrun``); settings: the detection defaults
-  (:data:`sact.detection.task.DETECT_DEFAULTS`) < ``--config`` YAML < ``--set`` < flags;
+  (:data:`sact.engine.config.DETECT_DEFAULTS`) < ``--config`` YAML < ``--set`` < flags;
 * ``eval`` -- COCO box AP, backbone FLOPs and speed of a saved detector (or, with
   ``--watch RUN_DIR``, of each new checkpoint of a run), or the AP of a ready-made
   detections json (``--detections``).
@@ -21,38 +21,41 @@ import argparse
 import os
 from pathlib import Path
 
+from ..engine.config import DETECT_DEFAULTS
 from ..errors import InputError
+from .train import add_flags, flag_overrides, report_outputs
 
-# flag -> (config key, type, help); every flag defaults to None: only given flags override
+# flag -> (config key, type, help); every flag defaults to None: only given flags override; the help shows the
+# default (DETECT_DEFAULTS, else TrainConfig's)
 _TRAIN_FLAGS = {
     "--data": ("data_dir", str, "root with images/<split>/ and annotations/instances_<split>.json"),
-    "--train-split": ("train_split", str, "training split name (default train)"),
+    "--train-split": ("train_split", str, "training split name"),
     "--train-images": ("train_images", str, "training image folder (instead of --data)"),
     "--train-ann": ("train_ann", str, "training instances json (instead of --data)"),
-    "--val-split": ("val_split", str, "evaluation split name (default test)"),
+    "--val-split": ("val_split", str, "evaluation split name"),
     "--val-images": ("val_images", str, "evaluation image folder"),
     "--val-ann": ("val_ann", str, "evaluation instances json"),
-    "--model": ("model", str, "registered backbone (sact models; default resnet20_cifar)"),
+    "--model": ("model", str, "registered backbone (sact models)"),
     "--mode": ("mode", str, "vanilla | act | sact"),
     "--tau": ("tau", float, "ponder cost weight"),
     "--init": ("init", str, "torchvision .pth or sact checkpoint to warm-start the backbone from"),
     "--trainable-layers": ("trainable_layers", int, "trainable stages from the top (default: all)"),
-    "--fpn-channels": ("fpn_channels", int, "FPN channels (default 64)"),
-    "--representation-size": ("representation_size", int, "box head width (default 256)"),
+    "--fpn-channels": ("fpn_channels", int, "FPN channels"),
+    "--representation-size": ("representation_size", int, "box head width"),
     "--min-size": ("min_size", int, "transform resize (default: the image size)"),
     "--max-size": ("max_size", int, "cap on the longer side (default: --min-size)"),
-    "--detections-per-img": ("detections_per_img", int, "detections kept per image (default 50)"),
-    "--box-batch-size": ("box_batch_size", int, "RoIs sampled per image for the box head (default 128)"),
-    "--hflip": ("hflip", float, "flip probability in training (default 0.5)"),
+    "--detections-per-img": ("detections_per_img", int, "detections kept per image"),
+    "--box-batch-size": ("box_batch_size", int, "RoIs sampled per image for the box head"),
+    "--hflip": ("hflip", float, "flip probability in training"),
     "--steps": ("steps", int, "optimisation steps (0: use --epochs)"),
-    "--epochs": ("epochs", int, "epochs when --steps is 0 (default 4)"),
-    "--batch-size": ("batch_size", int, "images per step and process (default 8)"),
-    "--eval-batch-size": ("eval_batch_size", int, "images per evaluation batch (default 8)"),
-    "--lr": ("lr", float, "base learning rate (default 0.02)"),
+    "--epochs": ("epochs", int, "epochs when --steps is 0"),
+    "--batch-size": ("batch_size", int, "images per step and process"),
+    "--eval-batch-size": ("eval_batch_size", int, "images per evaluation batch"),
+    "--lr": ("lr", float, "base learning rate"),
     "--momentum": ("momentum", float, "SGD momentum"),
-    "--weight-decay": ("weight_decay", float, "L2 on kernels (default 1e-4)"),
-    "--schedule": ("schedule", str, "piecewise | staircase | cosine | constant (default cosine)"),
-    "--warmup-steps": ("warmup_steps", int, "linear warm-up steps (default 100)"),
+    "--weight-decay": ("weight_decay", float, "L2 on kernels"),
+    "--schedule": ("schedule", str, "piecewise | staircase | cosine | constant"),
+    "--warmup-steps": ("warmup_steps", int, "linear warm-up steps"),
     "--eval-every": ("eval_every", int, "also evaluate every N steps (0: at the end only)"),
     "--checkpoint-every": ("checkpoint_every", int, "also save every N steps (always at epoch ends)"),
     "--seed": ("seed", int, "seed"),
@@ -60,7 +63,7 @@ _TRAIN_FLAGS = {
     "--device": ("device", str, "auto | cpu | cuda | cuda:N"),
     "--amp": ("amp", str, "auto | none | bf16 | fp16"),
     "--workers": ("workers", int, "DataLoader workers"),
-    "--threads": ("threads", int, "torch threads (0: default)"),
+    "--threads": ("threads", int, "torch threads, at most one per CPU core (0: torch's default)"),
 }
 
 
@@ -83,8 +86,7 @@ def register(subparsers) -> None:
                        description="Train Faster R-CNN + FPN over an adaptive backbone with the one training loop. "
                        "Settings: detection defaults < --config YAML < --set < flags (docs/detection.md).")
     t.add_argument("--config", default=None, help="YAML file of TrainConfig keys (task: detection)")
-    for flag, (_, typ, help_) in _TRAIN_FLAGS.items():
-        t.add_argument(flag, type=typ, default=None, help=help_)
+    add_flags(t, _TRAIN_FLAGS, base=DETECT_DEFAULTS)
     t.add_argument("--in-chans", type=int, default=None, help="image channels, 1 or 3 (default 1)")
     t.add_argument("--width", type=int, default=None, help="base_channels (cifar) / base_width (imagenet)")
     t.add_argument("--return-stages", nargs="+", default=None, help="stages feeding the FPN (default: stride >= 2)")
@@ -153,14 +155,9 @@ def train_config(args):
     Raises:
         ConfigError: invalid values (all listed; exit 2).
     """
-    from ..detection.task import DETECT_DEFAULTS
     from ..engine.config import load_config, parse_overrides
 
-    overrides = parse_overrides(args.set)
-    for flag, (key, _, _) in _TRAIN_FLAGS.items():
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is not None:
-            overrides[key] = value
+    overrides = {**parse_overrides(args.set), **flag_overrides(args, _TRAIN_FLAGS)}
     for key in ("return_stages", "frozen_bn", "anchor_sizes", "rpn_proposals"):
         if getattr(args, key) is not None:
             overrides[key] = list(getattr(args, key)) if isinstance(getattr(args, key), (list, tuple)) else getattr(args, key)
@@ -196,6 +193,7 @@ def _train(args) -> int:
     metrics = main(config)
     if os.environ.get("RANK", "0") == "0":  # one summary under torchrun
         print(dumps_json(metrics, indent=2))
+        report_outputs(config)
     return 0
 
 

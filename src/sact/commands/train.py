@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-# flag -> config key; every flag defaults to None so that only given flags override the YAML
+# flag -> (config key, type, help); every flag defaults to None so that only given flags override the YAML;
+# the help shows the key's default (add_flags)
 _FLAGS = {
     "--model": ("model", str, "registered model name (sact models)"),
     "--mode": ("mode", str, "vanilla | act | sact"),
@@ -12,7 +13,7 @@ _FLAGS = {
     "--dataset": ("dataset", str, "cluttered | cifar10 | imagenet | folder (your own class folders, docs/training.md)"),
     "--data-dir": ("data_dir", str, "dataset folder"),
     "--val-fraction": ("val_fraction", float, "folder without val/: hold out this share of every class (fixed split)"),
-    "--image-size": ("image_size", int, "input side of image folders (default 224)"),
+    "--image-size": ("image_size", int, "input side of image folders"),
     "--num-classes": ("num_classes", int, "classifier outputs (default: the classes found + --label-offset)"),
     "--label-offset": ("label_offset", int, "added to image-folder labels (1: the reference's 1001-class models)"),
     "--preprocess": ("preprocess", str, "image folders: auto (match --init) | dataset | inception | torchvision"),
@@ -22,8 +23,8 @@ _FLAGS = {
     "--epochs": ("epochs", int, "epochs when --steps is 0"),
     "--batch-size": ("batch_size", int, "images per step and process"),
     "--lr": ("lr", float, "base learning rate"),
-    "--halting-lr-mult": ("halting_lr_mult", float, "learning-rate multiplier of the halting branches (default 1; "
-                          "short fine-tunes need 10-30, docs/training.md)"),
+    "--halting-lr-mult": ("halting_lr_mult", float, "learning-rate multiplier of the halting branches (short "
+                          "fine-tunes need 10-30, docs/training.md)"),
     "--weight-decay": ("weight_decay", float, "L2 on kernels"),
     "--label-smoothing": ("label_smoothing", float, "cross-entropy label smoothing"),
     "--schedule": ("schedule", str, "piecewise | staircase | cosine | constant"),
@@ -33,18 +34,40 @@ _FLAGS = {
     "--memory-format": ("memory_format", str, "auto (channels-last for classification on the CPU) | channels_last | "
                         "contiguous"),
     "--device": ("device", str, "auto | cpu | cuda | cuda:N"),
-    "--workers": ("workers", int, "DataLoader workers"),
-    "--threads": ("threads", int, "torch threads (0: default)"),
+    "--workers": ("workers", int, "DataLoader worker processes (at most 64, or one per CPU core if more)"),
+    "--threads": ("threads", int, "torch threads, at most one per CPU core (0: torch's default)"),
     "--seed": ("seed", int, "seed"),
-    "--max-pixels": ("max_pixels", int, "image folders: images above this many pixels are unreadable (default 40000000)"),
+    "--max-pixels": ("max_pixels", int, "image folders: images above this many pixels are unreadable"),
+    "--log-every": ("log_every", int, "report the means of loss, top-1, ponder cost, FLOPs and lr every N steps "
+                    "(progress bar, TensorBoard; a line on stderr without a bar)"),
 }
+
+
+def add_flags(p: argparse.ArgumentParser, flags: dict, base: dict | None = None) -> None:
+    """Adds config ``flags`` (flag -> (key, type, help)) to ``p``.
+
+    Each defaults to None, so that only the flags given override the YAML; its help
+    shows the value the key takes otherwise: ``base`` (a command's own defaults) or
+    :class:`~sact.engine.config.TrainConfig`'s.
+    """
+    from ..engine.config import TrainConfig
+
+    defaults = {**TrainConfig.defaults(), **(base or {})}
+    for flag, (key, typ, text) in flags.items():
+        shown = "" if defaults[key] is None else f" (default: {defaults[key]})"
+        p.add_argument(flag, type=typ, default=None, help=(text + shown).replace("%", "%%"))
+
+
+def flag_overrides(args: argparse.Namespace, flags: dict) -> dict:
+    """``{config key: value}`` of the ``flags`` given on the command line."""
+    values = {key: getattr(args, flag[2:].replace("-", "_")) for flag, (key, _, _) in flags.items()}
+    return {key: value for key, value in values.items() if value is not None}
 
 
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
     """``--config``, ``--set key=value`` and the common flags of :class:`TrainConfig`."""
     p.add_argument("--config", default=None, help="YAML file of TrainConfig keys (see configs/)")
-    for flag, (_, typ, help_) in _FLAGS.items():
-        p.add_argument(flag, type=typ, default=None, help=help_)
+    add_flags(p, _FLAGS)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, value parsed as YAML (repeatable), e.g. --set model_kwargs='{base_channels: 8}'")
 
@@ -53,11 +76,7 @@ def config_from_args(args: argparse.Namespace):
     """defaults < ``--config`` YAML < ``--set`` < explicit flags."""
     from ..engine.config import load_config, parse_overrides
 
-    overrides = parse_overrides(args.set)
-    for flag, (key, _, _) in _FLAGS.items():
-        value = getattr(args, flag[2:].replace("-", "_"))
-        if value is not None:
-            overrides[key] = value
+    overrides = {**parse_overrides(args.set), **flag_overrides(args, _FLAGS)}
     for flag in ("resume", "overwrite"):
         if getattr(args, flag, False):
             overrides[flag] = True
@@ -83,7 +102,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strict", action="store_true",
                    help="image folders: stop at the first unreadable image (default: skip it with a warning)")
     p.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars: a line on stderr every --log-every steps instead")
     p.add_argument("--download", action="store_true", help="download Fashion-MNIST with torchvision if missing")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=run)
@@ -104,4 +124,21 @@ def run(args: argparse.Namespace) -> int:
     metrics = main(config)
     if os.environ.get("RANK", "0") == "0":  # one summary under torchrun
         print(dumps_json({k: v for k, v in metrics.items() if k != "stages"}, indent=2))
+        report_outputs(config)
     return 0
+
+
+def report_outputs(config) -> None:
+    """Where a finished run put its files, on stderr (stdout holds the metrics JSON)."""
+    import sys
+    from pathlib import Path
+
+    from ..engine.state import STATE_FILE
+
+    out = Path(config.out_dir)
+    lines = [f"wrote {out / 'model.safetensors'} and model.json (the model)",
+             f"wrote {out / 'metrics.json'} (the final evaluation)",
+             f"wrote {out / STATE_FILE} and config.yaml (to continue the run: --resume)"]
+    if config.tensorboard:
+        lines.append(f"wrote {out / 'tb'} (tensorboard --logdir {out / 'tb'})")
+    print("\n".join(lines), file=sys.stderr)

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,21 +73,72 @@ class ClutterConfig:
     max_tries: int = 50
 
     def __post_init__(self) -> None:
-        intensity = tuple(self.clutter_intensity)
-        checks = {
-            "canvas_size": self.canvas_size >= 8,
-            "min_scale": 0 < self.min_scale <= self.max_scale,
-            "num_clutter": self.num_clutter >= 0,
-            "clutter_size": 1 <= self.clutter_size <= min(_ITEM, self.canvas_size),
-            "clutter_intensity": len(intensity) == 2 and 0 <= intensity[0] <= intensity[1] <= 1,
-            "mask_threshold": 0 <= self.mask_threshold < 1,
-            "min_objects": 1 <= self.min_objects <= self.max_objects,
-            "max_iou": 0 <= self.max_iou <= 1,
-            "max_tries": self.max_tries >= 1,
+        problems = self._problems()
+        if problems:
+            raise ValueError(f"ClutterConfig: invalid {'; '.join(problems)}")
+        object.__setattr__(self, "clutter_intensity", tuple(float(v) for v in self.clutter_intensity))
+
+    def _problems(self) -> list[str]:
+        """Every field of the wrong type, then every value out of range, as ``name=value (must be ...)``."""
+        bad = {}
+        for f in dataclasses.fields(self):
+            is_type, words = _FIELD_TYPES[f.type]  # the annotation's text (postponed annotations)
+            if not is_type(getattr(self, f.name)):
+                bad[f.name] = f"{f.name}={getattr(self, f.name)!r} (must be {words})"
+        low, high = self.clutter_intensity if "clutter_intensity" not in bad else (0, 0)
+        ranges = {  # name: (ok, what is allowed, other fields it reads)
+            "canvas_size": (lambda: 8 <= self.canvas_size <= MAX_CANVAS_SIZE, f"in [8, {MAX_CANVAS_SIZE}]", ()),
+            "min_scale": (lambda: 0 < self.min_scale <= self.max_scale, "> 0 and <= max_scale", ("max_scale",)),
+            "num_clutter": (lambda: 0 <= self.num_clutter <= 1000, "in [0, 1000]", ()),
+            "clutter_size": (lambda: 1 <= self.clutter_size <= min(_ITEM, self.canvas_size),
+                             f"in [1, {_ITEM}] and <= canvas_size", ("canvas_size",)),
+            "clutter_intensity": (lambda: 0 <= low <= high <= 1, "(low, high) with 0 <= low <= high <= 1", ()),
+            "mask_threshold": (lambda: 0 <= self.mask_threshold < 1, "in [0, 1)", ()),
+            "min_objects": (lambda: 1 <= self.min_objects <= self.max_objects, ">= 1 and <= max_objects",
+                            ("max_objects",)),
+            "max_objects": (lambda: self.max_objects <= 100, "<= 100", ()),
+            "max_iou": (lambda: 0 <= self.max_iou <= 1, "in [0, 1]", ()),
+            "max_tries": (lambda: 1 <= self.max_tries <= 10000, "in [1, 10000]", ()),
         }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"ClutterConfig: invalid {name}={getattr(self, name)!r}")
+        out_of_range = [f"{name}={getattr(self, name)!r} (must be {want})" for name, (ok, want, reads) in ranges.items()
+                        if not ({name, *reads} & set(bad)) and not ok()]
+        return [*bad.values(), *out_of_range]
+
+    @classmethod
+    def from_dict(cls, d: Any) -> ClutterConfig:
+        """The config of a mapping of field names (a training config's ``clutter``).
+
+        Raises:
+            ValueError: not a mapping, unknown keys (listed), or invalid values (listed).
+        """
+        known = [f.name for f in dataclasses.fields(cls)]
+        if not isinstance(d, dict):
+            raise ValueError(f"ClutterConfig: expected a mapping of {', '.join(known)}, got {type(d).__name__}")
+        unknown = sorted(str(k) for k in d if k not in known)
+        if unknown:
+            raise ValueError(f"ClutterConfig: unknown keys {unknown}; known: {', '.join(known)}")
+        return cls(**d)
+
+
+#: Largest canvas side (a 4096 x 4096 float32 canvas is 64 MiB).
+MAX_CANVAS_SIZE = 4096
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# ClutterConfig annotation -> (check, in words)
+_FIELD_TYPES = {
+    "int": (_is_int, "an int"),
+    "float": (_is_number, "a finite number"),
+    "tuple[float, float]": (lambda v: isinstance(v, (tuple, list)) and len(v) == 2 and all(map(_is_number, v)),
+                            "two numbers (low, high)"),
+}
 
 
 #: Default for the multi-object variant: a larger canvas and more clutter.

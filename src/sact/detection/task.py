@@ -26,30 +26,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..engine.amp import autocast
+from ..engine.config import DETECT_DEFAULTS
 from ..engine.tasks import Step
 from ..errors import DataError, InputError
 from .coco import CocoDetection, collate
 from .detector import DetectorOutput, build_detector, loss_terms
 
 __all__ = ["DetectionTask", "DETECT_DEFAULTS", "coco_paths", "detector_from_config", "image_maps"]
-
-#: The starting point of ``sact detect train`` (a TrainConfig subset): small CIFAR-style
-#: backbone, greyscale images, SGD with warm-up and a cosine decay.
-DETECT_DEFAULTS = {
-    "task": "detection",
-    "dataset": "coco",
-    "model": "resnet20_cifar",
-    "model_kwargs": {"in_chans": 1},
-    "steps": 0,
-    "epochs": 4,
-    "batch_size": 8,
-    "eval_batch_size": 8,
-    "lr": 0.02,
-    "weight_decay": 1e-4,
-    "schedule": "cosine",
-    "warmup_steps": 100,
-}
-
 
 def coco_paths(config, split_key: str) -> tuple[Path, Path]:
     """``(image folder, instances json)`` of the ``"train"`` or ``"val"`` split of ``config``.
@@ -183,9 +166,8 @@ class DetectionTask:
         loss, terms = loss_terms(out, config.tau if config.mode != "vanilla" else 0.0)
         return Step(loss, out, (images, targets), terms)
 
-    def train_logs(self, step: Step) -> dict[str, float]:
-        return {**{k: v.item() for k, v in step.terms.items()},
-                "backbone_flops": step.out.backbone_flops.double().mean().item()}
+    def train_logs(self, step: Step) -> dict[str, Tensor]:
+        return {**step.terms, "backbone_flops": step.out.backbone_flops.float().mean()}
 
     def images(self, step: Step) -> dict[str, np.ndarray]:
         from ..viz import overlay_grid

@@ -8,12 +8,19 @@ Every value is checked for its type and range when a config is built; all proble
 reported at once in one :class:`ConfigError` (exit 2 in the CLI), each with the field,
 the value and what is expected. YAML is read with ``1e-3`` as a float (YAML 1.2), and
 an ``int`` field never takes a float (``steps: 1e3`` is refused, write ``1000``).
+
+A config is untrusted input: a YAML file above :data:`MAX_CONFIG_BYTES`, or a document
+(file or ``--set`` value) that expands to more than :data:`MAX_CONFIG_NODES` values once
+its aliases (``*name``) are resolved, is refused before it is used; ``threads`` may not
+exceed the CPU cores this process may run on, nor ``workers`` :func:`max_workers`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field, fields
@@ -23,10 +30,35 @@ from typing import Any
 from ..errors import InputError
 
 __all__ = ["TrainConfig", "ConfigError", "load_config", "parse_overrides", "yaml_load", "RESUME_MAY_CHANGE",
-           "DEFAULT_MAX_PIXELS"]
+           "DEFAULT_MAX_PIXELS", "MAX_CONFIG_BYTES", "MAX_CONFIG_NODES", "cpu_cores", "max_workers", "DETECT_DEFAULTS"]
 
 #: Default cap on the pixels of one image read from an image folder (see ``sact.data.images``).
 DEFAULT_MAX_PIXELS = 40_000_000
+
+#: Largest YAML config file read (bytes).
+MAX_CONFIG_BYTES = 1 << 20
+
+#: Most values a YAML document may hold once every alias is expanded (a string counts
+#: one per 100 characters): real configs hold a few hundred; an "anchor bomb" of nested
+#: aliases would expand to billions.
+MAX_CONFIG_NODES = 100_000
+
+#: The starting point of ``sact detect train`` (a TrainConfig subset; :mod:`sact.detection.task`):
+#: small CIFAR-style backbone, greyscale images, SGD with warm-up and a cosine decay.
+DETECT_DEFAULTS = {
+    "task": "detection",
+    "dataset": "coco",
+    "model": "resnet20_cifar",
+    "model_kwargs": {"in_chans": 1},
+    "steps": 0,
+    "epochs": 4,
+    "batch_size": 8,
+    "eval_batch_size": 8,
+    "lr": 0.02,
+    "weight_decay": 1e-4,
+    "schedule": "cosine",
+    "warmup_steps": 100,
+}
 
 #: Fields that may differ between a run and its ``--resume``: they change how long the
 #: run goes on (the schedule is recomputed for the new length), where and how fast it
@@ -50,6 +82,19 @@ _PREPROCESS = ("auto", "dataset", "inception", "torchvision")
 _TASKS = ("classification", "detection")
 _SPLIT_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def max_workers() -> int:
+    """Most DataLoader worker processes a config may ask for: 64, or the CPU cores if more."""
+    return max(64, cpu_cores())
 
 
 def _check_type(value: Any, hint: Any) -> tuple[bool, Any, str]:
@@ -312,7 +357,8 @@ class TrainConfig:
             "eval_samples": (lambda: self.eval_samples is None or self.eval_samples >= 1, ">= 1 or null"),
             "batch_size": (lambda: self.batch_size >= 1, ">= 1"),
             "eval_batch_size": (lambda: self.eval_batch_size >= 1, ">= 1"),
-            "workers": (lambda: self.workers >= 0, ">= 0"),
+            "workers": (lambda: 0 <= self.workers <= max_workers(), f"in [0, {max_workers()}]: processes, 64 or one "
+                        "per CPU core at most"),
             "steps": (lambda: self.steps >= 0, ">= 0"),
             "epochs": (lambda: self.epochs >= 0 and (self.steps > 0 or self.epochs > 0), ">= 0, and > 0 when steps is 0"),
             "lr": (lambda: self.lr > 0, "> 0"),
@@ -331,7 +377,8 @@ class TrainConfig:
             "amp": (lambda: self.amp in _AMP, f"one of {', '.join(_AMP)}"),
             "memory_format": (lambda: self.memory_format in _MEMORY_FORMATS, f"one of {', '.join(_MEMORY_FORMATS)}"),
             "device": (lambda: _DEVICE_RE.match(self.device) is not None, "auto, cpu, cuda, cuda:N or mps"),
-            "threads": (lambda: self.threads >= 0, ">= 0"),
+            "threads": (lambda: 0 <= self.threads <= cpu_cores(),
+                        f"in [0, {cpu_cores()}]: 0 is torch's default, at most one per CPU core of this process"),
             "log_every": (lambda: self.log_every >= 1, ">= 1"),
             "image_every": (lambda: self.image_every >= 0, ">= 0"),
             "checkpoint_every": (lambda: self.checkpoint_every >= 0, ">= 0"),
@@ -371,6 +418,13 @@ class TrainConfig:
             elif "dataset" not in skip and not folders and self.preprocess not in ("auto", "dataset"):
                 problems.append(f"preprocess={self.preprocess!r} (dataset {self.dataset!r} has its own preprocessing; "
                                 "only imagenet and folder take another)")
+        if "clutter" not in skip:
+            from ..data.cluttered import ClutterConfig
+
+            try:
+                ClutterConfig.from_dict(self.clutter)
+            except ValueError as e:
+                problems.append(f"clutter={self.clutter!r} ({e})")
         if "num_classes" not in skip and self.num_classes is not None:
             given = self.model_kwargs.get("num_classes") if isinstance(self.model_kwargs, dict) else None
             if self.num_classes < 1:
@@ -431,11 +485,14 @@ class TrainConfig:
         """Fields outside :data:`RESUME_MAY_CHANGE` whose value differs from ``saved``
         (a run's :meth:`to_dict`), as ``"name: saved -> now"``. A field the saved run
         lacks (saved by an older sact) counts as its default value."""
-        now = self.to_dict()
-        defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                    for f in fields(self)}
+        now, defaults = self.to_dict(), self.defaults()
         saved = {k: saved.get(k, defaults[k]) for k in now}
         return [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now if k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
+
+    @classmethod
+    def defaults(cls) -> dict[str, Any]:
+        """Every field's default value (what a key left out of the YAML and the flags takes)."""
+        return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory() for f in fields(cls)}
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (JSON/YAML friendly)."""
@@ -482,21 +539,70 @@ def _stage_names(model: str, mode: str, kwargs: dict[str, Any]) -> list[str] | N
 
 
 def yaml_load(text: str) -> Any:
-    """``yaml.safe_load`` that also reads ``1e-3`` / ``5e4`` as floats (YAML 1.2 numbers).
+    """``yaml.safe_load`` that also reads ``1e-3`` / ``5e4`` as floats (YAML 1.2 numbers)
+    and refuses a document larger than :data:`MAX_CONFIG_NODES` values once expanded.
 
     Raises:
-        ConfigError: text that is not valid YAML.
+        ConfigError: text that is not valid YAML, nested too deeply, or too large expanded.
     """
     import yaml
 
-    class Loader(yaml.SafeLoader):
-        pass
-
-    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML_FLOAT, list("-+0123456789."))
     try:
-        return yaml.load(text, Loader=Loader)  # noqa: S506 (a SafeLoader subclass)
+        return yaml.load(text, Loader=_loader())  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as e:
         raise ConfigError(f"not valid YAML: {' '.join(str(e).split())}") from e
+    except RecursionError as e:
+        raise ConfigError("not a usable config: YAML nested too deeply") from e
+
+
+@functools.cache
+def _loader() -> type:
+    """The ``yaml.SafeLoader`` of :func:`yaml_load` (built on first use: yaml is imported lazily)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def compose_document(self):  # the node graph: aliases are shared nodes, not copies yet
+            node = super().compose_document()
+            if expanded_size(node, MAX_CONFIG_NODES) > MAX_CONFIG_NODES:
+                raise ConfigError(f"not a usable config: the YAML expands to more than {MAX_CONFIG_NODES} values once "
+                                  "its aliases (*name) are resolved")
+            return node
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML_FLOAT, list("-+0123456789."))
+    return Loader
+
+
+def expanded_size(root: Any, cap: int) -> int:
+    """Values in the YAML node graph ``root`` with every alias expanded, counted up to ``cap + 1``.
+
+    A scalar counts 1 + one per 100 characters; a mapping or sequence 1 + its children.
+    An alias is the same node object as its anchor, so each distinct node is visited once
+    (memoised, iterative: the walk is as long as the text, whatever the expansion); a node
+    that contains itself (``&a [*a]``) expands without end and counts ``cap + 1``.
+    """
+    import yaml
+
+    def children(node) -> list:
+        if isinstance(node, yaml.MappingNode):
+            return [n for pair in node.value for n in pair]
+        return list(node.value) if isinstance(node, yaml.SequenceNode) else []
+
+    size: dict[int, int] = {}  # id(node) -> expanded size (at most cap + 1)
+    open_nodes: set[int] = set()  # entered, children not all counted: the path from the root
+    stack = [(root, False)]
+    while stack:
+        node, finish = stack.pop()
+        if finish:
+            own = 1 + len(node.value) // 100 if isinstance(node, yaml.ScalarNode) else 1
+            size[id(node)] = min(cap + 1, own + sum(size[id(c)] for c in children(node)))
+            open_nodes.discard(id(node))
+        elif id(node) in open_nodes:
+            return cap + 1  # an alias to an enclosing node: a cycle
+        elif id(node) not in size:
+            open_nodes.add(id(node))
+            stack.append((node, True))
+            stack.extend((c, False) for c in children(node))
+    return size[id(root)]
 
 
 _YAML_FLOAT = re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
@@ -534,6 +640,9 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} not found")
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"config file {path} is {path.stat().st_size} bytes, more than a config holds "
+                              f"(at most {MAX_CONFIG_BYTES})")
         try:
             loaded = yaml_load(path.read_text()) or {}
         except UnicodeDecodeError as e:

@@ -11,7 +11,8 @@ between image classification and detection:
 * :meth:`~Task.model` -- the network that is trained and saved (built from the config,
   warm-started with :func:`sact.engine.warm_start`);
 * :meth:`~Task.step` -- forward and loss of one batch;
-* :meth:`~Task.train_logs`, :meth:`~Task.images` -- TensorBoard scalars and pictures;
+* :meth:`~Task.train_logs`, :meth:`~Task.images` -- the scalars the loop averages and reports
+  (progress bar, log lines, TensorBoard) and TensorBoard pictures;
 * :meth:`~Task.evaluate` -- the metrics of the evaluation set;
 * :meth:`~Task.meta` -- what the checkpoint records besides the common entries.
 
@@ -80,8 +81,9 @@ class Task(Protocol):
     def step(self, model: nn.Module, batch, config, *, device: torch.device, amp: torch.dtype | None) -> Step:
         """Forward and loss of one training batch."""
 
-    def train_logs(self, step: Step) -> dict[str, float]:
-        """Scalars of a training step (called every ``log_every`` steps only)."""
+    def train_logs(self, step: Step) -> dict[str, Tensor]:
+        """Scalars of a training step as 0-dim tensors, left on the device (called every
+        step; the loop sums them and reads their means every ``log_every`` steps)."""
 
     def images(self, step: Step) -> dict[str, np.ndarray]:
         """TensorBoard pictures ``name -> [H, W, 3]`` uint8 of a training step."""
@@ -132,11 +134,10 @@ class ClassificationTask:
         loss, ce = compute_loss(out, labels, tau=config.tau, mode=config.mode, label_smoothing=config.label_smoothing)
         return Step(loss, out, (images, labels), {"loss": loss.detach(), "cross_entropy": ce.detach()})
 
-    def train_logs(self, step: Step) -> dict[str, float]:
+    def train_logs(self, step: Step) -> dict[str, Tensor]:
         out, labels = step.out, step.inputs[1]
-        return {**{k: v.item() for k, v in step.terms.items()},
-                "accuracy": (out.logits.argmax(1) == labels).float().mean().item(),
-                "ponder_cost": out.ponder_cost.mean().item(), "flops": out.flops.double().mean().item()}
+        return {**step.terms, "accuracy": (out.logits.argmax(1) == labels).float().mean(),
+                "ponder_cost": out.ponder_cost.detach().float().mean(), "flops": out.flops.float().mean()}
 
     def images(self, step: Step) -> dict[str, np.ndarray]:
         from ..viz import ponder_overlay_grid

@@ -22,6 +22,13 @@ A folder holding a previous run is never silently reused: :func:`main` refuses u
 (its files, :data:`RUN_FILES` and ``tb/events.out.tfevents.*``, are removed first). One
 process at a time writes a run folder (:class:`sact.fileio.OutputLock`).
 
+Progress: every ``log_every`` steps the means since the previous report
+of the task's training scalars (:meth:`~sact.engine.tasks.Task.train_logs`: loss, top-1,
+ponder cost, FLOPs and their ratio to the vanilla network's) and the learning rate go to
+TensorBoard (``train/...``) and the progress bar, or, when no bar is shown
+(``progress: false`` or stderr not a terminal), to a line on stderr (rank 0 only):
+``step 150/3000  loss 1.234  top1 56.2%  ponder 3.41  flops 61.2%  lr 0.05  12.3 it/s``.
+
 After every optimisation step the parameters and buffers are checked (on every rank):
 a NaN / inf stops the run before anything is saved, so the checkpoint on disk is always
 the last finite one.
@@ -38,6 +45,8 @@ import json
 import math
 import os
 import random
+import sys
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,7 +54,7 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .. import checkpoint as ckpt
 from ..errors import DataError, InputError, OutputExistsError, RunFailure
@@ -60,7 +69,8 @@ from .state import (LEGACY_STATE_FILE, STATE_FILE, legacy_state_message, load_tr
                     save_train_state, set_rng_state)
 from .tasks import Task, compute_loss, get_task
 
-__all__ = ["NonFiniteLossError", "compute_loss", "train_one_epoch", "main", "Run", "RUN_FILES", "prepare_run_folder"]
+__all__ = ["NonFiniteLossError", "compute_loss", "train_one_epoch", "main", "Run", "RUN_FILES", "prepare_run_folder",
+           "TrainLog", "format_logs"]
 
 #: The files ``sact train`` writes into its run folder (besides ``tb/``).
 RUN_FILES = ("model.safetensors", "model.json", STATE_FILE, LEGACY_STATE_FILE, "config.yaml", "metrics.json")
@@ -270,6 +280,80 @@ def _log_scalars(run: Run, prefix: str, values: dict) -> None:
                 _log_scalars(run, f"{prefix}/stage{i + 1}", stage)
 
 
+#: What the progress bar and the log lines show of the reported means: (key, label, format).
+_SHOWN = (
+    ("loss", "loss", "{:.3f}"),
+    ("accuracy", "top1", "{:.1%}"),
+    ("ponder_cost", "ponder", "{:.2f}"),
+    ("flops_ratio", "flops", "{:.1%}"),
+    ("lr", "lr", "{:.3g}"),
+)
+
+
+def format_logs(values: dict[str, float]) -> dict[str, str]:
+    """``{label: text}`` of the entries of ``values`` that progress reports show, in their order
+    (``{"loss": 1.2345, "accuracy": 0.5}`` -> ``{"loss": "1.234", "top1": "50.0%"}``)."""
+    return {label: fmt.format(values[key]) for key, label, fmt in _SHOWN if key in values}
+
+
+class TrainLog:
+    """Running means of a task's training scalars, reported every ``log_every`` steps.
+
+    :meth:`add` sums each step's 0-dim tensors where they are (no sync per step);
+    :meth:`report` reads their means since the previous report in one transfer, adds the
+    FLOPs ratio (``flops / vanilla_flops``, when both are known) and the learning rate,
+    logs them to TensorBoard, shows them in the bar's postfix or, with ``lines``, prints
+    ``step S/T  loss ...  12.3 it/s`` on stderr.
+
+    Args:
+        bar: the tqdm bar (updated every step) or None.
+        vanilla_flops: FLOPs of one image through the vanilla network (None: no ratio).
+        lines: print a line at each report (when no bar is shown).
+    """
+
+    def __init__(self, bar=None, *, vanilla_flops: int | None = None, lines: bool = False) -> None:
+        self.bar, self.vanilla_flops, self.lines = bar, vanilla_flops, lines
+        self._restart()
+
+    def _restart(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.steps = 0
+        self.since = time.perf_counter()
+
+    def add(self, values: dict[str, Tensor]) -> None:
+        """Adds one step's scalars (0-dim tensors)."""
+        for k, v in values.items():
+            v = v.detach().float()
+            self.sums[k] = self.sums[k] + v if k in self.sums else v
+        self.steps += 1
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def means(self) -> dict[str, float]:
+        """The means since the previous report, with ``flops_ratio`` (one device-to-host copy)."""
+        if not self.steps:
+            return {}
+        means = dict(zip(self.sums, (torch.stack(list(self.sums.values())) / self.steps).tolist()))
+        if self.vanilla_flops and "flops" in means:
+            means["flops_ratio"] = means["flops"] / self.vanilla_flops
+        return means
+
+    def report(self, run: Run) -> None:
+        """Logs, shows or prints the means since the previous report, and starts the next."""
+        if not self.steps:
+            return
+        values = {**self.means(), "lr": run.optimizer.param_groups[0]["lr"]}
+        rate = self.steps / max(time.perf_counter() - self.since, 1e-9)
+        _log_scalars(run, "train", values)
+        shown = format_logs(values)
+        if self.bar is not None:
+            self.bar.set_postfix(shown, refresh=False)
+        if self.lines:
+            fields = "  ".join(f"{label} {text}" for label, text in shown.items())
+            print(f"step {run.step}/{run.total_steps}  {fields}  {rate:.1f} it/s", file=sys.stderr, flush=True)
+        self._restart()
+
+
 def run_eval(run: Run) -> dict:
     """Evaluates on the evaluation set (sharded over ranks); logs and returns the metrics."""
     if run.info.enabled:  # every shard uses rank 0's BatchNorm statistics (the checkpoint's)
@@ -288,8 +372,12 @@ def run_eval(run: Run) -> dict:
     return metrics
 
 
-def train_one_epoch(run: Run, loader, *, pbar=None, step_callback: Callable[[int, nn.Module], None] | None = None) -> None:
+def train_one_epoch(run: Run, loader, *, log: TrainLog | None = None,
+                    step_callback: Callable[[int, nn.Module], None] | None = None) -> None:
     """Trains on ``loader``'s batches until it ends or ``run.total_steps`` is reached.
+
+    ``log`` (rank 0's) receives every step's :meth:`~sact.engine.tasks.Task.train_logs`
+    and reports them every ``log_every`` steps.
 
     Raises:
         NonFiniteLossError: the loss of a step is NaN/inf on any rank (checked before
@@ -332,13 +420,10 @@ def train_one_epoch(run: Run, loader, *, pbar=None, step_callback: Callable[[int
         run.step += 1
         if step_callback is not None:
             step_callback(run.step, run.net)
-        if pbar is not None:
-            pbar.update(1)
-        if run.writer is not None and run.step % cfg.log_every == 0:
-            logs = task.train_logs(step)
-            _log_scalars(run, "train", {**logs, "lr": run.optimizer.param_groups[0]["lr"]})
-            if pbar is not None:
-                pbar.set_postfix({k: f"{v:.3f}" for k, v in logs.items() if k in ("loss", "accuracy", "ponder_cost")})
+        if log is not None:
+            log.add(task.train_logs(step))
+            if run.step % cfg.log_every == 0:
+                log.report(run)
         if run.writer is not None and cfg.image_every and run.step % cfg.image_every == 0 and cfg.mode != "vanilla":
             for name, picture in task.images(step).items():
                 run.writer.add_image(name, picture, run.step, dataformats="HWC")
@@ -433,13 +518,20 @@ def _main(config: TrainConfig, device: torch.device, *, train_set, eval_set, ste
 
                 run.writer = summary_writer(run.out_dir / "tb")
         what = f"{config.model} {config.mode}" + (" detector" if config.task == "detection" else "")
-        pbar = tqdm(total=total, initial=run.step, desc=f"train {what}",
-                    disable=not (config.progress and info.is_main))
+        show_bar = config.progress and info.is_main and sys.stderr.isatty()
+        pbar = tqdm(total=total, initial=run.step, desc=f"train {what}", disable=not show_bar)
+        log = None
+        if info.is_main:
+            from ..ponder import vanilla_flops
+
+            size = data.input_size[1:] if data.input_size else None
+            log = TrainLog(pbar if show_bar else None, lines=not show_bar,
+                           vanilla_flops=vanilla_flops(run.net, size) if size else None)
         while run.step < total:
             epoch = run.step // spe
             loader = train_loader(data.train, config, rank=info.rank, world_size=info.world_size, epoch=epoch,
                                   skip_batches=run.step - epoch * spe, collate_fn=task.collate)
-            train_one_epoch(run, loader, pbar=pbar, step_callback=step_callback)
+            train_one_epoch(run, loader, log=log, step_callback=step_callback)
             if run.step % spe == 0 or run.step >= total:
                 save(run)  # epoch end: always resumable, whatever checkpoint_every says
         pbar.close()
