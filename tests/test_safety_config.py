@@ -95,3 +95,10 @@ def test_clutter_config_owns_its_checks():
     for bad in ({"canvas_size": 4097}, {"min_scale": float("nan")}, {"max_objects": 101}, {"bogus": 1}, [1]):
         with pytest.raises(ValueError, match="ClutterConfig"):
             ClutterConfig.from_dict(bad)
+
+
+def test_demo_threads_bounded_by_the_cores(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--threads", str(cpu_cores() + 1), "--out", str(out)]) == 2
+    assert "threads" in error_line(capsys.readouterr().err, "demo")
+    assert not out.exists()

@@ -30,7 +30,7 @@ import torch
 
 from ..errors import OutputExistsError
 from ..fileio import OutputLock, atomic_write_bytes, check_output_folder, dumps_json, remove_stale_temp_files
-from .config import TrainConfig
+from .config import TrainConfig, cpu_cores
 
 __all__ = ["DemoSettings", "PRESETS", "run_demo", "ponder_box_stats", "demo_files"]
 
@@ -99,13 +99,14 @@ class DemoSettings:
             "eval_samples": self.eval_samples >= 1,
             "canvas_size": self.canvas_size >= 16,
             "num_maps": 1 <= self.num_maps <= self.eval_samples,
+            "threads": 0 <= self.threads <= cpu_cores(),  # 0: torch's default
         }
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"DemoSettings: invalid {name}={getattr(self, name)!r}")
 
 
-#: ``default`` fits 15 minutes on 2 CPU cores, ``quick`` 3 minutes (see docs/demo.md).
+#: ``default`` takes a few minutes on 2 CPU cores, ``quick`` less (measured times in docs/demo.md).
 PRESETS = {
     "default": DemoSettings(),
     "quick": DemoSettings(pretrain_steps=150, finetune_steps=100, batch_size=32, train_samples=6000, eval_samples=500),

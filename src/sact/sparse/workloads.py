@@ -267,7 +267,7 @@ def load_trained(path: str | Path, *, num_images: int, data_dir: str | Path | No
         raise WorkloadError(f"checkpoint {path} was trained on {dataset!r}; the trained rows draw Cluttered "
                             "Fashion-MNIST test canvases")
     try:
-        clutter = D.ClutterConfig(**(config.get("clutter") or {}))
+        clutter = D.ClutterConfig.from_dict(config.get("clutter") or {})
         pre = D.Preprocess.from_dict(meta["preprocess"]) if meta.get("preprocess") else D.cluttered_preprocess()
     except (TypeError, ValueError) as e:
         raise WorkloadError(f"checkpoint {path}: unusable data settings in its metadata: {e}") from e
