@@ -36,6 +36,21 @@ def tiny_fashion_mnist(folder: Path, n_train: int = 40, n_test: int = 20) -> Pat
     return folder
 
 
+#: the checkout's entries a docs example may not see: runs, reports, the venv and caches
+_UNLINKED = {".git", ".venv", "runs", "reports", "build", "dist", ".pytest_cache", "__pycache__"}
+
+
+def linked_root(workdir: Path) -> Path:
+    """Makes ``workdir`` a stand-in for the repository root: its top-level entries linked (so
+    ``configs/``, ``docs/`` ... are there), while what a docs example writes lands in ``workdir``,
+    never in the checkout."""
+    root = Path(__file__).resolve().parents[1]
+    for entry in root.iterdir():
+        if entry.name not in _UNLINKED and not (workdir / entry.name).exists():
+            (workdir / entry.name).symlink_to(entry)
+    return workdir
+
+
 def snapshot(folder: Path) -> dict[str, str]:
     """``{relative path: sha256}`` of every file under ``folder`` (to prove nothing changed)."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()

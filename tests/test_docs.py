@@ -17,13 +17,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import linked_root
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 NETWORK = "# needs network"
 OPTIONAL_MODULES = ("onnx", "onnxruntime", "onnxscript", "tensorflow", "pycocotools")
-# the checkout's entries a block may read; runs/, reports/, .venv and caches are not linked
-_SKIP_ENTRIES = {".git", ".venv", "runs", "reports", "build", "dist", ".pytest_cache", "__pycache__"}
 _FENCE = re.compile(r"^```python[ \t]*\n(.*?)^```[ \t]*$", re.S | re.M)
 
 
@@ -38,9 +37,7 @@ BLOCKS = [(f, line, code) for f in DOCS for line, code in python_blocks(f)]
 
 def run_block(code: str, workdir: Path, timeout: float = 180) -> subprocess.CompletedProcess:
     """Runs ``code`` in a fresh interpreter in ``workdir`` (a linked copy of the repository root)."""
-    for entry in ROOT.iterdir():
-        if entry.name not in _SKIP_ENTRIES and not (workdir / entry.name).exists():
-            (workdir / entry.name).symlink_to(entry)
+    linked_root(workdir)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]),
            "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-c", code], cwd=workdir, env=env, capture_output=True, text=True,
