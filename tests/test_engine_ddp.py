@@ -16,13 +16,13 @@ SCRIPT = textwrap.dedent(
     import hashlib, json, os, sys
     import torch
     from torch.utils.data import Dataset
-    import sact, sact.checkpoint, sact.engine.state
+    import sact, sact.checkpoint, sact.engine.state, sact.io.checkpoint
     from sact.engine import TrainConfig, main
 
     torch.set_num_threads(1)
     rank, out = int(os.environ["RANK"]), sys.argv[1]
     writes = []
-    for module in (sact.checkpoint, sact.engine.state):  # record every file this rank writes
+    for module in (sact.checkpoint, sact.io.checkpoint, sact.engine.state):  # record every file this rank writes
         real = module.atomic_write_bytes
         def spy(path, data, _real=real):
             writes.append(str(path))

@@ -79,10 +79,10 @@ def _forge(path, model, *, kwargs=None, name=None):
 
 
 def test_forged_headers_are_refused_before_anything_is_allocated(tmp_path, monkeypatch):
-    import sact.models
+    import sact.models.registry
 
     built = []
-    real = sact.models.create_model
+    real = sact.models.registry.build_model  # every model is built through it
 
     def spy(name, **kwargs):
         device = str(torch.get_default_device())
@@ -91,8 +91,8 @@ def test_forged_headers_are_refused_before_anything_is_allocated(tmp_path, monke
             raise AssertionError(f"model {name} {kwargs} built for real before validation")
         return real(name, **kwargs)
 
-    monkeypatch.setattr(sact.models, "create_model", spy)
     small = sact.create_model("resnet20_cifar", base_channels=4)
+    monkeypatch.setattr(sact.models.registry, "build_model", spy)
     cases = [
         ({"mode": "sact", "base_channels": 8192}, None, "base_channels=8192 (expected an int in [2, 1024])"),
         ({"mode": "sact", "num_classes": "10"}, None, "num_classes='10' (expected an int"),

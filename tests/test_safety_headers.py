@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import sact
-import sact.models
+import sact.models.registry
 from sact import CheckpointError
 from sact.cli import main
 from helpers import error_line
@@ -24,14 +24,14 @@ from helpers import error_line
 def only_meta_builds(monkeypatch):
     """Fails a test that builds a model anywhere but on the meta device: a forged giant is
     never allocated, even by code that lacks the checks."""
-    real = sact.models.create_model
+    real = sact.models.registry.build_model  # every model is built through it
 
     def spy(name, **kwargs):
         if str(torch.get_default_device()) != "meta":
             raise AssertionError(f"model {name} {kwargs} built for real from a forged header")
         return real(name, **kwargs)
 
-    monkeypatch.setattr(sact.models, "create_model", spy)
+    monkeypatch.setattr(sact.models.registry, "build_model", spy)
 
 
 def _rewrite_header(weights, change):
@@ -78,12 +78,18 @@ def test_a_legitimate_detector_still_loads(detector_file):
     assert load_detector(weights).detector_config == config
 
 
+@pytest.fixture
+def classifier_file(tmp_path):
+    return sact.save_checkpoint(sact.create_model("resnet110_cifar", base_channels=2), tmp_path / "m")
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"mode": "sact", "base_channels": 10**6}, "base_channels=1000000 (expected an int in [2, 1024])"),
     ({"mode": "sact", "base_channels": 1024}, "parameters and buffers"),  # within the bounds, 7.3 G elements
 ])
-def test_forged_classifier_sizes_exit_2_before_allocating(tmp_path, capsys, only_meta_builds, kwargs, message):
-    weights = sact.save_checkpoint(sact.create_model("resnet110_cifar", base_channels=2), tmp_path / "m")
+def test_forged_classifier_sizes_exit_2_before_allocating(tmp_path, capsys, classifier_file, only_meta_builds, kwargs,
+                                                          message):
+    weights = classifier_file
     _rewrite_header(weights, {"model": {"name": "resnet110_cifar", "kwargs": kwargs}})
     with pytest.raises(CheckpointError, match=re.escape(message)):
         sact.load_checkpoint(weights)

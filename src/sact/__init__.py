@@ -21,7 +21,8 @@ __all__ = [
     "ponder_loss",
 ]
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint  # noqa: E402
+from .io.checkpoint import CheckpointError  # noqa: E402
+from .models.loading import load_checkpoint, save_checkpoint  # noqa: E402
 
 __all__ += ["load_checkpoint", "save_checkpoint", "CheckpointError"]
 

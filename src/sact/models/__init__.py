@@ -1,20 +1,23 @@
-"""Model registry: :func:`create_model`, :func:`list_models`, :func:`register_model`.
+"""Models: :func:`create_model`, and the registry's :func:`list_models` and :func:`register_model`.
 
-Every registered name is a builder ``builder(*, mode, **kwargs) -> AdaptiveResNet``;
-:func:`create_model` checks the keyword arguments against the builder's signature,
-records ``model.sact_config`` (what checkpoints store to rebuild the model), loads
-``pretrained`` weights and makes ``features_only`` models, as timm's ``create_model``.
+The registry (:mod:`sact.models.registry`) holds every builder
+``builder(*, mode, **kwargs) -> AdaptiveResNet`` and builds them, checking the keyword
+arguments against the builder's signature and recording ``model.sact_config`` (what
+checkpoints store to rebuild the model). :func:`create_model` also loads ``pretrained``
+weights (:mod:`sact.models.pretrained`) and makes ``features_only`` models, as timm's
+``create_model``. Checkpoints are read and written by :mod:`sact.models.loading`.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import inspect
 import os
 from typing import Callable, Sequence
 
+from . import registry
 from .base import AdaptiveResNet, FeatureInfo
 from .cifar import CifarResNet
+from .pretrained import load_pretrained, pretrained_kwargs
+from .registry import _REGISTRY, check_model_args, list_models, register_model  # noqa: F401 (_REGISTRY: cli)
 from .resnet import BasicBlock, ResNet, load_torchvision_weights
 
 __all__ = [
@@ -28,61 +31,6 @@ __all__ = [
     "register_model",
     "load_torchvision_weights",
 ]
-
-_REGISTRY: dict[str, Callable[..., AdaptiveResNet]] = {}
-
-
-def _origin(fn) -> tuple[str | None, str | None]:
-    return getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
-
-
-def register_model(name=None, builder: Callable[..., AdaptiveResNet] | None = None):
-    """Register a model builder under a name; usable as ``@register_model``, ``@register_model("name")``
-    or ``register_model("name", builder)``.
-
-    The builder is called as ``builder(mode=..., **kwargs)`` by :func:`create_model` and
-    returns an :class:`AdaptiveResNet` subclass (the protocol is in
-    :mod:`sact.models.base`; example in ``docs/custom_units.md``). Registering the same
-    name again with a function of the same module and qualified name replaces it (a
-    re-run notebook cell or script); any other duplicate is an error.
-
-    Args:
-        name: the name for :func:`create_model` (default: the function's ``__name__``).
-        builder: the builder (omit to use this as a decorator).
-
-    Raises:
-        ValueError: the name is taken by another builder, or the builder takes no ``mode``.
-    """
-    if callable(name) and builder is None:  # bare @register_model
-        return register_model(name.__name__, name)
-
-    def deco(fn):
-        key = name if name is not None else fn.__name__
-        if not isinstance(key, str) or not key:
-            raise ValueError(f"model name must be a non-empty string, got {key!r}")
-        params = inspect.signature(fn).parameters
-        if "mode" not in params and not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            raise ValueError(f"builder {fn.__qualname__} of {key!r} must take a 'mode' keyword argument")
-        if key in _REGISTRY and _origin(_REGISTRY[key]) != _origin(fn):
-            raise ValueError(f"model {key!r} is already registered (by {_REGISTRY[key].__module__})")
-        _REGISTRY[key] = fn
-        return fn
-
-    return deco(builder) if builder is not None else deco
-
-
-def list_models(pattern: str | Sequence[str] | None = None) -> list[str]:
-    """Names accepted by :func:`create_model`, sorted.
-
-    Args:
-        pattern: a shell-style wildcard (``fnmatch``: ``"resnet*_cifar"``, ``"resnet?0"``), or
-            a list of them (a name matching any is kept); ``None`` for every name.
-    """
-    names = sorted(_REGISTRY)
-    if pattern is None:
-        return names
-    patterns = [pattern] if isinstance(pattern, str) else list(pattern)
-    return [n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
 
 
 def create_model(
@@ -127,38 +75,14 @@ def create_model(
         TypeError: the builder did not return an :class:`AdaptiveResNet`.
         sact.CheckpointError: ``pretrained`` cannot be read, downloaded or does not fit.
     """
-    if name not in _REGISTRY:
-        raise ValueError(
-            f"unknown model {name!r}; available: {', '.join(list_models())} (a model of your own must be "
-            "registered with sact.register_model first: import the module that registers it)"
-        )
-    from ..stage import MODES
-
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_model_args(name, mode, kwargs)
     if not features_only and out_indices is not None:
         raise ValueError(f"out_indices={out_indices!r} needs features_only=True")
-    builder = _REGISTRY[name]
-    params = inspect.signature(builder).parameters
-    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-        bad = [k for k in kwargs if k not in params]
-        if bad:
-            raise ValueError(f"{name} does not accept {bad}; accepted: {sorted(p for p in params if p != 'mode')}")
     pretrained = None if pretrained is False else pretrained
     if pretrained is not None:
-        from .pretrained import pretrained_kwargs
-
         kwargs = pretrained_kwargs(name, pretrained, mode, kwargs)  # a checkpoint's stored arguments
-    model = builder(mode=mode, **kwargs)
-    if not isinstance(model, AdaptiveResNet):
-        raise TypeError(
-            f"builder of {name!r} returned a {type(model).__name__}; it must return a subclass of "
-            "sact.models.AdaptiveResNet (docs/custom_units.md)"
-        )
-    model.sact_config = {"name": name, "kwargs": {"mode": mode, **kwargs}}
+    model = registry.build_model(name, mode=mode, **kwargs)
     if pretrained is not None:
-        from .pretrained import load_pretrained
-
         load_pretrained(model, pretrained)
     if features_only:
         model.set_features_only(out_indices)  # not in sact_config: checkpoints hold the whole network

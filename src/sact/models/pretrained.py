@@ -2,7 +2,7 @@
 
 An sact checkpoint also gives the architecture's arguments (:func:`pretrained_kwargs`); a
 plain state dict (a torchvision ``.pth``, a ``.safetensors`` of ``model.state_dict()``) is
-read without running code (:func:`sact.checkpoint.read_state_dict`) and needs the
+read without running code (:func:`sact.io.checkpoint.read_state_dict`) and needs the
 arguments from the caller. torchvision's ResNets name their tensors as sact's do, so both
 load by name (:func:`load_pretrained`).
 
@@ -28,8 +28,9 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from ..checkpoint import (CheckpointError, expected_state, file_kind, load_checkpoint, read_checkpoint_meta,
-                          read_state_dict)
+from ..io.checkpoint import CheckpointError, file_kind, read_state_dict
+from .loading import expected_state, load_checkpoint, read_checkpoint_meta
+from .registry import _REGISTRY
 
 __all__ = ["load_pretrained", "pretrained_kwargs", "download_checkpoint", "DOWNLOAD_TIMEOUT_S"]
 
@@ -111,11 +112,9 @@ def pretrained_kwargs(name: str, source: str | os.PathLike, mode: str, kwargs: d
 
     Raises:
         CheckpointError: an unreadable or forged file, another architecture, arguments
-            that differ, or a model above :data:`sact.checkpoint.MAX_MODEL_ELEMENTS`
+            that differ, or a model above :data:`sact.models.loading.MAX_MODEL_ELEMENTS`
             (checked on the ``meta`` device, before anything is built).
     """
-    from . import _REGISTRY
-
     path, _ = _local(source, progress)
     if file_kind(path)[0] in ("torch", "safetensors"):
         return dict(kwargs)
@@ -160,7 +159,7 @@ def load_pretrained(model: nn.Module, source: str | os.PathLike, *, progress: bo
         source: an sact checkpoint ``NAME`` / ``NAME.safetensors`` / ``NAME.json`` / a
             folder (see :func:`sact.load_checkpoint`), a plain state dict file
             (``.safetensors``, or ``torch.save``'s ``.pth`` / ``.pt``, read with
-            ``weights_only=True``; see :func:`sact.checkpoint.read_state_dict`), or an
+            ``weights_only=True``; see :func:`sact.io.checkpoint.read_state_dict`), or an
             ``http(s)://`` URL of an sact checkpoint's ``NAME.safetensors``.
         progress: progress bar while downloading.
 

@@ -1,0 +1,86 @@
+"""The package's layers, read from the import statements of src/sact (issue 22): the checkpoint
+format (``sact.io``) knows no models, and no module of ``sact.models`` or ``sact.io`` is on an
+import cycle, counting imports inside functions too (so none can hide one)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(SRC).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {_module_name(p): p for p in (SRC / "sact").rglob("*.py")}
+
+
+def imports(name: str) -> list[tuple[str, bool]]:
+    """``(imported sact module, at module level?)`` for every import statement of module ``name``.
+
+    ``from .x import y`` names ``x.y`` when that is a module of sact (``from . import
+    registry``), else ``x``; a package's own ``__init__`` is not counted for its submodules.
+    """
+    path = MODULES[name]
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    tree = ast.parse(path.read_text())
+    top = {id(node) for node in tree.body}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            target = ".".join(base + ([node.module] if node.module else []))
+            names = [f"{target}.{a.name}" if f"{target}.{a.name}" in MODULES else target for a in node.names]
+        elif isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        else:
+            continue
+        found += [(n, id(node) in top) for n in names if n.split(".")[0] == "sact"]
+    return found
+
+
+def _in(module: str, *packages: str) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
+def test_import_parser_reads_relative_absolute_and_function_level_imports():
+    assert ("sact.io.checkpoint", True) in imports("sact.models.loading")  # from ..io.checkpoint import ...
+    assert ("sact.models.registry", True) in imports("sact.models.loading")  # from . import registry
+    assert ("sact.models", False) in imports("sact.detection.task")  # from ..models import create_model, in a def
+
+
+def test_the_checkpoint_format_imports_no_model_code():
+    io = [m for m in MODULES if _in(m, "sact.io")]
+    assert "sact.io.checkpoint" in io
+    models = ("sact.models", "sact.stage", "sact.units", "sact.engine")
+    bad = [(m, t) for m in io for t, _ in imports(m) if _in(t, *models)]
+    assert bad == []
+
+
+def test_no_module_of_models_or_io_is_on_an_import_cycle():
+    graph = {m: {t for t, _ in imports(m) if t in MODULES and t != m} for m in MODULES}
+
+    def on_cycle(start: str) -> bool:  # a depth-first search for a path from start back to start
+        seen, stack = set(), [start]
+        while stack:
+            for nxt in graph[stack.pop()]:
+                if nxt == start:
+                    return True
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append(nxt)
+        return False
+
+    layered = [m for m in MODULES if _in(m, "sact.models", "sact.io", "sact.checkpoint")]
+    assert len(layered) >= 8
+    assert [m for m in layered if on_cycle(m)] == []
+
+
+def test_models_and_io_import_each_other_at_module_level_only():
+    layered = ("sact.models", "sact.io", "sact.checkpoint", "sact.stage")
+    hidden = [(m, t) for m in MODULES if _in(m, "sact.models", "sact.io")
+              for t, top in imports(m) if not top and _in(t, *layered)]
+    assert hidden == []
