@@ -328,7 +328,7 @@ def load_detector(path: str | Path, *, map_location: str | torch.device = "cpu",
 
     The header is validated before anything is allocated (backbone spec, detector
     arguments within bounds, then the detector built on the ``meta`` device: at most
-    :data:`sact.checkpoint.MAX_MODEL_ELEMENTS` parameters and buffers), then every
+    :data:`sact.models.loading.MAX_MODEL_ELEMENTS` parameters and buffers), then every
     tensor's dtype and shape, the hashes and the values
     (:func:`sact.checkpoint.read_verified_state`); only then is it built for real.
 

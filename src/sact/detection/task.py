@@ -70,7 +70,7 @@ def detector_from_config(config, *, num_classes: int, image_side: int, warm_star
 
     Raises:
         InputError: detector settings that do not fit the model (stage names, anchors), or
-            a detector above :data:`sact.checkpoint.MAX_MODEL_ELEMENTS` (found on the
+            a detector above :data:`sact.models.loading.MAX_MODEL_ELEMENTS` (found on the
             ``meta`` device, before anything is allocated).
         CheckpointError: an ``init`` file that does not fit.
     """

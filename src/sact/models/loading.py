@@ -152,7 +152,7 @@ def meta_state(build: Callable[[], nn.Module]) -> dict[str, tuple[str, list[int]
     n = sum(math.prod(shape) for _, shape in signature.values())
     if n > MAX_MODEL_ELEMENTS:
         raise ValueError(f"the model would have {n:,} parameters and buffers ({4 * n / 1e9:.1f} GB in float32), "
-                         f"above sact's cap of {MAX_MODEL_ELEMENTS:,} (sact.checkpoint.MAX_MODEL_ELEMENTS)")
+                         f"above sact's cap of {MAX_MODEL_ELEMENTS:,} (sact.models.loading.MAX_MODEL_ELEMENTS)")
     return signature
 
 
