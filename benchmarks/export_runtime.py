@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-    from sact.sparse.bench import environment
+    from sact.tools.bench.bench import environment
 
     rows = ROWS if args.rows == "all" else [ROWS[int(i)] for i in args.rows.split(",")]
     runtimes = _runtimes()
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{model_name} @{side} b{batch} {runtime}: vanilla {row['ms']['vanilla']['median']:.2f} ms, "
                       f"sact {row['ms']['sact']['median']:.2f} ms, ratio {row['sact_over_vanilla']['median']:.2f} "
                       f"({row['sact_over_vanilla']['min']:.2f}-{row['sact_over_vanilla']['max']:.2f})", file=sys.stderr)
-    from sact.sparse.bench import _loadavg
+    from sact.tools.bench.bench import _loadavg
 
     env["loadavg_end"] = _loadavg()
     out = Path(args.out)

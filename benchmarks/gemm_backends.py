@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from sact.sparse.bench import environment
+from sact.tools.bench.bench import environment
 from sact.sparse.gemm import linear, use_onednn
 
 

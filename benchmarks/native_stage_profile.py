@@ -43,8 +43,8 @@ from sact.output import ModelOutput
 from sact.sparse import native, to_sparse
 from sact.sparse.native_stage import NativeBasicStage
 
-from sact.sparse.bench import environment
-from sact.sparse.workloads import load_trained, object_inputs, object_model, vanilla_twin
+from sact.tools.bench.bench import environment
+from sact.tools.bench.workloads import load_trained, object_inputs, object_model, vanilla_twin
 
 # (model, image size, batch sizes, disc radii as a fraction of the side; None = nothing halts)
 GRID = [
@@ -263,7 +263,7 @@ def main(argv=None) -> int:
         for b in batches:
             obj, full = object_model(name, image_size=size)
             vanilla = vanilla_twin(full)
-            for radius in radii:  # the disc's radius as a fraction of the side (sact.sparse.workloads)
+            for radius in radii:  # the disc's radius as a fraction of the side (sact.tools.bench.workloads)
                 model = obj if radius is not None else full
                 jobs.append((f"{name} @{size} r={radius}", model, vanilla, object_inputs(b, size, radius)[0]))
     if args.demo is not None:

@@ -27,7 +27,7 @@ import torch
 
 import sact
 from sact.engine.train import compute_loss
-from sact.sparse.bench import environment
+from sact.tools.bench.bench import environment
 
 ROWS = [("resnet50", 224, 8, 1000), ("resnet32_cifar", 32, 64, 10)]
 MODES = ("vanilla", "act", "sact")
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads < 1 or args.reps < 1 or args.warmup < 0:
         p.error("--threads and --reps must be positive, --warmup non-negative")
     torch.set_num_threads(args.threads)
-    env = environment(args.threads)  # sact.sparse.bench's: CPU model, versions, MALLOC_*, load average
+    env = environment(args.threads)  # sact.tools.bench's: CPU model, versions, MALLOC_*, load average
     print(json.dumps(env), file=sys.stderr)
     if args.ops:
         return operator_tables(args)

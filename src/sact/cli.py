@@ -23,6 +23,7 @@ import inspect
 import os
 import sys
 import warnings
+from typing import Callable
 
 from .errors import EXIT_FAILURE, EXIT_INPUT, SactError
 
@@ -169,12 +170,18 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         leaf.print_help()
         return EXIT_INPUT
-    prog = leaf.prog
+    return run_reported(lambda: args.func(args), prog=leaf.prog)
+
+
+def run_reported(func: Callable[[], int | None], *, prog: str) -> int:
+    """Call ``func()`` and return its exit status (``None``: 0); an error becomes one line
+    ``prog: message`` on stderr and its exit code, a warning ``prog: warning: message``
+    (see the module docstring). :func:`main` runs every command through this."""
     debug = os.environ.get(DEBUG_ENV, "") not in ("", "0")
     previous = warnings.showwarning
     warnings.showwarning = lambda *a, **k: _show_warning(*a, **k, prog=prog)
     try:
-        return int(args.func(args) or 0)
+        return int(func() or 0)
     except KeyboardInterrupt:
         if debug:
             raise

@@ -19,7 +19,8 @@ from sact.sparse.executors import NativeStageExecutor
 from sact.cli import build_parser
 from sact.data import ClutteredFashionMNIST, ClutterConfig, cluttered_preprocess
 from sact.sparse import to_sparse
-from sact.sparse.bench import (
+from sact.commands.bench import run_cli
+from sact.tools.bench.bench import (
     TRAINED,
     BenchError,
     BenchOptions,
@@ -27,13 +28,12 @@ from sact.sparse.bench import (
     efficiency,
     ratio_summary,
     run_benchmark,
-    run_cli,
     select_workloads,
     spread,
     time_rounds,
 )
-from sact.sparse.profile import StageProfiler, profile_sparse, summarize
-from sact.sparse.workloads import WorkloadError, calibrate_radius, load_trained, object_inputs, object_model
+from sact.tools.bench.profile import StageProfiler, profile_sparse, summarize
+from sact.tools.bench.workloads import WorkloadError, calibrate_radius, load_trained, object_inputs, object_model
 
 SRC = Path(sact.__file__).resolve().parent
 TINY = (("base_channels", 4),)
@@ -322,7 +322,7 @@ def test_profile_of_the_engine_adds_up_and_changes_nothing(whole_stage, monkeypa
 
 
 def test_break_even_times_both_paths_of_a_kernel():
-    from sact.sparse.break_even import break_even
+    from sact.tools.bench.break_even import break_even
     from sact.units import PreActBasicUnit
 
     res = break_even(PreActBasicUnit(8, 8), 8, batch=2, reps=1, fractions=(0.25, 1.0))
@@ -362,14 +362,14 @@ def test_help_works_from_an_installed_copy_without_benchmarks(tmp_path):
         "from sact.cli import main\n"
         "try:\n    main(['bench', '--help'])\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
         "sys.argv = ['bench', '--help']\n"
-        "try:\n    runpy.run_module('sact.sparse.bench', run_name='__main__')\n"
+        "try:\n    runpy.run_module('sact.tools.bench', run_name='__main__')\n"
         "except SystemExit as e:\n    assert e.code == 0, e.code\n"
     )
     env = {"PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
     res = subprocess.run([sys.executable, "-c", script], cwd=work, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert f"FROM {site / 'sact'}" in res.stdout
-    assert res.stdout.count("--checkpoint") >= 2 and "python -m sact.sparse.bench" in res.stdout
+    assert res.stdout.count("--checkpoint") >= 2 and "python -m sact.tools.bench" in res.stdout
     assert not any(work.iterdir())  # --help writes nothing
 
 
@@ -389,3 +389,47 @@ def test_the_package_never_imports_or_reads_benchmarks():
                   and id(node) not in docstrings):
                 offenders.append(f"{path}:{node.lineno} string {node.value[:40]!r}")
     assert not offenders, offenders
+
+
+# ---- layout: the engine is library only, the harness lives in sact.tools.bench ----------
+
+#: sact.sparse's aliases of the moved harness modules (they go in the next release).
+ALIASES = ("bench", "profile", "workloads", "break_even")
+
+
+def _absolute_imports(path: Path, package: str) -> list[str]:
+    """The modules ``path`` (a module of ``package``) imports, relative imports resolved."""
+    names = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package.split(".")[: len(package.split(".")) - node.level + 1] if node.level else []
+            names.append(".".join(base + ([node.module] if node.module else [])))
+    return names
+
+
+def test_the_engine_holds_no_harness():
+    for path in (SRC / "sparse").glob("*.py"):
+        imports = _absolute_imports(path, "sact.sparse")
+        if path.stem in ALIASES:  # an alias: imports and names, no code of its own
+            tree = ast.parse(path.read_text())
+            assert not [n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))], path
+            assert "argparse" not in imports, path
+            continue
+        assert not [m for m in imports if m == "argparse" or m.startswith(("sact.tools", "sact.commands", "sact.cli"))
+                    ], path
+
+
+def test_old_paths_alias_the_moved_names_and_errors_have_the_cli_exit_code():
+    import importlib
+
+    from sact.cli import exit_code
+    from sact.errors import InputError
+
+    for name in ALIASES:
+        old, new = importlib.import_module(f"sact.sparse.{name}"), importlib.import_module(f"sact.tools.bench.{name}")
+        moved = [n for n in old.__all__ if n not in ("add_arguments", "run_cli", "main")]
+        assert moved and all(getattr(old, n) is getattr(new, n) for n in moved), name
+    for error in (BenchError, WorkloadError):
+        assert issubclass(error, InputError) and exit_code(error("x")) == 2
