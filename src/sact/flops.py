@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["conv_flops", "linear_flops", "dilate_mask", "mask_positions", "masked_flops", "count_model_flops"]
+__all__ = ["conv_flops", "linear_flops", "dilate_mask", "mask_positions", "output_positions", "masked_flops", "count_model_flops"]
 
 
 def _macs_per_position(conv: nn.Conv2d) -> int:
@@ -67,6 +67,13 @@ def mask_positions(mask: Tensor | None, batch: int, height: int, width: int, dev
     if mask is None:
         return torch.full((batch,), height * width, dtype=torch.long, device=device)
     return (mask != 0).flatten(1).sum(1)
+
+
+def output_positions(x: Tensor, mask: Tensor | None, stride: int = 1) -> Tensor:
+    """``[B]`` active positions of a unit's output: ``mask`` (on the output grid), or every
+    position of ``x [B, C, H, W]``'s grid after ``stride`` (``ceil(H / stride) x ceil(W / stride)``)."""
+    b, _, h, w = x.shape
+    return mask_positions(mask, b, -(-h // stride), -(-w // stride), device=x.device)
 
 
 def masked_flops(rates: tuple[int, int, int], mask: Tensor) -> Tensor:

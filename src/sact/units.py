@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .flops import conv_flops, masked_flops, mask_positions
+from .flops import conv_flops, masked_flops, output_positions
 
 __all__ = ["ResidualUnit", "Bottleneck", "PreActBasicUnit", "Conv2dSame", "apply_mask", "masked_add"]
 
@@ -85,11 +85,6 @@ class Conv2dSame(nn.Conv2d):
         if any(ph) or any(pw):
             x = F.pad(x, (pw[0], pw[1], ph[0], ph[1]))
         return super().forward(x)
-
-
-def _positions(x: Tensor, mask: Tensor | None, stride: int = 1) -> Tensor:
-    b, _, h, w = x.shape
-    return mask_positions(mask, b, -(-h // stride), -(-w // stride), device=x.device)
 
 
 class Bottleneck(nn.Module):
@@ -151,8 +146,8 @@ class Bottleneck(nn.Module):
 
     def flops(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         if mask is None:
-            n_in = _positions(x, None)
-            n_out = _positions(x, None, self.stride)
+            n_in = output_positions(x, None)
+            n_out = output_positions(x, None, self.stride)
             total = conv_flops(self.conv1, n_in) + (conv_flops(self.conv2, n_out) + conv_flops(self.conv3, n_out))
             if self.downsample is not None:
                 total = total + conv_flops(self.downsample[0], n_out)
@@ -225,7 +220,7 @@ class PreActBasicUnit(nn.Module):
 
     def flops(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         if mask is None:
-            n_out = _positions(x, None, self.stride)
+            n_out = output_positions(x, None, self.stride)
             return conv_flops(self.conv1, n_out) + conv_flops(self.conv2, n_out)
         if self.stride != 1:
             raise ValueError("a masked unit must have stride 1")

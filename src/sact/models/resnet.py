@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..flops import conv_flops, mask_positions, masked_flops
+from ..flops import conv_flops, masked_flops, output_positions
 from ..halting import make_halting
 from ..stage import AdaptiveStage
 from ..units import Bottleneck, NormFactory, masked_add
@@ -85,7 +85,7 @@ class BasicBlock(nn.Module):
         ``conv2`` over the mask; unmasked: both convolutions and the projection everywhere."""
         if mask is None:
             b, _, h, w = x.shape
-            n_out = mask_positions(None, b, -(-h // self.stride), -(-w // self.stride), device=x.device)
+            n_out = output_positions(x, None, self.stride)
             total = conv_flops(self.conv1, n_out) + conv_flops(self.conv2, n_out)
             if self.downsample is not None:
                 total = total + conv_flops(self.downsample[0], n_out)

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..flops import conv_flops, mask_positions, masked_flops
+from ..flops import conv_flops, masked_flops, output_positions
 from ..halting import make_halting
 from ..stage import AdaptiveStage
 from ..units import Conv2dSame, NormFactory, masked_add
@@ -63,11 +63,6 @@ class MaxPool2dSame(nn.Module):
         # TF SAME pads asymmetrically (extra on the bottom/right); -inf never wins the max.
         x = F.pad(x, (pw[0], pw[1], ph[0], ph[1]), value=float("-inf"))
         return F.max_pool2d(x, self.kernel_size, self.stride)
-
-
-def _positions(x: Tensor, mask: Tensor | None, stride: int = 1) -> Tensor:
-    b, _, h, w = x.shape
-    return mask_positions(mask, b, -(-h // stride), -(-w // stride), device=x.device)
 
 
 class PreActBottleneck(nn.Module):
@@ -135,10 +130,10 @@ class PreActBottleneck(nn.Module):
     def flops(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """``[B]`` FLOPs (2 x MACs): ``conv1`` over the 3x3-dilated mask, ``conv2``/``conv3``
         over the mask, the projection shortcut (if any) everywhere."""
-        n_out = _positions(x, None, self.stride)
+        n_out = output_positions(x, None, self.stride)
         total = conv_flops(self.shortcut, n_out) if self.shortcut is not None else 0
         if mask is None:
-            n_in = _positions(x, None)
+            n_in = output_positions(x, None)
             return total + conv_flops(self.conv1, n_in) + conv_flops(self.conv2, n_out) + conv_flops(self.conv3, n_out)
         if self.stride != 1:
             raise ValueError("a masked unit must have stride 1")

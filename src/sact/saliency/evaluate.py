@@ -14,7 +14,6 @@ the sizes differ).
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from collections.abc import Callable, Iterable, Sequence
@@ -24,6 +23,7 @@ from typing import Any, Literal
 import numpy as np
 from tqdm.auto import tqdm
 
+from sact.fileio import dumps_json
 from sact.saliency.metrics import METRIC_LABELS, check_metric_names, evaluate_all
 
 __all__ = ["evaluate_dataset", "write_report"]
@@ -199,18 +199,6 @@ def evaluate_dataset(
     }
 
 
-def _json_safe(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {str(k): _json_safe(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_json_safe(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        return float(x) if math.isfinite(x) else None
-    if isinstance(x, np.integer):
-        return int(x)
-    return x
-
-
 def _fmt(x: Any) -> str:
     if x is None or (isinstance(x, float) and not math.isfinite(x)):
         return "n/a"
@@ -248,7 +236,7 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "saliency.json"
     md_path = out / "saliency.md"
-    json_path.write_text(json.dumps(_json_safe(results), indent=2, allow_nan=False) + "\n")
+    json_path.write_text(dumps_json(results, indent=2) + "\n")
 
     names = list(results["metrics"])
     labels = [METRIC_LABELS.get(m, m) for m in names]

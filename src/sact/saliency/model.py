@@ -21,7 +21,6 @@ architecture with a fresh, seeded initialisation.
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -292,8 +291,7 @@ def write_comparison(
     Raises:
         ValueError: On empty ``results`` or methods scored on different metrics.
     """
-    from sact.checkpoint import atomic_write_bytes
-    from sact.saliency.evaluate import _json_safe
+    from sact.fileio import atomic_write_bytes, dumps_json
     from sact.saliency.metrics import METRIC_LABELS
 
     if not results:
@@ -311,7 +309,7 @@ def write_comparison(
         "config": {method: dict(r.get("config", {})) for method, r in results.items()},
     }
     json_path, md_path = out / "summary.json", out / "summary.md"
-    atomic_write_bytes(json_path, (json.dumps(_json_safe(summary), indent=2, allow_nan=False) + "\n").encode())
+    atomic_write_bytes(json_path, (dumps_json(summary, indent=2) + "\n").encode())
 
     labels = [METRIC_LABELS.get(m, m) for m in names]
     methods = list(results)

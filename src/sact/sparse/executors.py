@@ -22,17 +22,13 @@ from torch import Tensor, nn
 
 from ..stage import AdaptiveStage, StageRun, Where, _DenseRun
 from . import native
+from .refs import keep_ref
 from .halting_kernels import make_halting_kernel
 from .rows import image_index, neighbour_table, rows_view
 from .rowset import Geometry, RowSet
 from .unit_kernels import RowBottleneck0, RowPreActBottleneck0, make_unit_kernel
 
 __all__ = ["RowExecutor", "ImageSubsetExecutor", "NativeStageExecutor", "make_executor"]
-
-
-def _ref(module: nn.Module, name: str, value: nn.Module) -> None:
-    # Keep a reference to a module of the wrapped model without registering it twice.
-    object.__setattr__(module, name, value)
 
 
 class _RowRun:
@@ -136,7 +132,7 @@ class RowExecutor(nn.Module):
         super().__init__()
         if stage.mode != "sact":
             raise ValueError(f"RowExecutor runs SACT stages, got mode {stage.mode!r}")
-        _ref(self, "stage", stage)
+        keep_ref(self, "stage", stage)
         self.chunk_rows = chunk_rows
         self.poison = poison
         #: use the native fused halting step (CPU, native kernels loaded); False: the generic loop
@@ -195,7 +191,7 @@ class ImageSubsetExecutor(nn.Module):
         super().__init__()
         if stage.mode != "act":
             raise ValueError(f"ImageSubsetExecutor runs ACT stages, got mode {stage.mode!r}")
-        _ref(self, "stage", stage)
+        keep_ref(self, "stage", stage)
 
     def refresh(self) -> None:
         """Nothing is folded."""
@@ -217,7 +213,7 @@ class NativeStageExecutor(nn.Module):
         super().__init__()
         from .native_stage import NativeBasicStage
 
-        _ref(self, "stage", stage)
+        keep_ref(self, "stage", stage)
         self.native = NativeBasicStage(stage)
         self.fallback = fallback
         self.poison = poison

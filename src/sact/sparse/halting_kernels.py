@@ -13,16 +13,12 @@ from torch import Tensor, nn
 
 from ..halting import SACTHalting
 from . import native
+from .refs import keep_ref
 from .fold import bn_scale_shift, foldable_bn
 from .rows import rows_view
 from .rowset import RowSet
 
 __all__ = ["SparseSACTHalting", "DenseHalting", "make_halting_kernel"]
-
-
-def _ref(module: nn.Module, name: str, value: nn.Module) -> None:
-    # Keep a reference to a module of the wrapped model without registering it twice.
-    object.__setattr__(module, name, value)
 
 
 class SparseSACTHalting(nn.Module):
@@ -39,7 +35,7 @@ class SparseSACTHalting(nn.Module):
 
     def __init__(self, branch: SACTHalting) -> None:
         super().__init__()
-        _ref(self, "branch", branch)
+        keep_ref(self, "branch", branch)
         act = branch.local_act
         self.identity = isinstance(act, nn.Identity)
         self.slope = float(act.negative_slope) if isinstance(act, nn.LeakyReLU) else 0.0
@@ -140,7 +136,7 @@ class DenseHalting(nn.Module):
 
     def __init__(self, branch: nn.Module) -> None:
         super().__init__()
-        _ref(self, "branch", branch)
+        keep_ref(self, "branch", branch)
 
     def refresh(self) -> None:
         """Nothing is folded."""

@@ -26,6 +26,7 @@ from ..models.resnet import BasicBlock
 from ..models.resnet_v2 import PreActBottleneck
 from ..units import Bottleneck, PreActBasicUnit
 from . import native
+from .refs import keep_ref
 from .fold import bn_scale_shift, conv_as_matrix, fold_conv_bn, foldable_bn
 from .gemm import linear, linear_add, use_onednn
 from .rows import rows_view
@@ -65,11 +66,6 @@ SMALL_MAP = 256
 NATIVE_MIN_ROWS = 64
 
 
-def _ref(module: nn.Module, name: str, value: nn.Module) -> None:
-    # Keep a reference to a module of the wrapped model without registering it twice.
-    object.__setattr__(module, name, value)
-
-
 class _UnitKernel(nn.Module):
     """Base: ``run(X, S, rows)`` chooses the sparse or the dense path (nothing to do for no rows)."""
 
@@ -107,7 +103,7 @@ class _BottleneckRows(_UnitKernel):
 
     def __init__(self, unit: nn.Module, *, dense_above: float) -> None:
         super().__init__()
-        _ref(self, "unit", unit)
+        keep_ref(self, "unit", unit)
         self.dense_above = dense_above
         for name in ("s0", "t0", "m1", "b1", "w2", "b2", "m2", "m3", "b3", "wt1", "wt2", "wt3"):
             self.register_buffer(name, torch.empty(0), persistent=False)
@@ -252,7 +248,7 @@ class _BasicRows(_UnitKernel):
 
     def __init__(self, unit: nn.Module, *, dense_above: float) -> None:
         super().__init__()
-        _ref(self, "unit", unit)
+        keep_ref(self, "unit", unit)
         self.dense_above = dense_above
         self.slope_pre = 0.0
         self.slope_mid = 0.0
@@ -379,7 +375,7 @@ class DenseMaskedUnit(_UnitKernel):
 
     def __init__(self, unit: nn.Module) -> None:
         super().__init__()
-        _ref(self, "unit", unit)
+        keep_ref(self, "unit", unit)
 
     def refresh(self) -> None:
         """Nothing is folded."""
@@ -419,7 +415,7 @@ class RowBottleneck0(nn.Module):
 
     def __init__(self, unit: Bottleneck) -> None:
         super().__init__()
-        _ref(self, "unit", unit)
+        keep_ref(self, "unit", unit)
         self.stride = unit.stride
         for name in ("w2", "b2", "wt1", "b1", "wt3", "b3", "wtd", "bd"):
             self.register_buffer(name, torch.empty(0), persistent=False)
@@ -499,7 +495,7 @@ class RowPreActBottleneck0(nn.Module):
 
     def __init__(self, unit: PreActBottleneck) -> None:
         super().__init__()
-        _ref(self, "unit", unit)
+        keep_ref(self, "unit", unit)
         self.stride = unit.stride
         for name in ("s0", "t0", "wt1", "b1", "w2", "b2", "wt3", "b3", "wts", "bs"):
             self.register_buffer(name, torch.empty(0), persistent=False)

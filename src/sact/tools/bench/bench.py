@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import json
 import math
 import os
 import platform
@@ -52,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from ... import __version__
-from ...checkpoint import atomic_write_bytes
+from ...fileio import atomic_write_bytes, dumps_json
 from ...errors import InputError, RunFailure, SactError
 from ...sparse import native
 from ...sparse.model import to_sparse
@@ -586,16 +585,6 @@ def _break_even_markdown(doc: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _json_safe(obj):
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def _check_free(options: BenchOptions) -> None:
     """Refuse to replace result files this run did not create (unless ``overwrite``)."""
     existing = [str(p) for p in options.paths if p.exists()]
@@ -606,7 +595,7 @@ def _check_free(options: BenchOptions) -> None:
 
 def _write(doc: dict, options: BenchOptions) -> None:
     json_path, md_path = options.paths
-    atomic_write_bytes(json_path, json.dumps(_json_safe(doc), indent=1, allow_nan=False).encode())
+    atomic_write_bytes(json_path, dumps_json(doc, indent=1).encode())
     atomic_write_bytes(md_path, markdown(doc).encode())
 
 
