@@ -224,3 +224,42 @@ def test_invalid_arguments():
         to_sparse(nn.Linear(2, 2))
     with pytest.raises(ValueError, match=r"\(3, 8\)"):
         to_sparse(model)(torch.zeros(3, 8))
+
+
+def test_a_registered_backend_wraps_the_stages_it_supports():
+    """A new backend plugs in through the registry: no edit of the loop or of make_executor."""
+    from sact.sparse import executors as E
+
+    calls = []
+
+    class Declining(nn.Module, E.Executor):
+        def __init__(self, stage, fallback, *, poison=False):
+            super().__init__()
+            self.fallback = fallback
+
+        def refresh(self):
+            self.fallback.refresh()
+
+        def run_whole(self, stage, x):
+            calls.append(stage)
+            return None  # not for this input: the loop runs with the fallback
+
+        def start(self, stage, x):
+            return self.fallback.start(stage, x)
+
+    saved = E.backends()
+    E.register_backend(E.StageBackend("test-declining", lambda s: s.mode == "sact", Declining), first=True)
+    try:
+        assert E.backends()[0].name == "test-declining"
+        model = sact.create_model("resnet20_cifar", mode="sact", base_channels=4).eval()
+        sparse = sact.to_sparse(model)
+        assert all(isinstance(e, Declining) for e in sparse.stage_executors())
+        x = torch.randn(2, 3, 32, 32)
+        with torch.no_grad():
+            got, want = sparse(x), model(x)
+        assert len(calls) == 3
+        torch.testing.assert_close(got.logits, want.logits, rtol=1e-4, atol=1e-5)
+        assert torch.equal(got.flops, want.flops)
+    finally:
+        E._BACKENDS[:] = saved
+    assert [b.name for b in E.backends()] == [b.name for b in saved]

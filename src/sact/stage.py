@@ -26,7 +26,7 @@ on the masks the loop builds, so every executor reports the same count.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Literal, Protocol, Sequence
 
 import torch
@@ -35,8 +35,8 @@ from torch import Tensor, nn
 from .act import DEFAULT_EPS, HaltingState, halting_step
 from .halting import make_halting
 
-__all__ = ["StageOutput", "AdaptiveStage", "MODES", "Mode", "Where", "StageExecutor", "StageRun", "DenseExecutor",
-           "run_stage"]
+__all__ = ["StageOutput", "AdaptiveStage", "MODES", "Mode", "Where", "StageExecutor", "StageRun", "Executor",
+           "DenseExecutor", "DenseRun", "FusedStep", "run_stage"]
 
 Mode = Literal["vanilla", "act", "sact"]
 MODES: tuple[str, ...] = ("vanilla", "act", "sact")
@@ -98,7 +98,9 @@ class Where:
         self.idx = idx
         self._active, self._dtype, self._shape = active, dtype, shape  # active: bool [S], or a state (lazy)
         self._mask: Tensor | None = None
-        self._cache: dict = {}  # executors keep what the unit and the branch after it share
+        #: scratch space of the executor: what unit ``n`` and the halting branch after it share
+        #: (e.g. the row set of these positions); a new ``Where`` starts empty
+        self.shared: dict = {}
 
     @property
     def everywhere(self) -> bool:
@@ -116,14 +118,24 @@ class Where:
         return self._mask
 
 
+#: ``fused_step(n, state, proba, where, dist_n, eps) -> idx``: see :attr:`StageRun.fused_step`.
+FusedStep = Callable[[int, HaltingState, "Tensor | None", "Where", Tensor, float], Tensor]
+
+
 class StageRun(Protocol):
     """One call of a stage under an executor: holds the features in the executor's layout.
 
     ``compact`` executors take halting probabilities and weights only at ``where.idx``
     (``[n]``); the others at every position (``[B, H, W]`` or ``[B]``), halted ones ignored.
+
+    ``fused_step`` is ``None`` (the loop's generic halting step) or, for a compacting run, an
+    accelerated copy of one step of the loop: the halting step, the accumulation and the next
+    index set, updating ``state`` and ``dist_n`` in place and returning the next ``idx``
+    (tested equal to the generic path).
     """
 
     compact: bool
+    fused_step: FusedStep | None
 
     @property
     def features(self) -> Tensor:
@@ -146,27 +158,37 @@ class StageRun(Protocol):
         """``[B, C, H, W]`` the stage output ``sum_n p^n x^n`` (vanilla: the last unit's output)."""
         ...
 
-    # Optional (compacting runs): ``fused_step(n, state, proba, where, dist_n, eps) -> idx``, an
-    # accelerated copy of the halting step + accumulation + next index set of the loop below,
-    # updating ``state`` and ``dist_n`` in place (tested equal to the generic path).
-
-
 class StageExecutor(Protocol):
     """Decides where a stage runs: ``start(stage, x)`` runs unit 0 everywhere and returns a :class:`StageRun`.
 
-    An executor may also have ``run_whole(stage, x) -> (features, StageOutput) | None``: an
-    accelerated copy of the whole loop (e.g. the native CIFAR stage of
-    :mod:`sact.sparse.native_stage`), tested equal to it; ``None`` means "not for this input",
-    and the loop runs with ``start``.
+    ``run_whole(stage, x) -> (features, StageOutput) | None`` (optional) is an accelerated copy
+    of the whole loop (e.g. the native CIFAR stage of :mod:`sact.sparse.native_stage`), tested
+    equal to it; ``None`` means "not for this input", and the loop runs with ``start``.
+    :class:`Executor` is a base with the defaults (no whole-stage path); an executor with
+    ``start`` alone works too.
     """
 
     def start(self, stage: "AdaptiveStage", x: Tensor) -> StageRun: ...
 
+    def run_whole(self, stage: "AdaptiveStage", x: Tensor) -> "tuple[Tensor, StageOutput] | None": ...
 
-class _DenseRun:
-    """Every unit at every position with masks (training, the reference)."""
+
+class Executor:
+    """Base of executors: implement :meth:`start`; :meth:`run_whole` defaults to "no whole-stage path"."""
+
+    def start(self, stage: "AdaptiveStage", x: Tensor) -> StageRun:
+        raise NotImplementedError
+
+    def run_whole(self, stage: "AdaptiveStage", x: Tensor) -> "tuple[Tensor, StageOutput] | None":
+        return None
+
+
+class DenseRun:
+    """Every unit at every position with masks (training, the reference); a base for runs that
+    keep the dense layout (e.g. the sparse engine's ACT image-subset run)."""
 
     compact = False
+    fused_step: FusedStep | None = None
 
     def __init__(self, stage: "AdaptiveStage", x: Tensor) -> None:
         self.stage = stage
@@ -194,11 +216,11 @@ class _DenseRun:
         return self.x if self.out is None else self.out
 
 
-class DenseExecutor:
+class DenseExecutor(Executor):
     """The reference execution: every unit everywhere, halted positions masked."""
 
     def start(self, stage: "AdaptiveStage", x: Tensor) -> StageRun:
-        return _DenseRun(stage, x)
+        return DenseRun(stage, x)
 
 
 DENSE = DenseExecutor()
@@ -220,14 +242,16 @@ def run_stage(stage: "AdaptiveStage", x: Tensor, executor: StageExecutor | None 
     Returns:
         ``(features [B, C, H, W], StageOutput)``.
     """
+    executor = executor or DENSE
+    # the optional hooks (run_whole, fused_step) are declared by StageExecutor / StageRun with
+    # defaults in Executor / DenseRun; an executor written with ``start`` alone has neither
     whole = getattr(executor, "run_whole", None)
-    if whole is not None:
-        done = whole(stage, x)
-        if done is not None:
-            return done
+    done = None if whole is None else whole(stage, x)
+    if done is not None:
+        return done
     units = stage.units
     num_u = stage.num_units
-    run = (executor or DENSE).start(stage, x)  # unit 0, every position
+    run = executor.start(stage, x)  # unit 0, every position
     # Built-in units and branches state their FLOPs as rates: counted once per stage from the
     # final unit counts (the same formulas, vectorised); any other unit is counted per step.
     per_step_flops = stage.mode == "vanilla" or not stage.has_flop_rates()

@@ -17,24 +17,30 @@ of the running positions and applies the halting recurrence to those positions o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 
-from ..stage import AdaptiveStage, StageRun, Where, _DenseRun
+from ..stage import AdaptiveStage, DenseRun, Executor, StageRun, Where
 from . import native
 from .refs import keep_ref
 from .halting_kernels import make_halting_kernel
+from .native_stage import NativeBasicStage
 from .rows import image_index, neighbour_table, rows_view
 from .rowset import Geometry, RowSet
 from .unit_kernels import RowBottleneck0, RowPreActBottleneck0, make_unit_kernel
 
-__all__ = ["RowExecutor", "ImageSubsetExecutor", "NativeStageExecutor", "make_executor"]
+__all__ = ["RowExecutor", "ImageSubsetExecutor", "NativeStageExecutor", "StageBackend", "register_backend", "backends",
+           "make_executor"]
 
 
 class _RowRun:
     """One SACT stage call on a row buffer ``X`` ``(N + 1, C)`` (last row zero)."""
 
     compact = True
+    fused_step = None  # set below where the native fused step applies
 
     def __init__(self, ex: "RowExecutor", stage: AdaptiveStage, x: Tensor) -> None:
         self.ex = ex
@@ -71,9 +77,9 @@ class _RowRun:
             if self._everything is None:
                 self._everything = RowSet.everything(self.geo, self.X.device)
             return self._everything
-        rows = where._cache.get("rows")  # the unit and the branch after it share one set
+        rows = where.shared.get("rows")  # the unit and the branch after it share one set
         if rows is None:
-            rows = where._cache["rows"] = RowSet(where.idx, self.geo, False, where.mask)
+            rows = where.shared["rows"] = RowSet(where.idx, self.geo, False, where.mask)
         return rows
 
     def unit(self, n: int, where: Where) -> None:
@@ -114,7 +120,7 @@ class _RowRun:
         return native.halting_step_rows(state, dist_n.view(-1), self.O, X, where.idx, p, eps, first=n == 0)
 
 
-class RowExecutor(nn.Module):
+class RowExecutor(nn.Module, Executor):
     """SACT stages on a row buffer: units and halting branches at the active rows only.
 
     Known units and branches get row kernels with batch norm folded
@@ -154,7 +160,7 @@ class RowExecutor(nn.Module):
         return _RowRun(self, stage, x)
 
 
-class _ImageRun(_DenseRun):
+class _ImageRun(DenseRun):
     """One ACT stage call: later units on the images still running (unit 0 and the
     features as the dense run's)."""
 
@@ -184,7 +190,7 @@ class _ImageRun(_DenseRun):
         return self.out
 
 
-class ImageSubsetExecutor(nn.Module):
+class ImageSubsetExecutor(nn.Module, Executor):
     """ACT stages: unit ``n >= 1`` and its halting branch run on the sub-batch of running images."""
 
     def __init__(self, stage: AdaptiveStage) -> None:
@@ -200,7 +206,7 @@ class ImageSubsetExecutor(nn.Module):
         return _ImageRun(stage, x)
 
 
-class NativeStageExecutor(nn.Module):
+class NativeStageExecutor(nn.Module, Executor):
     """A whole stage in one native call (:class:`~sact.sparse.native_stage.NativeBasicStage`,
     the CIFAR pre-activation units), with a loop executor for inputs it does not take.
 
@@ -211,8 +217,6 @@ class NativeStageExecutor(nn.Module):
 
     def __init__(self, stage: AdaptiveStage, fallback: nn.Module, *, poison: bool = False) -> None:
         super().__init__()
-        from .native_stage import NativeBasicStage
-
         keep_ref(self, "stage", stage)
         self.native = NativeBasicStage(stage)
         self.fallback = fallback
@@ -242,16 +246,49 @@ class NativeStageExecutor(nn.Module):
         return self.fallback.start(stage, x)
 
 
-def make_executor(stage: AdaptiveStage, *, dense_above=None, chunk_rows: int = 768, poison: bool = False) -> nn.Module | None:
-    """The sparse executor of ``stage`` (``None`` for vanilla stages: they run densely)."""
-    from .native_stage import NativeBasicStage
+@dataclass(frozen=True)
+class StageBackend:
+    """A whole-stage backend: an executor whose ``run_whole`` runs the stages it ``supports``
+    in one call, falling back to the loop executor for the inputs it does not take.
 
+    Attributes:
+        name: what it is called (``register_backend`` replaces a backend of the same name).
+        supports: ``supports(stage) -> bool``, decided once when the engine is built.
+        build: ``build(stage, fallback, poison=...) -> Executor`` (``fallback``: the loop
+            executor of the stage, :class:`RowExecutor` or :class:`ImageSubsetExecutor`).
+    """
+
+    name: str
+    supports: Callable[[AdaptiveStage], bool]
+    build: Callable[..., Executor]
+
+
+#: whole-stage backends, tried in order: the first that supports a stage wraps its executor
+_BACKENDS: list[StageBackend] = []
+
+
+def register_backend(backend: StageBackend, *, first: bool = False) -> None:
+    """Adds a whole-stage backend (e.g. another device's kernels) without editing the engine."""
+    _BACKENDS[:] = [b for b in _BACKENDS if b.name != backend.name]
+    _BACKENDS.insert(0 if first else len(_BACKENDS), backend)
+
+
+def backends() -> list[StageBackend]:
+    """The registered whole-stage backends, in the order they are tried."""
+    return list(_BACKENDS)
+
+
+register_backend(StageBackend("native-cifar", NativeBasicStage.supports, NativeStageExecutor))
+
+
+def make_executor(stage: AdaptiveStage, *, dense_above=None, chunk_rows: int = 768, poison: bool = False) -> nn.Module | None:
+    """The sparse executor of ``stage`` (``None`` for vanilla stages: they run densely): the
+    loop executor of its mode, wrapped by the first registered backend that supports it."""
     if stage.mode == "sact":
         ex = RowExecutor(stage, dense_above=dense_above, chunk_rows=chunk_rows, poison=poison)
     elif stage.mode == "act":
         ex = ImageSubsetExecutor(stage)
     else:
         return None
-    if NativeBasicStage.supports(stage):
-        return NativeStageExecutor(stage, ex, poison=poison)
-    return ex
+    backend = next((b for b in _BACKENDS if b.supports(stage)), None)
+    return ex if backend is None else backend.build(stage, ex, poison=poison)

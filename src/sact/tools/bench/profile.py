@@ -32,7 +32,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from ...stage import AdaptiveStage, StageRun, Where
+from ...stage import AdaptiveStage, Executor, StageRun, Where
 
 __all__ = ["ProfilingExecutor", "StageProfiler", "ForwardRecord", "StageRecord", "Profile", "profile_sparse",
            "summarize", "profile_markdown"]
@@ -111,8 +111,8 @@ class _ProfiledRun:
 
     def __init__(self, run: StageRun, stage: AdaptiveStage, record: StageRecord, clock: Clock) -> None:
         self._run, self._stage, self._rec, self._clock = run, stage, record, clock
-        if getattr(run, "fused_step", None) is not None:  # the loop takes the engine's fused path, timed
-            self.fused_step = self._fused_step
+        # the loop takes the engine's fused path where the run has one: timed as the accumulation
+        self.fused_step = None if getattr(run, "fused_step", None) is None else self._fused_step
 
     @property
     def compact(self) -> bool:
@@ -153,7 +153,7 @@ class _ProfiledRun:
         return out
 
 
-class ProfilingExecutor:
+class ProfilingExecutor(Executor):
     """Wraps a stage executor and times each call the stage loop makes on it.
 
     Args:
@@ -168,16 +168,14 @@ class ProfilingExecutor:
         self._records = records
         self._clock = clock
 
-    def __getattr__(self, name: str):
-        # a whole-stage executor (``run_whole``) is timed as one call
-        if name == "run_whole" and hasattr(self.inner, "run_whole"):
-            return self._run_whole
-        raise AttributeError(name)
-
-    def _run_whole(self, stage: AdaptiveStage, x: Tensor):
+    def run_whole(self, stage: AdaptiveStage, x: Tensor):
+        """The inner executor's whole-stage path (if it has one), timed as one call."""
+        whole = getattr(self.inner, "run_whole", None)
+        if whole is None:
+            return None
         rec = self._records()
         t0 = self._clock()
-        out = self.inner.run_whole(stage, x)
+        out = whole(stage, x)
         if out is not None:
             rec.whole += self._clock() - t0
         return out
