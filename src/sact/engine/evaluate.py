@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
@@ -33,24 +34,84 @@ from .distributed import DistInfo, all_reduce_sum
 __all__ = ["evaluate"]
 
 
-class _Moments:
-    """Running count / sum / sum of squares of several named per-image quantities."""
+@dataclass
+class Moment:
+    """Running count, sum and sum of squares of one quantity (float64, summed over ranks)."""
 
-    def __init__(self) -> None:
-        self.sums: dict[str, list[float]] = {}
+    count: float = 0.0
+    sum: float = 0.0
+    sumsq: float = 0.0
 
-    def add(self, name: str, values: torch.Tensor) -> None:
+    def add(self, values: torch.Tensor) -> None:
+        """Adds every element of ``values`` (any shape)."""
         v = values.detach().double().cpu()
-        s = self.sums.setdefault(name, [0.0, 0.0])
-        s[0] += float(v.sum())
-        s[1] += float((v * v).sum())
+        self.count += v.numel()
+        self.sum += float(v.sum())
+        self.sumsq += float((v * v).sum())
 
-    def reduce(self, info: DistInfo, device: torch.device) -> dict[str, tuple[float, float]]:
-        names = sorted(self.sums)
-        t = torch.tensor([x for n in names for x in self.sums[n]], dtype=torch.float64)
-        if info.enabled:
-            t = all_reduce_sum(t.to(device), info).cpu()
-        return {n: (float(t[2 * i]), float(t[2 * i + 1])) for i, n in enumerate(names)}
+    def mean_std(self, n: float) -> tuple[float, float]:
+        """Mean and population std over ``n`` values."""
+        return _mean_std((self.sum, self.sumsq), n)
+
+
+@dataclass
+class StageMoments:
+    """One stage's quantities: per image (``ponder``, ``units``, ``flops``) and per position."""
+
+    ponder: Moment = field(default_factory=Moment)
+    units: Moment = field(default_factory=Moment)
+    flops: Moment = field(default_factory=Moment)
+    ponder_pos: Moment = field(default_factory=Moment)
+    units_pos: Moment = field(default_factory=Moment)
+
+    def add(self, s) -> None:
+        """Adds a :class:`~sact.stage.StageOutput` of a batch."""
+        self.ponder.add(s.ponder_cost.float())
+        self.units.add(s.num_units_mean.float())
+        self.flops.add(s.flops.double())
+        self.ponder_pos.add(s.ponder_map.float().flatten())
+        self.units_pos.add(s.num_units.float().flatten())
+
+    def metrics(self, n: int) -> dict:
+        pm, ps = self.ponder.mean_std(n)
+        um, us = self.units.mean_std(n)
+        fm, fs = self.flops.mean_std(n)
+        _, ps_pos = self.ponder_pos.mean_std(self.ponder_pos.count)
+        _, us_pos = self.units_pos.mean_std(self.units_pos.count)
+        return {"ponder_cost_mean": pm, "ponder_cost_std": ps, "ponder_cost_std_positions": ps_pos,
+                "num_units_mean": um, "num_units_std": us, "num_units_std_positions": us_pos,
+                "flops_mean": fm, "flops_std": fs}
+
+
+@dataclass
+class EvalMoments:
+    """Everything :func:`evaluate` accumulates, per image unless named ``_pos``."""
+
+    num_stages: int
+    ce: Moment = field(default_factory=Moment)
+    top1: Moment = field(default_factory=Moment)
+    top5: Moment = field(default_factory=Moment)  # empty with 5 classes or fewer
+    flops: Moment = field(default_factory=Moment)
+    ponder: Moment = field(default_factory=Moment)
+    stages: list[StageMoments] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.stages = [StageMoments() for _ in range(self.num_stages)]
+
+    def _all(self) -> list[Moment]:
+        """Every moment in a fixed order (the same on every rank)."""
+        return [self.ce, self.top1, self.top5, self.flops, self.ponder,
+                *(m for s in self.stages for m in (s.ponder, s.units, s.flops, s.ponder_pos, s.units_pos))]
+
+    def reduce(self, info: DistInfo, device: torch.device) -> None:
+        """Sums every moment over the ranks (in place)."""
+        if not info.enabled:
+            return
+        moments = self._all()
+        t = torch.tensor([x for m in moments for x in (m.count, m.sum, m.sumsq)], dtype=torch.float64)
+        t = all_reduce_sum(t.to(device), info).cpu().view(-1, 3).tolist()
+        for m, (c, s_, q) in zip(moments, t):
+            m.count, m.sum, m.sumsq = c, s_, q
 
 
 def _mean_std(sums: tuple[float, float], n: float) -> tuple[float, float]:
@@ -120,7 +181,8 @@ def evaluate(
     was_training = model.training
     model.eval()
     mode = getattr(getattr(model, "module", model), "mode", "sact")
-    moments = _Moments()
+    stages = getattr(getattr(model, "module", model), "stages", None)
+    moments = EvalMoments(len(stages) if stages is not None else 0)
     hists: list[torch.Tensor] = []  # per stage: positions that ran 1, 2, ... units (summed over images)
     count = skipped = 0
     start = time.perf_counter()
@@ -133,20 +195,17 @@ def evaluate(
         with autocast(device, amp_dtype):
             out = model(images)
         logits = out.logits.float()
-        moments.add("ce", F.cross_entropy(logits, labels, reduction="none"))
-        moments.add("top1", (logits.argmax(1) == labels).float())
+        moments.ce.add(F.cross_entropy(logits, labels, reduction="none"))
+        moments.top1.add((logits.argmax(1) == labels).float())
         if logits.shape[1] > 5:
             top5 = logits.topk(5, dim=1).indices
-            moments.add("top5", (top5 == labels[:, None]).any(1).float())
-        moments.add("flops", out.flops.double())
-        moments.add("ponder", out.ponder_cost.float())
-        for i, s in enumerate(out.stages):
-            moments.add(f"stage{i}_ponder", s.ponder_cost.float())
-            moments.add(f"stage{i}_units", s.num_units_mean.float())
-            moments.add(f"stage{i}_flops", s.flops.double())
-            moments.add(f"stage{i}_positions", torch.tensor([float(s.num_units.numel())]))
-            moments.add(f"stage{i}_ponder_pos", s.ponder_map.float().flatten())
-            moments.add(f"stage{i}_units_pos", s.num_units.float().flatten())
+            moments.top5.add((top5 == labels[:, None]).any(1).float())
+        moments.flops.add(out.flops.double())
+        moments.ponder.add(out.ponder_cost.float())
+        if len(moments.stages) < len(out.stages):  # a model without ``stages``: grow with the output
+            moments.stages += [StageMoments() for _ in range(len(out.stages) - len(moments.stages))]
+        for acc, s in zip(moments.stages, out.stages):
+            acc.add(s)
         _add_num_units_hist(hists, out.stages)
         count += images.shape[0]
     counts = all_reduce_sum(torch.tensor([float(count), float(skipped)], dtype=torch.float64, device=device), info)
@@ -155,16 +214,16 @@ def evaluate(
         warnings.warn(f"{skipped} unreadable image(s) were skipped in the evaluation (each named above)", stacklevel=2)
     if n == 0:
         raise DataError("evaluation set is empty" + (f" ({skipped} unreadable images skipped)" if skipped else ""))
-    sums = moments.reduce(info, device)
+    moments.reduce(info, device)
     hists = _reduce_hists(hists, model, info, device)
     wall = time.perf_counter() - start
     model.train(was_training)
-    ce, _ = _mean_std(sums["ce"], n)
-    ponder, ponder_std = _mean_std(sums["ponder"], n)
-    flops, flops_std = _mean_std(sums["flops"], n)
-    metrics = {"num_images": n, "skipped_images": skipped, "top1": sums["top1"][0] / n}
-    if "top5" in sums:
-        metrics["top5"] = sums["top5"][0] / n
+    ce, _ = moments.ce.mean_std(n)
+    ponder, ponder_std = moments.ponder.mean_std(n)
+    flops, flops_std = moments.flops.mean_std(n)
+    metrics = {"num_images": n, "skipped_images": skipped, "top1": moments.top1.sum / n}
+    if moments.top5.count:
+        metrics["top5"] = moments.top5.sum / n
     metrics.update({
         "loss": ce,
         "total_loss": ce + (tau * ponder if mode != "vanilla" else 0.0),
@@ -174,19 +233,11 @@ def evaluate(
         "flops_std": flops_std,
         "stages": [],
     })
-    stage_ids = sorted({int(k[5:].split("_")[0]) for k in sums if k.startswith("stage")})
-    for i in stage_ids:
-        pm, ps = _mean_std(sums[f"stage{i}_ponder"], n)
-        um, us = _mean_std(sums[f"stage{i}_units"], n)
-        fm, fs = _mean_std(sums[f"stage{i}_flops"], n)
-        positions = sums[f"stage{i}_positions"][0]
-        _, ps_pos = _mean_std(sums[f"stage{i}_ponder_pos"], positions)
-        _, us_pos = _mean_std(sums[f"stage{i}_units_pos"], positions)
-        metrics["stages"].append({"ponder_cost_mean": pm, "ponder_cost_std": ps, "ponder_cost_std_positions": ps_pos,
-                                  "num_units_mean": um, "num_units_std": us, "num_units_std_positions": us_pos,
-                                  "flops_mean": fm, "flops_std": fs})
-        if i < len(hists):
-            metrics["stages"][-1]["num_units_hist"] = hists[i]
+    for i, acc in enumerate(moments.stages):
+        if acc.ponder.count:  # stages the model ran
+            metrics["stages"].append(acc.metrics(n))
+            if i < len(hists):
+                metrics["stages"][-1]["num_units_hist"] = hists[i]
     metrics["wall_time_s"] = wall
     metrics["images_per_s"] = n / wall if wall > 0 else float("nan")
     return metrics
