@@ -11,6 +11,7 @@
   the run leaves it empty (refused or failed before writing anything).
 * :func:`check_output_file` / :func:`check_output_folder`: an ``--out`` that clashes
   with an existing file or folder is reported before any work.
+* :func:`prepare_outputs`: the above together, as every command writing outputs uses them.
 * :func:`dumps_json`: strict JSON (non-finite floats become ``null``).
 * :func:`loads_json`: JSON from a file made by someone else, nesting bounded.
 """
@@ -24,7 +25,7 @@ import os
 import re
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ __all__ = [
     "output_folder",
     "check_output_file",
     "check_output_folder",
+    "prepare_outputs",
     "finite_or_none",
     "dumps_json",
     "loads_json",
@@ -265,6 +267,62 @@ def check_output_file(path: str | Path, *, overwrite: bool = False, what: str = 
     if path.exists() and not overwrite:
         raise OutputExistsError(f"{what} {path} already exists; pass --overwrite to replace it, or choose another name")
     return path
+
+
+@contextlib.contextmanager
+def prepare_outputs(folder: str | Path | None, *, files: Iterable[str | Path] = (), overwrite: bool = False,
+                    what: str = "--out file", lock: str | None = None, stale: bool = True) -> Iterator[Path]:
+    """A command's output folder, made ready for the body of the ``with``; the one place
+    the output rules of ``docs/trust.md`` are applied.
+
+    On entry, in this order, before the command writes anything:
+
+    1. ``folder`` must be a folder or creatable as one: no file in its place or in the
+       place of a parent (:func:`check_output_folder`, named ``--out``).
+    2. Each of ``files`` must not be a folder, and not an existing file unless
+       ``overwrite`` (:func:`check_output_file`, named ``what``).
+    3. With ``lock``, ``folder`` is created and ``folder/.sact-<lock>.lock`` is held for
+       the body (:class:`OutputLock`): another live sact process writing it is refused.
+       Without, the folder is created by the first file written into it.
+    4. With ``stale``, temporary files of killed sact processes are removed from the
+       folder (:func:`remove_stale_temp_files`); no other file is ever removed.
+
+    On the way out (success, refusal or crash) the lock is released, and the folders
+    that did not exist on entry and are still empty are removed: a run that wrote
+    nothing leaves no folder behind; a folder that existed, or holds anything, stays.
+
+    Args:
+        folder: the output folder; None for a command whose outputs are ``files`` alone
+            (``eval --out FILE``): their folders are checked with them, and are the
+            folders step 4 cleans.
+        files: the files the command writes, relative to ``folder``.
+        overwrite: existing ``files`` may be replaced.
+        what: how the error names one of ``files``.
+        lock: the command's name (``train``, ``demo``...), for :class:`OutputLock`.
+        stale: remove stale temporary files.
+
+    Yields:
+        The folder (with ``folder`` None, the folder of the first file).
+
+    Raises:
+        OutputExistsError: a check of steps 1-3 fails; nothing was created or removed.
+    """
+    paths = [Path(folder or "", f) for f in files]
+    if folder is not None:
+        check_output_folder(folder)
+    for path in paths:
+        check_output_file(path, overwrite=overwrite, what=what)
+    folders = [Path(folder)] if folder is not None else list(dict.fromkeys(p.parent for p in paths))
+    if not folders:
+        raise ValueError("prepare_outputs needs a folder or at least one file")
+    created = sorted({f for d in folders for f in _missing_folders(d)}, key=lambda f: len(f.parts), reverse=True)
+    try:
+        with OutputLock(folders[0], lock) if lock else contextlib.nullcontext():
+            for f in folders if stale else ():
+                remove_stale_temp_files(f)
+            yield folders[0]
+    finally:
+        _remove_empty(created)
 
 
 def finite_or_none(obj: Any) -> Any:

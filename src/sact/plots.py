@@ -266,7 +266,7 @@ def write_plots(paths: list[str | Path], out: str | Path, *, overwrite: bool = F
         MetricsError: a file that cannot be plotted.
         OutputExistsError: a plot exists and ``overwrite`` is off; ``out`` is a file.
     """
-    from .fileio import check_output_file, check_output_folder, output_folder, remove_stale_temp_files
+    from .fileio import check_output_folder, prepare_outputs
 
     out = check_output_folder(out)  # before any work
     metrics, warnings = [], []
@@ -280,11 +280,8 @@ def write_plots(paths: list[str | Path], out: str | Path, *, overwrite: bool = F
         warnings.append(f"the files come from {len(datasets)} datasets, whose accuracies are not comparable; drawn "
                         f"as separate curves: {which}")
     names = plot_names(metrics)
-    targets = [out / "accuracy_vs_flops.png"] + [out / f"{name}.png" for name in names if name]
-    for target in targets:  # every file is checked before the first is written
-        check_output_file(target, overwrite=overwrite, what="--out file")
-    with output_folder(out):
-        remove_stale_temp_files(out)
+    targets = ["accuracy_vs_flops.png"] + [f"{name}.png" for name in names if name]
+    with prepare_outputs(out, files=targets, overwrite=overwrite):  # every file is checked before the first is written
         written = [out / "accuracy_vs_flops.png"]
         plot_accuracy_vs_flops(metrics, written[0])
         for m, name in zip(metrics, names):

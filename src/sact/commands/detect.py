@@ -18,6 +18,7 @@ with ``images/`` in front); ``--train-images/--train-ann`` etc. override it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 from pathlib import Path
 
@@ -133,19 +134,17 @@ def register(subparsers) -> None:
 
 def _make_data(args) -> int:
     from ..data import write_coco
-    from ..fileio import check_output_file, check_output_folder, remove_stale_temp_files
+    from ..fileio import prepare_outputs
 
     for split, n in (("train", args.num_train), ("test", args.num_val)):
         if n < 1:
             raise InputError(f"--num-{'train' if split == 'train' else 'val'} must be >= 1, got {n}")
-    check_output_folder(args.out)
-    for name in ("annotations/instances_train.json", "annotations/instances_test.json"):
-        check_output_file(args.out / name, overwrite=args.overwrite, what="--out file")
-    remove_stale_temp_files(args.out)
-    for split, n in (("train", args.num_train), ("test", args.num_val)):
-        path = write_coco(args.out, split=split, num_images=n, seed=args.seed, canvas_size=args.canvas_size,
-                          data_dir=args.data_dir)
-        print(f"{split}: {n} images -> {path}")
+    names = ("annotations/instances_train.json", "annotations/instances_test.json")
+    with prepare_outputs(args.out, files=names, overwrite=args.overwrite):
+        for split, n in (("train", args.num_train), ("test", args.num_val)):
+            path = write_coco(args.out, split=split, num_images=n, seed=args.seed, canvas_size=args.canvas_size,
+                              data_dir=args.data_dir)
+            print(f"{split}: {n} images -> {path}")
     return 0
 
 
@@ -202,7 +201,7 @@ def _eval(args) -> int:
     from ..detection.evaluate import evaluate_detector, score_detections
     from ..engine.amp import amp_dtype
     from ..engine.distributed import cleanup_distributed, resolve_device, setup_distributed
-    from ..fileio import atomic_write_bytes, check_output_file, check_output_folder, dumps_json, remove_stale_temp_files
+    from ..fileio import atomic_write_bytes, dumps_json, prepare_outputs
 
     sources = [x for x in (args.checkpoint, args.detections, args.watch) if x is not None]
     if len(sources) != 1:
@@ -221,46 +220,44 @@ def _eval(args) -> int:
     if val_images is None or val_ann is None:
         raise InputError("give --data or both --val-images and --val-ann")
     names = ("metrics.json", "detections.json") if args.checkpoint is not None else ("metrics.json",)
-    if args.out is not None and args.watch is None and int(os.environ.get("RANK", "0")) == 0:  # before any work
-        check_output_folder(args.out)
-        for name in names:
-            check_output_file(args.out / name, overwrite=args.overwrite, what="--out file")
-        remove_stale_temp_files(args.out)
-    if args.detections is not None:
-        metrics = score_detections(args.detections, val_images, val_ann)
-        out = {"metrics": metrics, "detections": str(args.detections), "annotations": str(val_ann)}
-        print(dumps_json(metrics, indent=2))
-        if args.out is not None:
-            atomic_write_bytes(args.out / "metrics.json", dumps_json(out, indent=2).encode())
-        return 0
-    device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
-    amp = amp_dtype(args.amp, device)
-    options = dict(device=device, batch_size=args.batch_size, workers=args.workers, in_chans=args.in_chans,
-                   use_sparse=args.use_sparse, max_batches=args.max_batches, amp_dtype=amp)
-    if args.watch is not None:
-        from ..engine.watch import watch_checkpoints
-
-        def one(path):
-            detector = load_detector(path, map_location=device)
-            metrics, _ = evaluate_detector(detector, val_images, val_ann, progress=False, **options)
-            return {"metrics": metrics, "checkpoint": str(path), "annotations": str(val_ann),
-                    "use_sparse": bool(args.use_sparse)}, detector.checkpoint_meta
-
-        watch_checkpoints(args.watch, one, out_dir=args.out or args.watch / "eval", poll_s=args.poll,
-                          timeout_s=args.watch_timeout)
-        return 0
-    info = setup_distributed(device)
-    try:
-        detector = load_detector(args.checkpoint, map_location=device)
-        metrics, results = evaluate_detector(detector, val_images, val_ann, rank=info.rank, world_size=info.world_size,
-                                             progress=info.is_main, **options)
-        if info.is_main:
+    writes = args.out is not None and args.watch is None and int(os.environ.get("RANK", "0")) == 0
+    outputs = prepare_outputs(args.out, files=names, overwrite=args.overwrite) if writes else contextlib.nullcontext()
+    with outputs:  # checked before any work
+        if args.detections is not None:
+            metrics = score_detections(args.detections, val_images, val_ann)
+            out = {"metrics": metrics, "detections": str(args.detections), "annotations": str(val_ann)}
             print(dumps_json(metrics, indent=2))
             if args.out is not None:
-                out = {"metrics": metrics, "checkpoint": str(args.checkpoint), "annotations": str(val_ann),
-                       "use_sparse": bool(args.use_sparse), "world_size": info.world_size}
                 atomic_write_bytes(args.out / "metrics.json", dumps_json(out, indent=2).encode())
-                atomic_write_bytes(args.out / "detections.json", dumps_json(results).encode())
-    finally:
-        cleanup_distributed(info)
-    return 0
+            return 0
+        device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
+        amp = amp_dtype(args.amp, device)
+        options = dict(device=device, batch_size=args.batch_size, workers=args.workers, in_chans=args.in_chans,
+                       use_sparse=args.use_sparse, max_batches=args.max_batches, amp_dtype=amp)
+        if args.watch is not None:
+            from ..engine.watch import watch_checkpoints
+
+            def one(path):
+                detector = load_detector(path, map_location=device)
+                metrics, _ = evaluate_detector(detector, val_images, val_ann, progress=False, **options)
+                return {"metrics": metrics, "checkpoint": str(path), "annotations": str(val_ann),
+                        "use_sparse": bool(args.use_sparse)}, detector.checkpoint_meta
+
+            watch_checkpoints(args.watch, one, out_dir=args.out or args.watch / "eval", poll_s=args.poll,
+                              timeout_s=args.watch_timeout)
+            return 0
+        info = setup_distributed(device)
+        try:
+            detector = load_detector(args.checkpoint, map_location=device)
+            metrics, results = evaluate_detector(detector, val_images, val_ann, rank=info.rank, world_size=info.world_size,
+                                                 progress=info.is_main, **options)
+            if info.is_main:
+                print(dumps_json(metrics, indent=2))
+                if args.out is not None:
+                    out = {"metrics": metrics, "checkpoint": str(args.checkpoint), "annotations": str(val_ann),
+                           "use_sparse": bool(args.use_sparse), "world_size": info.world_size}
+                    atomic_write_bytes(args.out / "metrics.json", dumps_json(out, indent=2).encode())
+                    atomic_write_bytes(args.out / "detections.json", dumps_json(results).encode())
+        finally:
+            cleanup_distributed(info)
+        return 0

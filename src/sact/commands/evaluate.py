@@ -132,32 +132,38 @@ def default_out(checkpoint: str | Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..engine.amp import amp_dtype
-    from ..engine.distributed import resolve_device
-    from ..errors import InputError
-    from ..fileio import atomic_write_bytes, check_output_file, dumps_json, remove_stale_temp_files
+    from ..fileio import atomic_write_bytes, dumps_json, prepare_outputs
 
     check_args(args)
-    if args.watch is None:
-        out = check_output_file(args.out or default_out(args.checkpoint), overwrite=args.overwrite)  # before any work
-        remove_stale_temp_files(out.parent)  # of killed sact processes only
-    if args.batch_size < 1 or args.workers < 0:
-        raise InputError(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size}, {args.workers}")
-    device = resolve_device(args.device)
-    amp = amp_dtype(args.amp, device)
     if args.watch is not None:
         from ..engine.watch import watch_checkpoints
 
+        device, amp = _device(args)
         datasets = {}  # evaluation sets by config, built once
         watch_checkpoints(args.watch, lambda path: _evaluate(args, path, device, amp, datasets),
                           out_dir=args.out or Path(args.watch) / "eval", poll_s=args.poll, timeout_s=args.watch_timeout)
         return 0
-    metrics, _ = _evaluate(args, args.checkpoint, device, amp, {})
-    atomic_write_bytes(out, dumps_json(metrics, indent=2).encode())
+    out = Path(args.out or default_out(args.checkpoint))
+    with prepare_outputs(None, files=[out], overwrite=args.overwrite, what="--out"):  # before any work
+        device, amp = _device(args)
+        metrics, _ = _evaluate(args, args.checkpoint, device, amp, {})
+        atomic_write_bytes(out, dumps_json(metrics, indent=2).encode())
     top5 = f", top-5 {metrics['top5']:.2%}" if "top5" in metrics else ""
     print(f"top-1 {metrics['top1']:.2%}{top5}, loss {metrics['loss']:.4f}, FLOPs {metrics['flops_mean'] / 1e6:.2f}M "
           f"+- {metrics['flops_std'] / 1e6:.2f}M, {metrics['images_per_s']:.1f} images/s -> {out}")
     return 0
+
+
+def _device(args: argparse.Namespace):
+    """``(device, AMP dtype)`` of the flags, after the loader flags are checked (exit 2)."""
+    from ..engine.amp import amp_dtype
+    from ..engine.distributed import resolve_device
+    from ..errors import InputError
+
+    if args.batch_size < 1 or args.workers < 0:
+        raise InputError(f"--batch-size must be >= 1 and --workers >= 0, got {args.batch_size}, {args.workers}")
+    device = resolve_device(args.device)
+    return device, amp_dtype(args.amp, device)
 
 
 def _evaluate(args: argparse.Namespace, path, device, amp, datasets: dict) -> tuple[dict, dict]:

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import InputError, RunFailure
     from ..export import (DEFAULT_OPSET, MAX_IMAGE_SIZE, ExportableModel, check_opset, export_model, load_exported,
                           metadata_path)
-    from ..fileio import check_output_file, remove_stale_temp_files
+    from ..fileio import check_output_file, prepare_outputs
 
     fmt = args.format or _SUFFIX_FORMATS.get(Path(args.out).suffix.lower())
     if fmt is None:
@@ -50,12 +50,12 @@ def run(args: argparse.Namespace) -> int:
     if fmt != "onnx" and args.opset is not None:
         raise InputError(f"--opset is for ONNX exports; --format {fmt} has none")
     opset = check_opset(DEFAULT_OPSET if args.opset is None else args.opset)  # ValueError: exit 2
-    out = check_output_file(args.out, overwrite=args.overwrite)  # before any work
-    if fmt == "torch-export":
-        check_output_file(metadata_path(out), overwrite=args.overwrite, what="--out metadata")
-    model = load_checkpoint(args.checkpoint)
-    remove_stale_temp_files(out.parent)
-    out = export_model(model, out, format=fmt, image_size=args.image_size, opset=opset)
+    out = Path(args.out)
+    with prepare_outputs(None, files=[out], overwrite=args.overwrite, what="--out"):  # before any work
+        if fmt == "torch-export":
+            check_output_file(metadata_path(out), overwrite=args.overwrite, what="--out metadata")
+        model = load_checkpoint(args.checkpoint)
+        out = export_model(model, out, format=fmt, image_size=args.image_size, opset=opset)
     run_exported, doc = load_exported(out, trusted=True)  # the file this command just wrote
     c, h, w = doc["input_size"]
     print(f"wrote {out} ({fmt}, {out.stat().st_size / 1e6:.1f} MB): {doc['model']['name']} mode={doc['mode']}, "

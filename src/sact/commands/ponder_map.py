@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint import CheckpointError
     from ..engine.distributed import resolve_device
     from ..errors import InputError, RunFailure
-    from ..fileio import OutputLock, check_output_folder, remove_stale_temp_files
+    from ..fileio import check_output_folder, prepare_outputs
     from ..gallery import claim_out, previous_gallery, write_gallery_files
 
     if args.max_side is not None and args.max_side < 1:
@@ -73,9 +73,8 @@ def run(args: argparse.Namespace) -> int:
         raise CheckpointError(f"cannot load checkpoint {args.checkpoint}: {e}") from e
     meta = getattr(model, "checkpoint_meta", {}) or {}
     classes = meta.get("classes") if isinstance(meta.get("classes"), list) else None
-    with OutputLock(out, "ponder-map"):
-        claim_out(out, overwrite=args.overwrite)
-        remove_stale_temp_files(out)
+    with prepare_outputs(out, lock="ponder-map"):
+        claim_out(out, overwrite=args.overwrite)  # under the lock: no other run writes the gallery meanwhile
         records, skipped, ignored = write_gallery_files(
             args.paths, model, out, checkpoint=str(args.checkpoint), classes=classes, max_side=args.max_side,
             upscale=not args.no_upscale, crop=args.crop, max_pixels=args.max_pixels, color_range=args.range)

@@ -126,13 +126,12 @@ def _cat2000_methods(args, model):
 def run(args: argparse.Namespace) -> int:
     import shlex
     import sys
-    from pathlib import Path
 
     from .. import load_checkpoint
     from ..checkpoint import CheckpointError
     from ..engine.distributed import resolve_device
     from ..errors import InputError
-    from ..fileio import check_output_file, check_output_folder, remove_stale_temp_files
+    from ..fileio import prepare_outputs
     from ..saliency.metrics import check_metric_names
     from ..saliency.model import evaluate_methods, write_comparison
 
@@ -140,65 +139,63 @@ def run(args: argparse.Namespace) -> int:
     if problem is not None:
         raise InputError(problem)
     check_metric_names(args.metrics)
-    out = check_output_folder(Path(args.out))  # before any work
-    for name in ("summary.json", "summary.md"):
-        check_output_file(out / name, overwrite=args.overwrite, what="--out file")
-    remove_stale_temp_files(out)
-    device = resolve_device(args.device)
-    try:
-        model = load_checkpoint(args.checkpoint, map_location=device)
-    except CheckpointError as e:
-        raise CheckpointError(f"cannot load checkpoint {args.checkpoint}: {e}") from e
-    mode = getattr(model, "mode", "?")
-    notes = [f"Command: `sact saliency {' '.join(shlex.quote(a) for a in sys.argv[2:])}`"
-             if len(sys.argv) > 1 and sys.argv[1] == "saliency" else "",
-             f"Checkpoint: `{args.checkpoint}` ({model.sact_config['name']}, mode {mode})."]
-    notes = [n for n in notes if n]
-    common = {"metrics": args.metrics, "n_other": args.n_other, "seed": args.metric_seed}
-    post = {"blur_sigma": args.blur, "center_bias_weight": args.center_bias_weight, "checkpoint": str(args.checkpoint)}
+    names = ("summary.json", "summary.md")
+    with prepare_outputs(args.out, files=names, overwrite=args.overwrite) as out:  # before any work
+        device = resolve_device(args.device)
+        try:
+            model = load_checkpoint(args.checkpoint, map_location=device)
+        except CheckpointError as e:
+            raise CheckpointError(f"cannot load checkpoint {args.checkpoint}: {e}") from e
+        mode = getattr(model, "mode", "?")
+        notes = [f"Command: `sact saliency {' '.join(shlex.quote(a) for a in sys.argv[2:])}`"
+                 if len(sys.argv) > 1 and sys.argv[1] == "saliency" else "",
+                 f"Checkpoint: `{args.checkpoint}` ({model.sact_config['name']}, mode {mode})."]
+        notes = [n for n in notes if n]
+        common = {"metrics": args.metrics, "n_other": args.n_other, "seed": args.metric_seed}
+        post = {"blur_sigma": args.blur, "center_bias_weight": args.center_bias_weight, "checkpoint": str(args.checkpoint)}
 
-    if args.cluttered:
-        from ..saliency.cluttered import evaluate_cluttered
+        if args.cluttered:
+            from ..saliency.cluttered import evaluate_cluttered
 
-        results = evaluate_cluttered(
-            model, num_images=args.num_images, seed=args.seed, data_dir=args.fashion_mnist_dir,
-            ground_truth=args.ground_truth, baselines=args.baselines, untrained_seed=args.untrained_seed,
-            blur_sigma=args.blur, center_bias_weight=args.center_bias_weight, batch_size=args.batch_size,
-            metrics=args.metrics, n_other=args.n_other, metric_seed=args.metric_seed, out_dir=out,
-            config={"checkpoint": str(args.checkpoint)},
-        )
-        fallbacks = next(iter(results.values()))["config"]["mask_fallbacks"]
-        notes.append(f"Cluttered Fashion-MNIST test split, canvases 0..{args.num_images - 1} (dataset seed "
-                     f"{args.seed}); ground truth: object {args.ground_truth}"
-                     + (f" ({fallbacks} empty masks replaced by their box)" if fallbacks else "") + ".")
-        title = "Cluttered Fashion-MNIST: ponder maps as object saliency"
-    else:
-        from ..saliency.cat2000 import CAT2000
+            results = evaluate_cluttered(
+                model, num_images=args.num_images, seed=args.seed, data_dir=args.fashion_mnist_dir,
+                ground_truth=args.ground_truth, baselines=args.baselines, untrained_seed=args.untrained_seed,
+                blur_sigma=args.blur, center_bias_weight=args.center_bias_weight, batch_size=args.batch_size,
+                metrics=args.metrics, n_other=args.n_other, metric_seed=args.metric_seed, out_dir=out,
+                config={"checkpoint": str(args.checkpoint)},
+            )
+            fallbacks = next(iter(results.values()))["config"]["mask_fallbacks"]
+            notes.append(f"Cluttered Fashion-MNIST test split, canvases 0..{args.num_images - 1} (dataset seed "
+                         f"{args.seed}); ground truth: object {args.ground_truth}"
+                         + (f" ({fallbacks} empty masks replaced by their box)" if fallbacks else "") + ".")
+            title = "Cluttered Fashion-MNIST: ponder maps as object saliency"
+        else:
+            from ..saliency.cat2000 import CAT2000
 
-        dataset = CAT2000(args.data, categories=args.categories)
-        indices = list(range(len(dataset)))
-        if args.limit is not None:
-            # Items are sorted by category, so the first N per category keep every category.
-            seen: dict[str, int] = {}
-            kept = []
-            for i in indices:
-                cat = dataset[i].category
-                if seen.get(cat, 0) < args.limit:
-                    seen[cat] = seen.get(cat, 0) + 1
-                    kept.append(i)
-            indices = kept
-        items = _Subset(dataset, indices)
-        results = evaluate_methods(
-            items, _cat2000_methods(args, model), out_dir=out, title="CAT2000 saliency",
-            config={**post, "max_side": args.max_side, "dataset": str(args.data)},
-            shuffled_pool="category", **common,
-        )
-        notes.append(f"CAT2000 folder `{args.data}`: {len(items)} images, {len(dataset.categories)} categories"
-                     + (f" (first {args.limit} per category)" if args.limit else "") + ".")
-        title = "CAT2000: ponder maps as saliency maps"
-    notes.append(f"Model maps: blur {args.blur}, centre-bias weight {args.center_bias_weight}.")
-    json_path, md_path = write_comparison(results, out, title=title, notes=notes)
-    print(md_path.read_text())
-    print(f"written: {md_path}, {json_path} and {', '.join(f'{out / k}/saliency.md' for k in results)}",
-          file=sys.stderr)
-    return 0
+            dataset = CAT2000(args.data, categories=args.categories)
+            indices = list(range(len(dataset)))
+            if args.limit is not None:
+                # Items are sorted by category, so the first N per category keep every category.
+                seen: dict[str, int] = {}
+                kept = []
+                for i in indices:
+                    cat = dataset[i].category
+                    if seen.get(cat, 0) < args.limit:
+                        seen[cat] = seen.get(cat, 0) + 1
+                        kept.append(i)
+                indices = kept
+            items = _Subset(dataset, indices)
+            results = evaluate_methods(
+                items, _cat2000_methods(args, model), out_dir=out, title="CAT2000 saliency",
+                config={**post, "max_side": args.max_side, "dataset": str(args.data)},
+                shuffled_pool="category", **common,
+            )
+            notes.append(f"CAT2000 folder `{args.data}`: {len(items)} images, {len(dataset.categories)} categories"
+                         + (f" (first {args.limit} per category)" if args.limit else "") + ".")
+            title = "CAT2000: ponder maps as saliency maps"
+        notes.append(f"Model maps: blur {args.blur}, centre-bias weight {args.center_bias_weight}.")
+        json_path, md_path = write_comparison(results, out, title=title, notes=notes)
+        print(md_path.read_text())
+        print(f"written: {md_path}, {json_path} and {', '.join(f'{out / k}/saliency.md' for k in results)}",
+              file=sys.stderr)
+        return 0

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from ..errors import OutputExistsError
-from ..fileio import OutputLock, atomic_write_bytes, check_output_folder, dumps_json, remove_stale_temp_files
+from ..fileio import atomic_write_bytes, check_output_folder, dumps_json, prepare_outputs, remove_stale_temp_files
 from .config import TrainConfig, cpu_cores
 
 __all__ = ["DemoSettings", "PRESETS", "run_demo", "ponder_box_stats", "demo_files"]
@@ -218,10 +218,10 @@ def run_demo(settings: DemoSettings, out_dir: str | Path, *, data_dir: str | Non
     out = Path(out_dir)
     check_output_folder(out)
     _check_previous_demo(out, overwrite)  # before the folder is created
-    with OutputLock(out, "demo"):
+    with prepare_outputs(out, lock="demo"):
         _check_previous_demo(out, overwrite)
-        for folder in {f.parent for f in demo_files(out)}:
-            remove_stale_temp_files(folder)  # of killed sact processes only
+        for folder in {f.parent for f in demo_files(out)} - {out}:
+            remove_stale_temp_files(folder)  # in each model's folder too (of killed sact processes only)
         if overwrite:  # an old report must never describe new models
             for name in REPORT_FILES:
                 (out / name).unlink(missing_ok=True)

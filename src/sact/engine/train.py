@@ -20,7 +20,7 @@ A folder holding a previous run is never silently reused: :func:`main` refuses u
 ``config.resume`` (continue it: the training state must exist and every setting outside
 :data:`~sact.engine.config.RESUME_MAY_CHANGE` must match) or ``config.overwrite``
 (its files, :data:`RUN_FILES` and ``tb/events.out.tfevents.*``, are removed first). One
-process at a time writes a run folder (:class:`sact.fileio.OutputLock`).
+process at a time writes a run folder (:func:`sact.fileio.prepare_outputs` holds its lock).
 
 Progress: every ``log_every`` steps the means since the previous report
 of the task's training scalars (:meth:`~sact.engine.tasks.Task.train_logs`: loss, top-1,
@@ -41,6 +41,7 @@ and Python are restored.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -58,7 +59,7 @@ from torch import Tensor, nn
 
 from .. import checkpoint as ckpt
 from ..errors import DataError, InputError, OutputExistsError, RunFailure
-from ..fileio import OutputLock, check_output_folder, dumps_json, remove_stale_temp_files
+from ..fileio import check_output_folder, dumps_json, prepare_outputs
 from .amp import amp_dtype as _amp_dtype
 from .amp import grad_scaler, training_memory_format
 from .config import TrainConfig
@@ -231,8 +232,6 @@ def prepare_run_folder(config: TrainConfig, *, clear: bool = True) -> None:
     """
     out = Path(config.out_dir)
     check_output_folder(out)
-    if clear:
-        remove_stale_temp_files(out)  # of killed sact processes only
     state = out / STATE_FILE
     if config.resume:
         if not state.exists():
@@ -468,18 +467,14 @@ def main(
     """
     config = config.validate()
     device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
-    lock = None
-    if int(os.environ.get("RANK", "0")) == 0:  # the writer; other ranks follow (torchrun stops them if it fails)
+    writer = int(os.environ.get("RANK", "0")) == 0  # other ranks follow (torchrun stops them if the writer fails)
+    if writer:
         prepare_run_folder(config, clear=False)  # refuse before anything is created
-        lock = OutputLock(config.out_dir, "train")
-        lock.acquire()  # before the folder is inspected: no other sact writes it meanwhile
-    try:
-        if lock is not None:
+    # the lock is taken before the folder is inspected again: no other sact writes it meanwhile
+    with prepare_outputs(config.out_dir, lock="train") if writer else contextlib.nullcontext():
+        if writer:
             prepare_run_folder(config)
         return _main(config, device, train_set=train_set, eval_set=eval_set, step_callback=step_callback)
-    finally:
-        if lock is not None:
-            lock.release()
 
 
 def _main(config: TrainConfig, device: torch.device, *, train_set, eval_set, step_callback) -> dict:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Callable
 
 from ..checkpoint import CheckpointError, checkpoint_paths, read_checkpoint_meta
-from ..fileio import atomic_write_bytes, check_output_folder, dumps_json, remove_stale_temp_files
+from ..fileio import atomic_write_bytes, dumps_json, prepare_outputs
 
 __all__ = ["watch_checkpoints", "metrics_name"]
 
@@ -90,31 +90,31 @@ def watch_checkpoints(
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if run_dir.is_file():
         raise InputError(f"--watch needs a run folder, {run_dir} is a file")
-    check_output_folder(out_dir)  # created by the first metrics file: a refused watch leaves no empty folder
-    remove_stale_temp_files(out_dir)
-    weights, _ = checkpoint_paths(run_dir / name)
-    written: list[Path] = []
-    seen = None  # signature of the last file handled (evaluated, skipped or refused)
-    last_new = time.monotonic()
-    log(f"watching {weights} every {poll_s:g} s" + (f" (stop after {timeout_s:g} s without a new checkpoint)"
-                                                    if timeout_s is not None else " (Ctrl-C stops)"))
-    try:
-        while True:
-            sig = _signature(weights)
-            if sig is not None and sig != seen:
-                last_new = time.monotonic()
-                result = _handle(weights, evaluate, out_dir, log)
-                seen = sig
-                if result is not None:
-                    written.append(result)
-            if timeout_s is not None and time.monotonic() - last_new >= timeout_s:
-                log(f"no new checkpoint for {timeout_s:g} s; stopping")
-                break
-            sleep(poll_s)
-    except KeyboardInterrupt:
-        log("interrupted; stopping (the evaluation in progress, if any, wrote nothing)")
-    log(f"{len(written)} checkpoint(s) evaluated -> {out_dir}")
-    return written
+    # the folder is created by the first metrics file: a refused watch leaves no empty folder
+    with prepare_outputs(out_dir):
+        weights, _ = checkpoint_paths(run_dir / name)
+        written: list[Path] = []
+        seen = None  # signature of the last file handled (evaluated, skipped or refused)
+        last_new = time.monotonic()
+        log(f"watching {weights} every {poll_s:g} s" + (f" (stop after {timeout_s:g} s without a new checkpoint)"
+                                                        if timeout_s is not None else " (Ctrl-C stops)"))
+        try:
+            while True:
+                sig = _signature(weights)
+                if sig is not None and sig != seen:
+                    last_new = time.monotonic()
+                    result = _handle(weights, evaluate, out_dir, log)
+                    seen = sig
+                    if result is not None:
+                        written.append(result)
+                if timeout_s is not None and time.monotonic() - last_new >= timeout_s:
+                    log(f"no new checkpoint for {timeout_s:g} s; stopping")
+                    break
+                sleep(poll_s)
+        except KeyboardInterrupt:
+            log("interrupted; stopping (the evaluation in progress, if any, wrote nothing)")
+        log(f"{len(written)} checkpoint(s) evaluated -> {out_dir}")
+        return written
 
 
 def _handle(weights: Path, evaluate: Callable[[Path], tuple[dict, dict]], out_dir: Path, log) -> Path | None:
