@@ -1,6 +1,6 @@
 """The package's layers, read from the import statements of src/sact (issue 22): the checkpoint
-format (``sact.io``) knows no models, and no module of ``sact.models`` or ``sact.io`` is on an
-import cycle, counting imports inside functions too (so none can hide one)."""
+format (``sact.io``) knows no models, the engine imports no task, the sparse engine no harness,
+and no module is on an import cycle, counting imports inside functions too (so none can hide one)."""
 
 from __future__ import annotations
 
@@ -84,3 +84,41 @@ def test_models_and_io_import_each_other_at_module_level_only():
     hidden = [(m, t) for m in MODULES if _in(m, "sact.models", "sact.io")
               for t, top in imports(m) if not top and _in(t, *layered)]
     assert hidden == []
+
+
+def _graph() -> dict[str, set[str]]:
+    return {m: {t for t, _ in imports(m) if t in MODULES and t != m} for m in MODULES}
+
+
+def test_the_engine_imports_no_task():
+    """Tasks register themselves with the engine (sact.engine.tasks.register_task)."""
+    engine = [m for m in MODULES if _in(m, "sact.engine")]
+    bad = [(m, t) for m in engine for t, _ in imports(m) if _in(t, "sact.detection")]
+    assert bad == []
+
+
+def test_the_sparse_engine_is_library_only():
+    """No harness in sact.sparse: its modules (the alias modules of the moved harness aside)
+    import no argparse, tools, commands or CLI."""
+    sparse = [m for m in MODULES if _in(m, "sact.sparse")]
+    aliases = {"sact.sparse.bench", "sact.sparse.profile", "sact.sparse.workloads", "sact.sparse.break_even"}
+    bad = [(m, t) for m in sparse if m not in aliases for t, _ in imports(m)
+           if _in(t, "sact.tools", "sact.commands", "sact.cli")]
+    assert bad == []
+
+
+def test_no_module_of_sact_is_on_an_import_cycle():
+    graph = _graph()
+
+    def on_cycle(start: str) -> bool:
+        seen, stack = set(), [start]
+        while stack:
+            for nxt in graph[stack.pop()]:
+                if nxt == start:
+                    return True
+                if nxt not in seen:
+                    seen.add(nxt)
+                    stack.append(nxt)
+        return False
+
+    assert [m for m in MODULES if on_cycle(m)] == []

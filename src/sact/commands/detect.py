@@ -24,7 +24,7 @@ from pathlib import Path
 
 from ..engine.config import DETECT_DEFAULTS
 from ..errors import InputError
-from .train import add_flags, flag_overrides, report_outputs
+from .train import add_flags, flag_overrides, train_and_report
 
 # flag -> (config key, type, help); every flag defaults to None: only given flags override; the help shows the
 # default (DETECT_DEFAULTS, else TrainConfig's)
@@ -180,20 +180,7 @@ def train_config(args):
 
 
 def _train(args) -> int:
-    import yaml
-
-    from ..engine import main
-    from ..fileio import dumps_json
-
-    config = train_config(args)
-    if args.print_config:
-        print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
-        return 0
-    metrics = main(config)
-    if os.environ.get("RANK", "0") == "0":  # one summary under torchrun
-        print(dumps_json(metrics, indent=2))
-        report_outputs(config)
-    return 0
+    return train_and_report(train_config(args), print_config=args.print_config)
 
 
 def _eval(args) -> int:

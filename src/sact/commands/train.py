@@ -110,6 +110,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    return train_and_report(config_from_args(args), print_config=args.print_config, skip=("stages",))
+
+
+def train_and_report(config, *, print_config: bool = False, skip: tuple[str, ...] = ()) -> int:
+    """``--print-config``, or train with the engine and print the metrics (JSON, stdout; without
+    the ``skip`` keys) and the files written (stderr), once under ``torchrun``."""
     import os
 
     import yaml
@@ -117,13 +123,14 @@ def run(args: argparse.Namespace) -> int:
     from ..engine import main
     from ..fileio import dumps_json
 
-    config = config_from_args(args)
-    if args.print_config:
+    if print_config:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
         return 0
+    if config.task == "detection":
+        from .. import detection  # noqa: F401  (registers the detection task with the engine)
     metrics = main(config)
     if os.environ.get("RANK", "0") == "0":  # one summary under torchrun
-        print(dumps_json({k: v for k, v in metrics.items() if k != "stages"}, indent=2))
+        print(dumps_json({k: v for k, v in metrics.items() if k not in skip}, indent=2))
         report_outputs(config)
     return 0
 

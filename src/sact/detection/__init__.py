@@ -17,8 +17,10 @@ from .detector import (DetectorOutput, SACTFasterRCNN, build_detector, detection
                        save_detector)
 from .evaluate import evaluate, predict
 from .sparse import SparseDetector, sparse_detector, unfreeze_batchnorm
+from .task import DetectionTask  # registers the detection task with the engine (task: detection)
 
 __all__ = [
+    "DetectionTask",
     "AP_NAMES",
     "BackboneOutput",
     "CocoDetection",

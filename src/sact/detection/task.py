@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..engine.amp import autocast
 from ..engine.config import DETECT_DEFAULTS
-from ..engine.tasks import Step
+from ..engine.tasks import Step, register_task
 from ..errors import DataError, InputError
 from .coco import CocoDetection, collate
 from .detector import DetectorOutput, build_detector, loss_terms
@@ -189,3 +189,6 @@ class DetectionTask:
 
     def meta(self, data) -> dict:
         return {"label_to_category": {str(k): v for k, v in data.eval.label_to_category.items()}}
+
+
+register_task("detection", DetectionTask)

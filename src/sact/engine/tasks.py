@@ -17,7 +17,8 @@ between image classification and detection:
 * :meth:`~Task.meta` -- what the checkpoint records besides the common entries.
 
 :class:`ClassificationTask` is below; :class:`sact.detection.task.DetectionTask` is
-the detection one. :func:`get_task` picks by ``config.task``.
+the detection one, registered when ``sact.detection`` is imported (:func:`register_task`: the
+engine imports no task). :func:`get_task` picks by ``config.task``.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from torch import Tensor, nn
 from ..output import ModelOutput, ponder_loss
 from .amp import autocast, training_memory_format
 
-__all__ = ["Task", "Step", "ClassificationTask", "get_task", "compute_loss"]
+__all__ = ["Task", "Step", "ClassificationTask", "get_task", "register_task", "registered_tasks", "compute_loss"]
 
 
 def compute_loss(out: ModelOutput, labels: Tensor, *, tau: float, mode: str, label_smoothing: float = 0.0):
@@ -155,16 +156,31 @@ class ClassificationTask:
         return {}
 
 
+#: the tasks the loop can train, by ``config.task``: name -> a factory of the task
+_TASKS: dict[str, Callable[[], Task]] = {}
+
+
+def register_task(name: str, factory: Callable[[], Task]) -> None:
+    """Makes ``config.task == name`` train with ``factory()``. The engine imports no task:
+    each task package registers itself (``sact.detection`` does on import)."""
+    _TASKS[name] = factory
+
+
+def registered_tasks() -> list[str]:
+    """The names :func:`get_task` knows now."""
+    return sorted(_TASKS)
+
+
 def get_task(name: str) -> Task:
-    """The task of ``config.task``: ``"classification"`` or ``"detection"``.
+    """The task of ``config.task`` (``"classification"``; ``"detection"`` once ``sact.detection`` is imported).
 
     Raises:
-        ValueError: another name.
+        ValueError: a name no package registered.
     """
-    if name == "classification":
-        return ClassificationTask()
-    if name == "detection":
-        from ..detection.task import DetectionTask
+    if name not in _TASKS:
+        hint = " (import sact.detection first: it registers the detection task)" if name == "detection" else ""
+        raise ValueError(f"task {name!r} is not registered{hint}; registered: {', '.join(registered_tasks())}")
+    return _TASKS[name]()
 
-        return DetectionTask()
-    raise ValueError(f"unknown task {name!r}; known: classification, detection")
+
+register_task("classification", ClassificationTask)
