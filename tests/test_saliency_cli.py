@@ -84,9 +84,9 @@ def test_cat2000_end_to_end(cat2000, checkpoint, tmp_path, capsys):
 def test_cat2000_selection_hands_out_fresh_items(cat2000):
     from collections.abc import Sequence
 
-    from sact.commands.saliency import _Subset
+    from sact.saliency.cat2000 import CAT2000Subset
 
-    sub = _Subset(CAT2000(cat2000), [1, 4])
+    sub = CAT2000Subset(CAT2000(cat2000), [1, 4])
     assert isinstance(sub, Sequence)  # else evaluate_dataset keeps every item (and its maps) alive
     assert [it.id for it in sub] == ["Action/2", "Indoor/2"] and sub[0] is not sub[0]
 

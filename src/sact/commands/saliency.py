@@ -15,13 +15,12 @@ Cluttered Fashion-MNIST). Writes ``OUT/<method>/saliency.{json,md}`` (per
 category and overall) as each method finishes, then ``OUT/summary.{json,md}``.
 
 Exit status: 0 on success, 2 for bad arguments, an unreadable checkpoint or
-dataset.
+dataset. The work is :func:`sact.saliency.run.run_saliency`'s.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
 
 __all__ = ["register", "run"]
 
@@ -70,25 +69,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-class _Subset(Sequence):
-    """A CAT2000 selection that hands out fresh items (their cached maps are freed with them).
-
-    A real ``Sequence``: ``evaluate_dataset`` would otherwise materialise the items as a
-    list, and each item caches its full-resolution maps (32 MB for a CAT2000 image).
-    """
-
-    def __init__(self, dataset, indices: list[int]) -> None:
-        self.dataset, self.indices = dataset, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        return self.dataset[self.indices[i]]
-
-
 def _check_args(args: argparse.Namespace) -> str | None:
     checks = [
         (args.blur is None or args.blur > 0, f"--blur must be positive, got {args.blur}"),
@@ -103,99 +83,26 @@ def _check_args(args: argparse.Namespace) -> str | None:
     return next((msg for ok, msg in checks if not ok), None)
 
 
-def _cat2000_methods(args, model):
-    import numpy as np
-
-    from ..saliency.baselines import center_bias, uniform
-    from ..saliency.model import model_saliency, untrained_like
-
-    options = {"blur_sigma": args.blur, "center_bias_weight": args.center_bias_weight, "max_side": args.max_side}
-
-    def from_model(m):
-        # a writable copy: torch warns on read-only numpy arrays (PIL's buffer)
-        return lambda item: model_saliency(m, np.array(item.load_stimulus()), size=item.size, **options)
-
-    methods = {"sact": from_model(model)}
-    if args.baselines:
-        methods["untrained_sact"] = from_model(untrained_like(model, seed=args.untrained_seed))
-        methods["center_bias"] = lambda item: center_bias(*item.size)
-        methods["uniform"] = lambda item: uniform(*item.size)
-    return methods
-
-
 def run(args: argparse.Namespace) -> int:
     import shlex
     import sys
 
-    from .. import load_checkpoint
-    from ..checkpoint import CheckpointError
-    from ..engine.distributed import resolve_device
     from ..errors import InputError
-    from ..fileio import prepare_outputs
-    from ..saliency.metrics import check_metric_names
-    from ..saliency.model import evaluate_methods, write_comparison
+    from ..saliency.run import run_saliency
 
     problem = _check_args(args)
     if problem is not None:
         raise InputError(problem)
-    check_metric_names(args.metrics)
-    names = ("summary.json", "summary.md")
-    with prepare_outputs(args.out, files=names, overwrite=args.overwrite) as out:  # before any work
-        device = resolve_device(args.device)
-        try:
-            model = load_checkpoint(args.checkpoint, map_location=device)
-        except CheckpointError as e:
-            raise CheckpointError(f"cannot load checkpoint {args.checkpoint}: {e}") from e
-        mode = getattr(model, "mode", "?")
-        notes = [f"Command: `sact saliency {' '.join(shlex.quote(a) for a in sys.argv[2:])}`"
-                 if len(sys.argv) > 1 and sys.argv[1] == "saliency" else "",
-                 f"Checkpoint: `{args.checkpoint}` ({model.sact_config['name']}, mode {mode})."]
-        notes = [n for n in notes if n]
-        common = {"metrics": args.metrics, "n_other": args.n_other, "seed": args.metric_seed}
-        post = {"blur_sigma": args.blur, "center_bias_weight": args.center_bias_weight, "checkpoint": str(args.checkpoint)}
-
-        if args.cluttered:
-            from ..saliency.cluttered import evaluate_cluttered
-
-            results = evaluate_cluttered(
-                model, num_images=args.num_images, seed=args.seed, data_dir=args.fashion_mnist_dir,
-                ground_truth=args.ground_truth, baselines=args.baselines, untrained_seed=args.untrained_seed,
-                blur_sigma=args.blur, center_bias_weight=args.center_bias_weight, batch_size=args.batch_size,
-                metrics=args.metrics, n_other=args.n_other, metric_seed=args.metric_seed, out_dir=out,
-                config={"checkpoint": str(args.checkpoint)},
-            )
-            fallbacks = next(iter(results.values()))["config"]["mask_fallbacks"]
-            notes.append(f"Cluttered Fashion-MNIST test split, canvases 0..{args.num_images - 1} (dataset seed "
-                         f"{args.seed}); ground truth: object {args.ground_truth}"
-                         + (f" ({fallbacks} empty masks replaced by their box)" if fallbacks else "") + ".")
-            title = "Cluttered Fashion-MNIST: ponder maps as object saliency"
-        else:
-            from ..saliency.cat2000 import CAT2000
-
-            dataset = CAT2000(args.data, categories=args.categories)
-            indices = list(range(len(dataset)))
-            if args.limit is not None:
-                # Items are sorted by category, so the first N per category keep every category.
-                seen: dict[str, int] = {}
-                kept = []
-                for i in indices:
-                    cat = dataset[i].category
-                    if seen.get(cat, 0) < args.limit:
-                        seen[cat] = seen.get(cat, 0) + 1
-                        kept.append(i)
-                indices = kept
-            items = _Subset(dataset, indices)
-            results = evaluate_methods(
-                items, _cat2000_methods(args, model), out_dir=out, title="CAT2000 saliency",
-                config={**post, "max_side": args.max_side, "dataset": str(args.data)},
-                shuffled_pool="category", **common,
-            )
-            notes.append(f"CAT2000 folder `{args.data}`: {len(items)} images, {len(dataset.categories)} categories"
-                         + (f" (first {args.limit} per category)" if args.limit else "") + ".")
-            title = "CAT2000: ponder maps as saliency maps"
-        notes.append(f"Model maps: blur {args.blur}, centre-bias weight {args.center_bias_weight}.")
-        json_path, md_path = write_comparison(results, out, title=title, notes=notes)
-        print(md_path.read_text())
-        print(f"written: {md_path}, {json_path} and {', '.join(f'{out / k}/saliency.md' for k in results)}",
-              file=sys.stderr)
-        return 0
+    command = (f"sact saliency {' '.join(shlex.quote(a) for a in sys.argv[2:])}"
+               if len(sys.argv) > 1 and sys.argv[1] == "saliency" else None)
+    json_path, md_path, results = run_saliency(
+        args.checkpoint, args.out, data=args.data, overwrite=args.overwrite,
+        device=args.device, blur_sigma=args.blur, center_bias_weight=args.center_bias_weight,
+        baselines=args.baselines, untrained_seed=args.untrained_seed, metrics=args.metrics, n_other=args.n_other,
+        metric_seed=args.metric_seed, categories=args.categories, limit=args.limit, max_side=args.max_side,
+        num_images=args.num_images, seed=args.seed, ground_truth=args.ground_truth,
+        fashion_mnist_dir=args.fashion_mnist_dir, batch_size=args.batch_size, command=command)
+    print(md_path.read_text())
+    print(f"written: {md_path}, {json_path} and {', '.join(f'{md_path.parent / k}/saliency.md' for k in results)}",
+          file=sys.stderr)
+    return 0

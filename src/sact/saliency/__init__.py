@@ -17,10 +17,19 @@ holds the model-independent parts:
   :func:`write_comparison`.
 * :mod:`~sact.saliency.cluttered`: the same evaluation on Cluttered
   Fashion-MNIST with object masks as ground truth (:func:`evaluate_cluttered`).
+* :mod:`~sact.saliency.run`: a checkpoint and its baselines scored and
+  compared, as ``sact saliency`` runs it (:func:`run_saliency`).
 """
 
 from sact.saliency.baselines import DEFAULT_SIGMA_FRAC, center_bias, postprocess, uniform
-from sact.saliency.cat2000 import CAT2000, CAT2000Item, load_fixation_locs, load_fixation_map
+from sact.saliency.cat2000 import (
+    CAT2000,
+    CAT2000Item,
+    CAT2000Subset,
+    first_per_category,
+    load_fixation_locs,
+    load_fixation_map,
+)
 from sact.saliency.evaluate import evaluate_dataset, write_report
 from sact.saliency.metrics import (
     MATLAB_EPS,
@@ -53,6 +62,7 @@ from sact.saliency.cluttered import (
     cluttered_methods,
     evaluate_cluttered,
 )
+from sact.saliency.run import cat2000_methods, run_saliency
 
 __all__ = [
     "GROUND_TRUTHS",
@@ -67,6 +77,10 @@ __all__ = [
     "untrained_like",
     "write_comparison",
     "CAT2000Item",
+    "CAT2000Subset",
+    "cat2000_methods",
+    "first_per_category",
+    "run_saliency",
     "DEFAULT_SIGMA_FRAC",
     "MATLAB_EPS",
     "METRICS",

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__all__ = ["CAT2000", "CAT2000Item", "load_fixation_locs", "load_fixation_map"]
+__all__ = ["CAT2000", "CAT2000Item", "CAT2000Subset", "first_per_category", "load_fixation_locs", "load_fixation_map"]
 
 _IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 _SUBDIRS = ("Stimuli", "FIXATIONMAPS", "FIXATIONLOCS")
@@ -305,3 +305,38 @@ class CAT2000(Sequence[CAT2000Item]):
 
     def __repr__(self) -> str:
         return f"CAT2000(root={str(self.root)!r}, categories={len(self.categories)}, images={len(self)})"
+
+
+class CAT2000Subset(Sequence[CAT2000Item]):
+    """A selection of a :class:`CAT2000` (``indices``) that hands out fresh items (their cached maps are freed with them).
+
+    A real ``Sequence``: ``evaluate_dataset`` would otherwise materialise the items as a
+    list, and each item caches its full-resolution maps (32 MB for a CAT2000 image).
+    """
+
+    def __init__(self, dataset: CAT2000, indices: list[int]) -> None:
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        return self.dataset[self.indices[i]]
+
+
+def first_per_category(dataset: CAT2000, limit: int | None) -> CAT2000Subset:
+    """The first ``limit`` images of each category of ``dataset`` (all with ``None``)."""
+    indices = list(range(len(dataset)))
+    if limit is not None:
+        # Items are sorted by category, so the first N per category keep every category.
+        seen: dict[str, int] = {}
+        kept = []
+        for i in indices:
+            cat = dataset[i].category
+            if seen.get(cat, 0) < limit:
+                seen[cat] = seen.get(cat, 0) + 1
+                kept.append(i)
+        indices = kept
+    return CAT2000Subset(dataset, indices)
