@@ -32,9 +32,9 @@ def _flag_defaults(*command: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("command, base", [(("train",), {}), (("detect", "train"), DETECT_DEFAULTS)])
 def test_help_shows_the_value_a_flag_left_out_takes(command, base, capsys):
-    from sact.commands import detect, train
+    from sact.engine.config import DETECT_FLAGS, TRAIN_FLAGS
 
-    flags = train._FLAGS if command == ("train",) else detect._TRAIN_FLAGS
+    flags = TRAIN_FLAGS if command == ("train",) else DETECT_FLAGS
     shown = _flag_defaults(*command)
     assert main([*command, "--print-config"]) == 0
     resolved = yaml.safe_load(capsys.readouterr().out)

@@ -18,54 +18,11 @@ with ``images/`` in front); ``--train-images/--train-ann`` etc. override it.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 from pathlib import Path
 
-from ..engine.config import DETECT_DEFAULTS
+from ..engine.config import DETECT_DEFAULTS, DETECT_FLAGS
 from ..errors import InputError
-from .train import add_flags, flag_overrides, train_and_report
-
-# flag -> (config key, type, help); every flag defaults to None: only given flags override; the help shows the
-# default (DETECT_DEFAULTS, else TrainConfig's)
-_TRAIN_FLAGS = {
-    "--data": ("data_dir", str, "root with images/<split>/ and annotations/instances_<split>.json"),
-    "--train-split": ("train_split", str, "training split name"),
-    "--train-images": ("train_images", str, "training image folder (instead of --data)"),
-    "--train-ann": ("train_ann", str, "training instances json (instead of --data)"),
-    "--val-split": ("val_split", str, "evaluation split name"),
-    "--val-images": ("val_images", str, "evaluation image folder"),
-    "--val-ann": ("val_ann", str, "evaluation instances json"),
-    "--model": ("model", str, "registered backbone (sact models)"),
-    "--mode": ("mode", str, "vanilla | act | sact"),
-    "--tau": ("tau", float, "ponder cost weight"),
-    "--init": ("init", str, "torchvision .pth or sact checkpoint to warm-start the backbone from"),
-    "--trainable-layers": ("trainable_layers", int, "trainable stages from the top (default: all)"),
-    "--fpn-channels": ("fpn_channels", int, "FPN channels"),
-    "--representation-size": ("representation_size", int, "box head width"),
-    "--min-size": ("min_size", int, "transform resize (default: the image size)"),
-    "--max-size": ("max_size", int, "cap on the longer side (default: --min-size)"),
-    "--detections-per-img": ("detections_per_img", int, "detections kept per image"),
-    "--box-batch-size": ("box_batch_size", int, "RoIs sampled per image for the box head"),
-    "--hflip": ("hflip", float, "flip probability in training"),
-    "--steps": ("steps", int, "optimisation steps (0: use --epochs)"),
-    "--epochs": ("epochs", int, "epochs when --steps is 0"),
-    "--batch-size": ("batch_size", int, "images per step and process"),
-    "--eval-batch-size": ("eval_batch_size", int, "images per evaluation batch"),
-    "--lr": ("lr", float, "base learning rate"),
-    "--momentum": ("momentum", float, "SGD momentum"),
-    "--weight-decay": ("weight_decay", float, "L2 on kernels"),
-    "--schedule": ("schedule", str, "piecewise | staircase | cosine | constant"),
-    "--warmup-steps": ("warmup_steps", int, "linear warm-up steps"),
-    "--eval-every": ("eval_every", int, "also evaluate every N steps (0: at the end only)"),
-    "--checkpoint-every": ("checkpoint_every", int, "also save every N steps (always at epoch ends)"),
-    "--seed": ("seed", int, "seed"),
-    "--out": ("out_dir", str, "run folder: model.*, train_state.safetensors, metrics.json, tb/"),
-    "--device": ("device", str, "auto | cpu | cuda | cuda:N"),
-    "--amp": ("amp", str, "auto | none | bf16 | fp16"),
-    "--workers": ("workers", int, "DataLoader workers"),
-    "--threads": ("threads", int, "torch threads, at most one per CPU core (0: torch's default)"),
-}
+from .train import add_flags, config_from_args, train_and_report
 
 
 def register(subparsers) -> None:
@@ -87,7 +44,7 @@ def register(subparsers) -> None:
                        description="Train Faster R-CNN + FPN over an adaptive backbone with the one training loop. "
                        "Settings: detection defaults < --config YAML < --set < flags (docs/detection.md).")
     t.add_argument("--config", default=None, help="YAML file of TrainConfig keys (task: detection)")
-    add_flags(t, _TRAIN_FLAGS, base=DETECT_DEFAULTS)
+    add_flags(t, DETECT_FLAGS, base=DETECT_DEFAULTS)
     t.add_argument("--in-chans", type=int, default=None, help="image channels, 1 or 3 (default 1)")
     t.add_argument("--width", type=int, default=None, help="base_channels (cifar) / base_width (imagenet)")
     t.add_argument("--return-stages", nargs="+", default=None, help="stages feeding the FPN (default: stride >= 2)")
@@ -133,18 +90,10 @@ def register(subparsers) -> None:
 
 
 def _make_data(args) -> int:
-    from ..data import write_coco
-    from ..fileio import prepare_outputs
+    from ..detection.coco import write_coco_splits
 
-    for split, n in (("train", args.num_train), ("test", args.num_val)):
-        if n < 1:
-            raise InputError(f"--num-{'train' if split == 'train' else 'val'} must be >= 1, got {n}")
-    names = ("annotations/instances_train.json", "annotations/instances_test.json")
-    with prepare_outputs(args.out, files=names, overwrite=args.overwrite):
-        for split, n in (("train", args.num_train), ("test", args.num_val)):
-            path = write_coco(args.out, split=split, num_images=n, seed=args.seed, canvas_size=args.canvas_size,
-                              data_dir=args.data_dir)
-            print(f"{split}: {n} images -> {path}")
+    write_coco_splits(args.out, num_train=args.num_train, num_val=args.num_val, seed=args.seed,
+                      canvas_size=args.canvas_size, data_dir=args.data_dir, overwrite=args.overwrite)
     return 0
 
 
@@ -154,18 +103,9 @@ def train_config(args):
     Raises:
         ConfigError: invalid values (all listed; exit 2).
     """
-    from ..engine.config import load_config, parse_overrides
-
-    overrides = {**parse_overrides(args.set), **flag_overrides(args, _TRAIN_FLAGS)}
-    for key in ("return_stages", "frozen_bn", "anchor_sizes", "rpn_proposals"):
-        if getattr(args, key) is not None:
-            overrides[key] = list(getattr(args, key)) if isinstance(getattr(args, key), (list, tuple)) else getattr(args, key)
-    for flag, key in (("resume", "resume"), ("overwrite", "overwrite")):
-        if getattr(args, flag):
-            overrides[key] = True
-    if args.no_tensorboard:
-        overrides["tensorboard"] = False
-    config = load_config(args.config, overrides, base=DETECT_DEFAULTS)
+    keys = ("return_stages", "frozen_bn", "anchor_sizes", "rpn_proposals")  # flags that set the key of their name
+    extra = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
+    config = config_from_args(args, DETECT_FLAGS, base=DETECT_DEFAULTS, extra=extra)
     kwargs = dict(config.model_kwargs)
     if args.in_chans is not None:
         kwargs["in_chans"] = args.in_chans
@@ -184,67 +124,15 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
-    from ..detection import load_detector
-    from ..detection.evaluate import evaluate_detector, score_detections
-    from ..engine.amp import amp_dtype
-    from ..engine.distributed import cleanup_distributed, resolve_device, setup_distributed
-    from ..fileio import atomic_write_bytes, dumps_json, prepare_outputs
+    from ..detection.evaluate import run_evaluation
+    from ..fileio import dumps_json
 
-    sources = [x for x in (args.checkpoint, args.detections, args.watch) if x is not None]
-    if len(sources) != 1:
-        raise InputError("give exactly one of --checkpoint, --detections and --watch RUN_DIR")
-    if args.batch_size < 1 or args.workers < 0 or (args.max_batches is not None and args.max_batches < 1):
-        raise InputError(f"--batch-size and --max-batches must be >= 1 and --workers >= 0, got {args.batch_size}, "
-                         f"{args.max_batches}, {args.workers}")
-    if not args.poll > 0 or (args.watch_timeout is not None and not args.watch_timeout > 0):
-        raise InputError(f"--poll and --watch-timeout must be > 0 seconds, got {args.poll}, {args.watch_timeout}")
-    if args.watch is None and args.watch_timeout is not None:
-        raise InputError("--watch-timeout needs --watch")
-    val_images, val_ann = args.val_images, args.val_ann
-    if args.data is not None:
-        val_images = val_images or args.data / "images" / args.val_split
-        val_ann = val_ann or args.data / "annotations" / f"instances_{args.val_split}.json"
-    if val_images is None or val_ann is None:
-        raise InputError("give --data or both --val-images and --val-ann")
-    names = ("metrics.json", "detections.json") if args.checkpoint is not None else ("metrics.json",)
-    writes = args.out is not None and args.watch is None and int(os.environ.get("RANK", "0")) == 0
-    outputs = prepare_outputs(args.out, files=names, overwrite=args.overwrite) if writes else contextlib.nullcontext()
-    with outputs:  # checked before any work
-        if args.detections is not None:
-            metrics = score_detections(args.detections, val_images, val_ann)
-            out = {"metrics": metrics, "detections": str(args.detections), "annotations": str(val_ann)}
-            print(dumps_json(metrics, indent=2))
-            if args.out is not None:
-                atomic_write_bytes(args.out / "metrics.json", dumps_json(out, indent=2).encode())
-            return 0
-        device = resolve_device(args.device, int(os.environ.get("LOCAL_RANK", "0")))
-        amp = amp_dtype(args.amp, device)
-        options = dict(device=device, batch_size=args.batch_size, workers=args.workers, in_chans=args.in_chans,
-                       use_sparse=args.use_sparse, max_batches=args.max_batches, amp_dtype=amp)
-        if args.watch is not None:
-            from ..engine.watch import watch_checkpoints
-
-            def one(path):
-                detector = load_detector(path, map_location=device)
-                metrics, _ = evaluate_detector(detector, val_images, val_ann, progress=False, **options)
-                return {"metrics": metrics, "checkpoint": str(path), "annotations": str(val_ann),
-                        "use_sparse": bool(args.use_sparse)}, detector.checkpoint_meta
-
-            watch_checkpoints(args.watch, one, out_dir=args.out or args.watch / "eval", poll_s=args.poll,
-                              timeout_s=args.watch_timeout)
-            return 0
-        info = setup_distributed(device)
-        try:
-            detector = load_detector(args.checkpoint, map_location=device)
-            metrics, results = evaluate_detector(detector, val_images, val_ann, rank=info.rank, world_size=info.world_size,
-                                                 progress=info.is_main, **options)
-            if info.is_main:
-                print(dumps_json(metrics, indent=2))
-                if args.out is not None:
-                    out = {"metrics": metrics, "checkpoint": str(args.checkpoint), "annotations": str(val_ann),
-                           "use_sparse": bool(args.use_sparse), "world_size": info.world_size}
-                    atomic_write_bytes(args.out / "metrics.json", dumps_json(out, indent=2).encode())
-                    atomic_write_bytes(args.out / "detections.json", dumps_json(results).encode())
-        finally:
-            cleanup_distributed(info)
-        return 0
+    metrics = run_evaluation(
+        checkpoint=args.checkpoint, detections=args.detections, watch=args.watch, data_dir=args.data,
+        val_split=args.val_split, val_images=args.val_images, val_ann=args.val_ann, device=args.device, amp=args.amp,
+        batch_size=args.batch_size, workers=args.workers, in_chans=args.in_chans, use_sparse=args.use_sparse,
+        max_batches=args.max_batches, out=args.out, overwrite=args.overwrite, poll_s=args.poll,
+        watch_timeout_s=args.watch_timeout)
+    if metrics is not None:
+        print(dumps_json(metrics, indent=2))
+    return 0

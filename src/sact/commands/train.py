@@ -4,43 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-# flag -> (config key, type, help); every flag defaults to None so that only given flags override the YAML;
-# the help shows the key's default (add_flags)
-_FLAGS = {
-    "--model": ("model", str, "registered model name (sact models)"),
-    "--mode": ("mode", str, "vanilla | act | sact"),
-    "--tau": ("tau", float, "ponder cost weight"),
-    "--dataset": ("dataset", str, "cluttered | cifar10 | imagenet | folder (your own class folders, docs/training.md)"),
-    "--data-dir": ("data_dir", str, "dataset folder"),
-    "--val-fraction": ("val_fraction", float, "folder without val/: hold out this share of every class (fixed split)"),
-    "--image-size": ("image_size", int, "input side of image folders"),
-    "--num-classes": ("num_classes", int, "classifier outputs (default: the classes found + --label-offset)"),
-    "--label-offset": ("label_offset", int, "added to image-folder labels (1: the reference's 1001-class models)"),
-    "--preprocess": ("preprocess", str, "image folders: auto (match --init) | dataset | inception | torchvision"),
-    "--eval-samples": ("eval_samples", int, "images evaluated (cluttered: canvases, default 2000; others: a fixed "
-                       "subset, default all)"),
-    "--steps": ("steps", int, "optimisation steps (0: use --epochs)"),
-    "--epochs": ("epochs", int, "epochs when --steps is 0"),
-    "--batch-size": ("batch_size", int, "images per step and process"),
-    "--lr": ("lr", float, "base learning rate"),
-    "--halting-lr-mult": ("halting_lr_mult", float, "learning-rate multiplier of the halting branches (short "
-                          "fine-tunes need 10-30, docs/training.md)"),
-    "--weight-decay": ("weight_decay", float, "L2 on kernels"),
-    "--label-smoothing": ("label_smoothing", float, "cross-entropy label smoothing"),
-    "--schedule": ("schedule", str, "piecewise | staircase | cosine | constant"),
-    "--init": ("init", str, "warm start: torchvision .pth or sact checkpoint"),
-    "--out": ("out_dir", str, "run folder"),
-    "--amp": ("amp", str, "auto | none | bf16 | fp16"),
-    "--memory-format": ("memory_format", str, "auto (channels-last for classification on the CPU) | channels_last | "
-                        "contiguous"),
-    "--device": ("device", str, "auto | cpu | cuda | cuda:N"),
-    "--workers": ("workers", int, "DataLoader worker processes (at most 64, or one per CPU core if more)"),
-    "--threads": ("threads", int, "torch threads, at most one per CPU core (0: torch's default)"),
-    "--seed": ("seed", int, "seed"),
-    "--max-pixels": ("max_pixels", int, "image folders: images above this many pixels are unreadable"),
-    "--log-every": ("log_every", int, "report the means of loss, top-1, ponder cost, FLOPs and lr every N steps "
-                    "(progress bar, TensorBoard; a line on stderr without a bar)"),
-}
+from ..engine.config import TRAIN_FLAGS, TrainConfig, load_config, parse_overrides
 
 
 def add_flags(p: argparse.ArgumentParser, flags: dict, base: dict | None = None) -> None:
@@ -50,8 +14,6 @@ def add_flags(p: argparse.ArgumentParser, flags: dict, base: dict | None = None)
     shows the value the key takes otherwise: ``base`` (a command's own defaults) or
     :class:`~sact.engine.config.TrainConfig`'s.
     """
-    from ..engine.config import TrainConfig
-
     defaults = {**TrainConfig.defaults(), **(base or {})}
     for flag, (key, typ, text) in flags.items():
         shown = "" if defaults[key] is None else f" (default: {defaults[key]})"
@@ -67,16 +29,20 @@ def flag_overrides(args: argparse.Namespace, flags: dict) -> dict:
 def add_config_arguments(p: argparse.ArgumentParser) -> None:
     """``--config``, ``--set key=value`` and the common flags of :class:`TrainConfig`."""
     p.add_argument("--config", default=None, help="YAML file of TrainConfig keys (see configs/)")
-    add_flags(p, _FLAGS)
+    add_flags(p, TRAIN_FLAGS)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, value parsed as YAML (repeatable), e.g. --set model_kwargs='{base_channels: 8}'")
 
 
-def config_from_args(args: argparse.Namespace):
-    """defaults < ``--config`` YAML < ``--set`` < explicit flags."""
-    from ..engine.config import load_config, parse_overrides
+def config_from_args(args: argparse.Namespace, flags: dict = TRAIN_FLAGS, *, base: dict | None = None,
+                     extra: dict | None = None):
+    """defaults (``base`` over TrainConfig's) < ``--config`` YAML < ``--set`` < the ``flags`` given
+    and the ``extra`` overrides < the switches (``--resume``, ``--no-tensorboard``, ...).
 
-    overrides = {**parse_overrides(args.set), **flag_overrides(args, _FLAGS)}
+    Raises:
+        ConfigError: invalid values (all listed; exit 2).
+    """
+    overrides = {**parse_overrides(args.set), **flag_overrides(args, flags), **(extra or {})}
     for flag in ("resume", "overwrite"):
         if getattr(args, flag, False):
             overrides[flag] = True
@@ -88,7 +54,7 @@ def config_from_args(args: argparse.Namespace):
         overrides["progress"] = False
     if getattr(args, "download", False):
         overrides["download"] = True
-    return load_config(args.config, overrides)
+    return load_config(args.config, overrides, base=base)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -116,11 +82,10 @@ def run(args: argparse.Namespace) -> int:
 def train_and_report(config, *, print_config: bool = False, skip: tuple[str, ...] = ()) -> int:
     """``--print-config``, or train with the engine and print the metrics (JSON, stdout; without
     the ``skip`` keys) and the files written (stderr), once under ``torchrun``."""
-    import os
-
     import yaml
 
     from ..engine import main
+    from ..engine.distributed import is_rank_zero
     from ..fileio import dumps_json
 
     if print_config:
@@ -129,7 +94,7 @@ def train_and_report(config, *, print_config: bool = False, skip: tuple[str, ...
     if config.task == "detection":
         from .. import detection  # noqa: F401  (registers the detection task with the engine)
     metrics = main(config)
-    if os.environ.get("RANK", "0") == "0":  # one summary under torchrun
+    if is_rank_zero():  # one summary under torchrun
         print(dumps_json({k: v for k, v in metrics.items() if k not in skip}, indent=2))
         report_outputs(config)
     return 0

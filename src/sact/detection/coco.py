@@ -16,6 +16,7 @@ torchvision-detection targets. The annotation file is checked when loaded:
 
 Evaluation (:func:`coco_evaluate`) runs pycocotools ``COCOeval`` on the validated ground
 truth (:attr:`CocoDetection.coco`), so clipped boxes are what detections are scored against.
+:func:`write_coco_splits` writes a synthetic set in this format (``sact detect make-data``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import io
 import json
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -34,7 +35,7 @@ from torch.utils.data import Dataset
 from ..errors import InputError
 
 __all__ = ["CocoFormatError", "CocoDetection", "load_coco_json", "coco_evaluate", "to_coco_results", "AP_NAMES",
-           "collate"]
+           "collate", "coco_paths", "write_coco_splits"]
 
 #: Names of ``COCOeval.stats[0:6]``.
 AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -272,3 +273,63 @@ def coco_evaluate(coco_gt, results: Sequence[dict], *, image_ids: Sequence[int] 
         ev.accumulate()
         ev.summarize()
     return {name: float(v) for name, v in zip(AP_NAMES, ev.stats[:6])}
+
+
+def coco_paths(config, split_key: str) -> tuple[Path, Path]:
+    """``(image folder, instances json)`` of the ``"train"`` or ``"val"`` split of ``config``: a
+    :class:`~sact.engine.TrainConfig`, or any object with ``data_dir`` and ``<split_key>_split``,
+    ``_images`` and ``_ann`` (``sact detect eval``'s).
+
+    Explicit ``<split>_images`` / ``<split>_ann`` win; otherwise ``data_dir/images/<split>/``
+    and ``data_dir/annotations/instances_<split>.json`` (the layout ``sact detect make-data`` writes).
+
+    Raises:
+        InputError: neither a ``data_dir`` nor both files.
+    """
+    split = getattr(config, f"{split_key}_split")
+    images, ann = getattr(config, f"{split_key}_images"), getattr(config, f"{split_key}_ann")
+    if config.data_dir is not None:
+        root = Path(config.data_dir)
+        images = images or root / "images" / split
+        ann = ann or root / "annotations" / f"instances_{split}.json"
+    if images is None or ann is None:
+        raise InputError(f"detection needs data_dir (--data) or both {split_key}_images and {split_key}_ann "
+                         f"(--{split_key}-images, --{split_key}-ann)")
+    return Path(images), Path(ann)
+
+
+def write_coco_splits(out_dir: str | Path, *, num_train: int, num_val: int, seed: int = 0,
+                      canvas_size: int | None = None, data_dir: str | Path | None = None, overwrite: bool = False,
+                      log: Callable[[str], None] = print) -> dict[str, Path]:
+    """Writes the ``train`` and ``test`` splits of multi-object Cluttered Fashion-MNIST in
+    COCO format (``sact detect make-data``; :func:`sact.data.write_coco` per split).
+
+    Args:
+        out_dir: output root: ``images/<split>/`` and ``annotations/instances_<split>.json``.
+        num_train, num_val: images of the ``train`` and ``test`` split.
+        seed, canvas_size, data_dir: as for :func:`sact.data.write_coco`.
+        overwrite: replace the annotation files of a data set already in ``out_dir``.
+        log: gets one line per split written.
+
+    Returns:
+        ``{split: instances json}``.
+
+    Raises:
+        InputError: a count below 1.
+        OutputExistsError: annotation files exist and not ``overwrite`` (nothing written).
+    """
+    from ..data import write_coco
+    from ..fileio import prepare_outputs
+
+    counts = {"train": num_train, "test": num_val}
+    for split, n in counts.items():
+        if n < 1:
+            raise InputError(f"--num-{'train' if split == 'train' else 'val'} must be >= 1, got {n}")
+    names = [f"annotations/instances_{split}.json" for split in counts]
+    written = {}
+    with prepare_outputs(out_dir, files=names, overwrite=overwrite):
+        for split, n in counts.items():
+            written[split] = write_coco(out_dir, split=split, num_images=n, seed=seed, canvas_size=canvas_size,
+                                        data_dir=data_dir)
+            log(f"{split}: {n} images -> {written[split]}")
+    return written

@@ -2,7 +2,8 @@
 
 ``evaluate`` scores the detections with pycocotools; :func:`evaluate_detector` does it for
 a saved detector and :func:`score_detections` for a ready-made results json (the two
-modes of ``sact detect eval``). It works unchanged under
+modes of ``sact detect eval``); :func:`run_evaluation` is that command as one call (with
+``--watch``). It works unchanged under
 ``torchrun``: each rank runs its shard of the loader and the results of all ranks are
 gathered on every rank. Training goes through the one training loop
 (:mod:`sact.engine.train` with :class:`sact.detection.task.DetectionTask`).
@@ -21,7 +22,7 @@ from .coco import coco_evaluate, to_coco_results
 from ..engine.amp import autocast
 from .detector import DetectorOutput
 
-__all__ = ["evaluate", "predict", "evaluate_detector", "score_detections"]
+__all__ = ["evaluate", "predict", "evaluate_detector", "score_detections", "run_evaluation"]
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -168,3 +169,89 @@ def evaluate_detector(detector: nn.Module, image_dir: str | Path, ann_file: str 
     loader = eval_loader(dataset, batch_size, rank=rank, world_size=world_size, workers=workers, collate_fn=collate)
     return evaluate(detector, loader, dataset, device=device, progress=progress, max_batches=max_batches,
                     amp_dtype=amp_dtype)
+
+
+def run_evaluation(*, checkpoint: str | Path | None = None, detections: str | Path | None = None,
+                   watch: str | Path | None = None, data_dir: str | Path | None = None, val_split: str = "test",
+                   val_images: str | Path | None = None, val_ann: str | Path | None = None, device: str = "auto",
+                   amp: str = "none", batch_size: int = 8, workers: int = 0, in_chans: int | None = None,
+                   use_sparse: bool = False, max_batches: int | None = None, out: str | Path | None = None,
+                   overwrite: bool = False, poll_s: float = 30.0, watch_timeout_s: float | None = None) -> dict | None:
+    """``sact detect eval``: score one of a saved detector (``checkpoint``, under ``torchrun``
+    too), a COCO results json (``detections``) or each new checkpoint of a run (``watch``).
+
+    The evaluation set is :func:`~sact.detection.task.coco_paths` of ``data_dir`` /
+    ``val_split`` / ``val_images`` / ``val_ann``. Rank 0 writes ``out/metrics.json`` (and
+    ``out/detections.json`` of a checkpoint); ``watch`` writes ``metrics_step<STEP>.json``
+    into ``out`` (default ``watch/eval``, :func:`~sact.engine.watch.watch_checkpoints`).
+
+    Returns:
+        The metrics to report: None with ``watch`` and on the ranks other than 0.
+
+    Raises:
+        InputError: not exactly one source, counts or times out of range, no evaluation set,
+            an unusable device or ``amp``, or a detections file that does not fit the set.
+        OutputExistsError: a file in ``out`` exists and not ``overwrite`` (checked before any work).
+        CheckpointError: a checkpoint that is not a detector saved by sact.
+    """
+    import contextlib
+    from types import SimpleNamespace
+
+    from ..engine.amp import amp_dtype
+    from ..engine.distributed import cleanup_distributed, is_rank_zero, local_rank, resolve_device, setup_distributed
+    from ..errors import InputError
+    from ..fileio import atomic_write_bytes, dumps_json, prepare_outputs
+    from .coco import coco_paths
+    from .detector import load_detector
+
+    if sum(x is not None for x in (checkpoint, detections, watch)) != 1:
+        raise InputError("give exactly one of --checkpoint, --detections and --watch RUN_DIR")
+    if batch_size < 1 or workers < 0 or (max_batches is not None and max_batches < 1):
+        raise InputError(f"--batch-size and --max-batches must be >= 1 and --workers >= 0, got {batch_size}, "
+                         f"{max_batches}, {workers}")
+    if not poll_s > 0 or (watch_timeout_s is not None and not watch_timeout_s > 0):
+        raise InputError(f"--poll and --watch-timeout must be > 0 seconds, got {poll_s}, {watch_timeout_s}")
+    if watch is None and watch_timeout_s is not None:
+        raise InputError("--watch-timeout needs --watch")
+    split = SimpleNamespace(data_dir=data_dir, val_split=val_split, val_images=val_images, val_ann=val_ann)
+    images, ann = coco_paths(split, "val")
+    out = None if out is None else Path(out)
+    names = ("metrics.json", "detections.json") if checkpoint is not None else ("metrics.json",)
+    writes = out is not None and watch is None and is_rank_zero()
+    with prepare_outputs(out, files=names, overwrite=overwrite) if writes else contextlib.nullcontext():
+        if detections is not None:
+            metrics = score_detections(detections, images, ann)
+            if out is not None:
+                record = {"metrics": metrics, "detections": str(detections), "annotations": str(ann)}
+                atomic_write_bytes(out / "metrics.json", dumps_json(record, indent=2).encode())
+            return metrics
+        run_device = resolve_device(device, local_rank())
+        options = dict(device=run_device, batch_size=batch_size, workers=workers, in_chans=in_chans,
+                       use_sparse=use_sparse, max_batches=max_batches, amp_dtype=amp_dtype(amp, run_device))
+        if watch is not None:
+            from ..engine.watch import watch_checkpoints
+
+            def one(path: Path) -> tuple[dict, dict]:
+                detector = load_detector(path, map_location=run_device)
+                metrics, _ = evaluate_detector(detector, images, ann, progress=False, **options)
+                return {"metrics": metrics, "checkpoint": str(path), "annotations": str(ann),
+                        "use_sparse": bool(use_sparse)}, detector.checkpoint_meta
+
+            watch_checkpoints(watch, one, out_dir=out or Path(watch) / "eval", poll_s=poll_s,
+                              timeout_s=watch_timeout_s)
+            return None
+        info = setup_distributed(run_device)
+        try:
+            detector = load_detector(checkpoint, map_location=run_device)
+            metrics, results = evaluate_detector(detector, images, ann, rank=info.rank, world_size=info.world_size,
+                                                 progress=info.is_main, **options)
+            if not info.is_main:
+                return None
+            if out is not None:
+                record = {"metrics": metrics, "checkpoint": str(checkpoint), "annotations": str(ann),
+                          "use_sparse": bool(use_sparse), "world_size": info.world_size}
+                atomic_write_bytes(out / "metrics.json", dumps_json(record, indent=2).encode())
+                atomic_write_bytes(out / "detections.json", dumps_json(results).encode())
+            return metrics
+        finally:
+            cleanup_distributed(info)

@@ -4,7 +4,7 @@
 config from its flags) runs the same loop, optimiser, schedules, checkpoints, exact
 resume and non-finite checks as classification. This module says what differs:
 
-* data: COCO-format training and evaluation sets (:func:`coco_paths`), batches as lists;
+* data: COCO-format training and evaluation sets (:func:`~sact.detection.coco.coco_paths`), batches as lists;
 * model: a Faster R-CNN + FPN (:func:`sact.detection.build_detector`) over the
   registered ``config.model``, warm-started by :func:`sact.engine.warm_start` with the
   detection options (a classifier of another size skipped, an RGB stem summed);
@@ -18,7 +18,6 @@ detector on small images), before ``--config``, ``--set`` and its flags.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -29,30 +28,10 @@ from ..engine.amp import autocast
 from ..engine.config import DETECT_DEFAULTS
 from ..engine.tasks import Step, register_task
 from ..errors import DataError, InputError
-from .coco import CocoDetection, collate
+from .coco import CocoDetection, coco_paths, collate
 from .detector import DetectorOutput, build_detector, loss_terms
 
 __all__ = ["DetectionTask", "DETECT_DEFAULTS", "coco_paths", "detector_from_config", "image_maps"]
-
-def coco_paths(config, split_key: str) -> tuple[Path, Path]:
-    """``(image folder, instances json)`` of the ``"train"`` or ``"val"`` split of ``config``.
-
-    Explicit ``<split>_images`` / ``<split>_ann`` win; otherwise ``data_dir/images/<split>/``
-    and ``data_dir/annotations/instances_<split>.json`` (the layout ``sact detect make-data`` writes).
-
-    Raises:
-        InputError: neither a ``data_dir`` nor both files.
-    """
-    split = getattr(config, f"{split_key}_split")
-    images, ann = getattr(config, f"{split_key}_images"), getattr(config, f"{split_key}_ann")
-    if config.data_dir is not None:
-        root = Path(config.data_dir)
-        images = images or root / "images" / split
-        ann = ann or root / "annotations" / f"instances_{split}.json"
-    if images is None or ann is None:
-        raise InputError(f"detection needs data_dir (--data) or both {split_key}_images and {split_key}_ann "
-                         f"(--{split_key}-images, --{split_key}-ann)")
-    return Path(images), Path(ann)
 
 
 def _in_chans(config) -> int:

@@ -13,7 +13,23 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "setup_distributed", "cleanup_distributed", "all_reduce_sum", "resolve_device"]
+__all__ = ["DistInfo", "setup_distributed", "cleanup_distributed", "all_reduce_sum", "resolve_device", "global_rank",
+           "local_rank", "is_rank_zero"]
+
+
+def global_rank() -> int:
+    """This process's rank under ``torchrun`` (``RANK``); 0 in a single process."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_rank() -> int:
+    """This process's rank on its machine under ``torchrun`` (``LOCAL_RANK``); 0 in a single process."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_rank_zero() -> bool:
+    """True in the process that writes files and prints summaries (rank 0, or no ``torchrun``)."""
+    return global_rank() == 0
 
 
 @dataclass(frozen=True)
@@ -69,13 +85,12 @@ def setup_distributed(device: torch.device) -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return DistInfo()
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(backend=backend)
-    return DistInfo(rank=rank, world_size=world, local_rank=local)
+    return DistInfo(rank=global_rank(), world_size=world, local_rank=local_rank())
 
 
 def cleanup_distributed(info: DistInfo) -> None:

@@ -44,7 +44,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import random
 import sys
 import time
@@ -64,7 +63,8 @@ from .amp import amp_dtype as _amp_dtype
 from .amp import grad_scaler, training_memory_format
 from .config import TrainConfig
 from .datasets import eval_loader, steps_per_epoch, train_loader
-from .distributed import DistInfo, all_reduce_sum, cleanup_distributed, resolve_device, setup_distributed
+from .distributed import (DistInfo, all_reduce_sum, cleanup_distributed, is_rank_zero, local_rank, resolve_device,
+                          setup_distributed)
 from .optim import build_optimizer, build_scheduler
 from .state import (LEGACY_STATE_FILE, STATE_FILE, legacy_state_message, load_train_state, rng_state,
                     save_train_state, set_rng_state)
@@ -466,8 +466,8 @@ def main(
         sact.CheckpointError: unreadable, forged or mismatched warm-start / resume files.
     """
     config = config.validate()
-    device = resolve_device(config.device, int(os.environ.get("LOCAL_RANK", "0")))
-    writer = int(os.environ.get("RANK", "0")) == 0  # other ranks follow (torchrun stops them if the writer fails)
+    device = resolve_device(config.device, local_rank())
+    writer = is_rank_zero()  # other ranks follow (torchrun stops them if the writer fails)
     if writer:
         prepare_run_folder(config, clear=False)  # refuse before anything is created
     # the lock is taken before the folder is inspected again: no other sact writes it meanwhile
