@@ -246,7 +246,8 @@ def write_gallery_files(paths: list[str], model, out: Path, *, checkpoint: str, 
 
     from .data.images import UnreadableImage
     from .fileio import atomic_write_bytes, dumps_json
-    from .ponder import ponder_map, vanilla_flops
+    from .models import vanilla_flops
+    from .ponder import ponder_map
     from .viz import map_figure_png, percentile_range, png_bytes, stages_figure_png, value_counts
 
     files, skipped, ignored = collect_inputs(paths, exclude=out)

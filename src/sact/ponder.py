@@ -26,13 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .models import vanilla_flops  # noqa: F401 (re-exported: sact.ponder.vanilla_flops)
 from .viz import summed_map
 
 __all__ = ["PonderMap", "ponder_map", "total_stride", "default_preprocess", "model_preprocess", "resize_longer_side",
            "input_mismatch", "vanilla_flops", "SCALE_TOLERANCE"]
 
 _STRIDES: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
-_VANILLA: "weakref.WeakKeyDictionary[nn.Module, tuple[nn.Module, dict]]" = weakref.WeakKeyDictionary()
 #: :func:`input_mismatch` warns when the image's longer side differs from the training
 #: images' by more than this factor.
 SCALE_TOLERANCE = 3.0
@@ -298,42 +298,3 @@ def input_mismatch(model: nn.Module, image, size: tuple[int, int]) -> list[str]:
     return problems
 
 
-def vanilla_flops(model: nn.Module, size: tuple[int, int]) -> int | None:
-    """FLOPs of the vanilla network of ``model``'s architecture on one ``size = (H, W)`` image.
-
-    The reference to state a model's FLOPs against ("58% of the vanilla network"): the
-    same registered model and arguments in ``mode="vanilla"`` (every unit at every
-    position, no halting branches). Counted without computing anything: the vanilla
-    model is built on the ``meta`` device and run under ``torch.utils.flop_counter.
-    FlopCounterMode``, which equals sact's convention (2 x multiply-adds of convolutions
-    and linear layers) on vanilla networks; a model that cannot run on ``meta`` is run
-    once on the CPU instead. Counts are cached per model and size.
-
-    Returns:
-        The count, or None for a model not built by :func:`sact.create_model` (no ``sact_config``).
-    """
-    from .flops import count_model_flops
-
-    config = getattr(model, "sact_config", None)
-    if not isinstance(config, dict):
-        return None
-    if model not in _VANILLA:
-        from .models import create_model
-
-        kwargs = {k: v for k, v in config.get("kwargs", {}).items() if k != "mode"}
-        try:
-            with torch.device("meta"):
-                vanilla = create_model(config["name"], mode="vanilla", **kwargs).eval()
-        except (KeyError, TypeError, ValueError):
-            return None
-        _VANILLA[model] = (vanilla, {})
-    vanilla, counts = _VANILLA[model]
-    key = (int(size[0]), int(size[1]))
-    if key not in counts:
-        try:
-            counts[key] = count_model_flops(vanilla, torch.empty(1, vanilla.in_chans, *key, device="meta"))
-        except (RuntimeError, NotImplementedError):  # an op without a meta kernel: count on real tensors
-            real = vanilla.to_empty(device="cpu")
-            with torch.no_grad():
-                counts[key] = int(real(torch.zeros(1, real.in_chans, *key)).flops[0].item())
-    return counts[key]

@@ -23,7 +23,7 @@ def model_rows(image_size: int | None = None, pattern: list[str] | None = None) 
     import torch
 
     from .. import create_model, list_models
-    from ..ponder import vanilla_flops
+    from ..models import vanilla_flops
 
     rows = []
     for name in list_models(pattern or None):

@@ -517,7 +517,7 @@ def _main(config: TrainConfig, device: torch.device, *, train_set, eval_set, ste
         pbar = tqdm(total=total, initial=run.step, desc=f"train {what}", disable=not show_bar)
         log = None
         if info.is_main:
-            from ..ponder import vanilla_flops
+            from ..models import vanilla_flops
 
             size = data.input_size[1:] if data.input_size else None
             log = TrainLog(pbar if show_bar else None, lines=not show_bar,

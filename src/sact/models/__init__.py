@@ -11,7 +11,13 @@ weights (:mod:`sact.models.pretrained`) and makes ``features_only`` models, as t
 from __future__ import annotations
 
 import os
+import weakref
 from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+from ..flops import count_model_flops
 
 from . import registry
 from .base import AdaptiveResNet, FeatureInfo
@@ -29,6 +35,7 @@ __all__ = [
     "create_model",
     "list_models",
     "register_model",
+    "vanilla_flops",
     "load_torchvision_weights",
 ]
 
@@ -119,3 +126,44 @@ from .resnet_v2 import V2_LAYERS as _V2_LAYERS, PreActBottleneck, ResNetV2, buil
 __all__ += ["ResNetV2", "PreActBottleneck"]
 for _depth, _layers in _V2_LAYERS.items():
     register_model(f"resnet{_depth}_v2", _build_v2(_layers))
+
+
+#: model -> (its vanilla network on the meta device, {(H, W): FLOPs}); entries go with the model
+_VANILLA: "weakref.WeakKeyDictionary[nn.Module, tuple[nn.Module, dict]]" = weakref.WeakKeyDictionary()
+
+
+def vanilla_flops(model: nn.Module, size: tuple[int, int]) -> int | None:
+    """FLOPs of the vanilla network of ``model``'s architecture on one ``size = (H, W)`` image.
+
+    The reference to state a model's FLOPs against ("58% of the vanilla network"): the
+    same registered model and arguments in ``mode="vanilla"`` (every unit at every
+    position, no halting branches). Counted without computing anything: the vanilla
+    model is built on the ``meta`` device and run under ``torch.utils.flop_counter.
+    FlopCounterMode``, which equals sact's convention (2 x multiply-adds of convolutions
+    and linear layers) on vanilla networks; a model that cannot run on ``meta`` is run
+    once on the CPU instead. Counts are cached per model and size.
+
+    Returns:
+        The count, or None for a model not built by :func:`sact.create_model` (no ``sact_config``).
+    """
+    config = getattr(model, "sact_config", None)
+    if not isinstance(config, dict):
+        return None
+    if model not in _VANILLA:
+        kwargs = {k: v for k, v in config.get("kwargs", {}).items() if k != "mode"}
+        try:
+            with torch.device("meta"):
+                vanilla = create_model(config["name"], mode="vanilla", **kwargs).eval()
+        except (KeyError, TypeError, ValueError):
+            return None
+        _VANILLA[model] = (vanilla, {})
+    vanilla, counts = _VANILLA[model]
+    key = (int(size[0]), int(size[1]))
+    if key not in counts:
+        try:
+            counts[key] = count_model_flops(vanilla, torch.empty(1, vanilla.in_chans, *key, device="meta"))
+        except (RuntimeError, NotImplementedError):  # an op without a meta kernel: count on real tensors
+            real = vanilla.to_empty(device="cpu")
+            with torch.no_grad():
+                counts[key] = int(real(torch.zeros(1, real.in_chans, *key)).flops[0].item())
+    return counts[key]
