@@ -60,23 +60,29 @@ def test_the_checkpoint_format_imports_no_model_code():
     assert bad == []
 
 
+def _graph() -> dict[str, set[str]]:
+    """sact module -> the sact modules it imports (module level and inside functions)."""
+    return {m: {t for t, _ in imports(m) if t in MODULES and t != m} for m in MODULES}
+
+
+def _on_cycle(graph: dict[str, set[str]], start: str) -> bool:
+    """A depth-first search for a path from ``start`` back to ``start``."""
+    seen, stack = set(), [start]
+    while stack:
+        for nxt in graph[stack.pop()]:
+            if nxt == start:
+                return True
+            if nxt not in seen:
+                seen.add(nxt)
+                stack.append(nxt)
+    return False
+
+
 def test_no_module_of_models_or_io_is_on_an_import_cycle():
-    graph = {m: {t for t, _ in imports(m) if t in MODULES and t != m} for m in MODULES}
-
-    def on_cycle(start: str) -> bool:  # a depth-first search for a path from start back to start
-        seen, stack = set(), [start]
-        while stack:
-            for nxt in graph[stack.pop()]:
-                if nxt == start:
-                    return True
-                if nxt not in seen:
-                    seen.add(nxt)
-                    stack.append(nxt)
-        return False
-
+    graph = _graph()
     layered = [m for m in MODULES if _in(m, "sact.models", "sact.io", "sact.checkpoint")]
     assert len(layered) >= 8
-    assert [m for m in layered if on_cycle(m)] == []
+    assert [m for m in layered if _on_cycle(graph, m)] == []
 
 
 def test_models_and_io_import_each_other_at_module_level_only():
@@ -84,10 +90,6 @@ def test_models_and_io_import_each_other_at_module_level_only():
     hidden = [(m, t) for m in MODULES if _in(m, "sact.models", "sact.io")
               for t, top in imports(m) if not top and _in(t, *layered)]
     assert hidden == []
-
-
-def _graph() -> dict[str, set[str]]:
-    return {m: {t for t, _ in imports(m) if t in MODULES and t != m} for m in MODULES}
 
 
 def test_the_engine_imports_no_task():
@@ -109,16 +111,4 @@ def test_the_sparse_engine_is_library_only():
 
 def test_no_module_of_sact_is_on_an_import_cycle():
     graph = _graph()
-
-    def on_cycle(start: str) -> bool:
-        seen, stack = set(), [start]
-        while stack:
-            for nxt in graph[stack.pop()]:
-                if nxt == start:
-                    return True
-                if nxt not in seen:
-                    seen.add(nxt)
-                    stack.append(nxt)
-        return False
-
-    assert [m for m in MODULES if on_cycle(m)] == []
+    assert [m for m in MODULES if _on_cycle(graph, m)] == []

@@ -17,7 +17,7 @@ import torch
 import sact
 from sact import export as E
 from sact.cli import main
-from sact.fileio import OutputLock, output_folder
+from sact.fileio import OutputLock
 
 from helpers import error_line, tiny_fashion_mnist
 
@@ -100,16 +100,8 @@ def test_eval_refuses_a_checkpoints_huge_eval_samples(tmp_path, capsys, fmnist):
 
 
 # --------------------------------------------------------------------------- no empty --out folder
-def test_output_folder_removes_only_what_it_created_and_left_empty(tmp_path):
-    kept = tmp_path / "existing"
-    kept.mkdir()
-    with pytest.raises(KeyError):
-        with output_folder(kept / "a" / "b"):
-            raise KeyError("refused")
-    assert kept.is_dir() and list(kept.iterdir()) == []  # created a/b: removed; the existing folder stays
-    with output_folder(tmp_path / "c" / "d") as out:
-        (out / "result.txt").write_text("x")
-    assert (tmp_path / "c" / "d" / "result.txt").is_file()
+def test_the_lock_removes_only_the_folders_it_created_and_left_empty(tmp_path):
+    # (prepare_outputs, which every command uses, is tested in tests/test_fileio_outputs.py)
     with OutputLock(tmp_path / "e" / "f", "train"):
         assert (tmp_path / "e" / "f" / ".sact-train.lock").is_file()
     assert not (tmp_path / "e").exists()

@@ -7,8 +7,6 @@
   temporary files left there by a killed sact process (same host, PID no longer
   running) are removed -- and nothing else.
 * :class:`OutputLock`: one sact command at a time writes a multi-file output folder.
-* :func:`output_folder`: a folder a command creates for its outputs is removed again if
-  the run leaves it empty (refused or failed before writing anything).
 * :func:`check_output_file` / :func:`check_output_folder`: an ``--out`` that clashes
   with an existing file or folder is reported before any work.
 * :func:`prepare_outputs`: the above together, as every command writing outputs uses them.
@@ -36,7 +34,6 @@ __all__ = [
     "remove_stale_temp_files",
     "is_temp_file",
     "OutputLock",
-    "output_folder",
     "check_output_file",
     "check_output_folder",
     "prepare_outputs",
@@ -138,7 +135,7 @@ class OutputLock:
 
     Args:
         folder: the output folder (created; removed again on release if this lock
-            created it and it is still empty, see :func:`output_folder`).
+            created it and it is still empty).
         command: the command's name (``train``, ``demo``, ``ponder-map``...).
 
     Raises:
@@ -212,23 +209,6 @@ def _remove_empty(folders: list[Path]) -> None:
             folder.rmdir()
         except OSError:  # not empty (something was written), or already gone
             pass
-
-
-@contextlib.contextmanager
-def output_folder(path: str | Path) -> Iterator[Path]:
-    """The folder ``path`` (and its missing parents) created for a command's outputs.
-
-    On the way out -- success, refusal or crash -- the folders this created that are
-    still empty are removed again, so a run that wrote nothing leaves no empty folder
-    behind. A folder that existed before, or that holds anything, is never removed.
-    """
-    path = Path(path)
-    created = _missing_folders(path)
-    path.mkdir(parents=True, exist_ok=True)
-    try:
-        yield path
-    finally:
-        _remove_empty(created)
 
 
 def _first_existing(path: Path) -> Path:

@@ -28,6 +28,8 @@ def collect_inputs(paths: list[str], *, exclude: Path | None = None) -> tuple[li
     """
     from PIL import Image
 
+    from .data.folder import visible_files
+
     known = {ext.lower() for ext in Image.registered_extensions()}
     files, problems, seen, ignored = [], [], set(), 0
     exclude = exclude.resolve() if exclude is not None else None
@@ -41,10 +43,7 @@ def collect_inputs(paths: list[str], *, exclude: Path | None = None) -> tuple[li
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            for f in sorted(path.rglob("*")):
-                rel = f.relative_to(path).parts
-                if not f.is_file() or any(part.startswith(".") for part in rel):
-                    continue
+            for f in visible_files(path):
                 if exclude is not None and f.resolve().is_relative_to(exclude):
                     continue  # our own outputs, when --out is inside an input folder
                 if f.suffix.lower() in known:

@@ -64,6 +64,7 @@ def find_images(paths: Sequence[str | Path]) -> list[Path]:
         InputError: a path that does not exist, a glob that matches nothing, or no image at all.
     """
     from .data import image_extensions
+    from .data.folder import folder_images
 
     known = image_extensions()
     found: list[Path] = []
@@ -72,13 +73,13 @@ def find_images(paths: Sequence[str | Path]) -> list[Path]:
         if path.is_file():
             found.append(path)  # named on purpose: tried whatever its extension
         elif path.is_dir():
-            found += _folder_images(path, known)
+            found += folder_images(path, known)
         elif glob.has_magic(str(raw)):
             matches = [Path(m) for m in sorted(glob.glob(str(raw), recursive=True))]
             if not matches:
                 raise InputError(f"no file matches {raw}")
             for m in matches:
-                found += _folder_images(m, known) if m.is_dir() else [m] if m.suffix.lower() in known else []
+                found += folder_images(m, known) if m.is_dir() else [m] if m.suffix.lower() in known else []
         else:
             raise InputError(f"no such file or folder: {raw}")
     files, seen = [], set()
@@ -89,12 +90,6 @@ def find_images(paths: Sequence[str | Path]) -> list[Path]:
     if not files:
         raise InputError(f"no image found in {' '.join(map(str, paths))} (extensions Pillow opens: .png, .jpg, ...)")
     return files
-
-
-def _folder_images(folder: Path, known: frozenset[str]) -> list[Path]:
-    """Files under ``folder`` (recursively, sorted, hidden entries skipped) with an extension in ``known``."""
-    return sorted(f for f in folder.rglob("*") if f.is_file() and f.suffix.lower() in known
-                  and not any(part.startswith(".") for part in f.relative_to(folder).parts))
 
 
 def checkpoint_class_names(model: nn.Module) -> list[str | None] | None:
@@ -201,7 +196,7 @@ def predict(
     from tqdm import tqdm
 
     from .data.images import DEFAULT_MAX_PIXELS
-    from .ponder import _evaluating, model_preprocess
+    from .ponder import evaluating, model_preprocess
     from .sparse import SparseModel
 
     for name, value in (("topk", topk), ("batch_size", batch_size)):
@@ -217,7 +212,7 @@ def predict(
     prepared = _prepared(items, pre, int(base.in_chans), DEFAULT_MAX_PIXELS if max_pixels is None else max_pixels)
     hide = None if progress is None else not progress  # tqdm: None hides the bar when stderr is not a terminal
     results: list[Prediction] = []
-    with _evaluating(model), tqdm(total=len(items), desc="predict", unit="image", disable=hide, leave=False) as bar:
+    with evaluating(model), tqdm(total=len(items), desc="predict", unit="image", disable=hide, leave=False) as bar:
         for sources, x in _batches(prepared, batch_size):
             out = model(x.to(device=param.device, dtype=param.dtype))
             probs = out.logits.float().softmax(dim=1).cpu()  # [B, K]

@@ -30,7 +30,7 @@ from .models import vanilla_flops  # noqa: F401 (re-exported: sact.ponder.vanill
 from .viz import summed_map
 
 __all__ = ["PonderMap", "ponder_map", "total_stride", "default_preprocess", "model_preprocess", "resize_longer_side",
-           "input_mismatch", "vanilla_flops", "SCALE_TOLERANCE"]
+           "input_mismatch", "vanilla_flops", "evaluating", "SCALE_TOLERANCE"]
 
 _STRIDES: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
 #: :func:`input_mismatch` warns when the image's longer side differs from the training
@@ -72,7 +72,7 @@ class PonderMap:
 
 
 @contextlib.contextmanager
-def _evaluating(model: nn.Module):
+def evaluating(model: nn.Module):
     """Eval mode (batch statistics untouched) without gradients, restoring the mode."""
     was_training = model.training
     model.eval()
@@ -99,7 +99,7 @@ def total_stride(model: nn.Module) -> int:
         return _STRIDES[model]
     param = next(model.parameters())
     probe = 64
-    with _evaluating(model):
+    with evaluating(model):
         while True:
             x = torch.zeros(1, model.in_chans, probe, probe, device=param.device, dtype=param.dtype)
             h = model.forward_features(x).features[-1].shape[-2]
@@ -227,7 +227,7 @@ def ponder_map(
     x01, upscaled = _reach_stride(x01.float(), total_stride(model), upscale)
     x = dataclasses.replace(pre, image_size=None, central_crop=None)(x01)  # value mapping only
     param = next(model.parameters())
-    with _evaluating(model):
+    with evaluating(model):
         out = model(x[None].to(device=param.device, dtype=param.dtype))
     size = tuple(x.shape[-2:])
     logits = out.logits[0].float().cpu()

@@ -35,7 +35,7 @@ from ..errors import DataError
 from .images import DEFAULT_MAX_PIXELS, UnreadableImage, open_image
 from .transforms import to_float_image
 
-__all__ = ["image_extensions", "list_class_folders", "check_class_count", "split_by_class", "class_folder_splits",
+__all__ = ["image_extensions", "visible_files", "folder_images", "list_class_folders", "check_class_count", "split_by_class", "class_folder_splits",
            "ImageFolderDataset"]
 
 
@@ -47,8 +47,16 @@ def image_extensions() -> frozenset[str]:
     return frozenset(ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 
 
-def _visible(path: Path, root: Path) -> bool:
-    return not any(part.startswith(".") for part in path.relative_to(root).parts)
+def visible_files(folder: Path) -> list[Path]:
+    """The files under ``folder``, recursively and sorted, hidden entries (``.name``) and what is inside them skipped."""
+    return sorted(f for f in folder.rglob("*")
+                  if f.is_file() and not any(part.startswith(".") for part in f.relative_to(folder).parts))
+
+
+def folder_images(folder: Path, exts: frozenset[str] | None = None) -> list[Path]:
+    """:func:`visible_files` of ``folder`` with an image extension (``exts``, default :func:`image_extensions`)."""
+    exts = image_extensions() if exts is None else exts
+    return [f for f in visible_files(folder) if f.suffix.lower() in exts]
 
 
 def check_class_count(root: str | Path, classes: Sequence[str]) -> None:
@@ -101,7 +109,7 @@ def list_class_folders(root: str | Path,
         folder = root / name
         if not folder.is_dir():
             continue
-        files = sorted(f for f in folder.rglob("*") if f.is_file() and _visible(f, folder) and f.suffix.lower() in exts)
+        files = folder_images(folder, exts)
         samples += [(str(f), index) for f in files]
         if not files:
             empty.append(str(folder))

@@ -100,8 +100,9 @@ TRAIN_FLAGS = {
                     "(progress bar, TensorBoard; a line on stderr without a bar)"),
 }
 
-#: The flags of ``sact detect train`` that set a config key, as :data:`TRAIN_FLAGS`; the
-#: help shows the default of :data:`DETECT_DEFAULTS`, else TrainConfig's.
+#: The flags of ``sact detect train`` that set a config key, as :data:`TRAIN_FLAGS` (whose
+#: entries it shares where the text is the same); the help shows the default of
+#: :data:`DETECT_DEFAULTS`, else TrainConfig's.
 DETECT_FLAGS = {
     "--data": ("data_dir", str, "root with images/<split>/ and annotations/instances_<split>.json"),
     "--train-split": ("train_split", str, "training split name"),
@@ -111,8 +112,8 @@ DETECT_FLAGS = {
     "--val-images": ("val_images", str, "evaluation image folder"),
     "--val-ann": ("val_ann", str, "evaluation instances json"),
     "--model": ("model", str, "registered backbone (sact models)"),
-    "--mode": ("mode", str, "vanilla | act | sact"),
-    "--tau": ("tau", float, "ponder cost weight"),
+    "--mode": TRAIN_FLAGS["--mode"],
+    "--tau": TRAIN_FLAGS["--tau"],
     "--init": ("init", str, "torchvision .pth or sact checkpoint to warm-start the backbone from"),
     "--trainable-layers": ("trainable_layers", int, "trainable stages from the top (default: all)"),
     "--fpn-channels": ("fpn_channels", int, "FPN channels"),
@@ -122,23 +123,23 @@ DETECT_FLAGS = {
     "--detections-per-img": ("detections_per_img", int, "detections kept per image"),
     "--box-batch-size": ("box_batch_size", int, "RoIs sampled per image for the box head"),
     "--hflip": ("hflip", float, "flip probability in training"),
-    "--steps": ("steps", int, "optimisation steps (0: use --epochs)"),
-    "--epochs": ("epochs", int, "epochs when --steps is 0"),
-    "--batch-size": ("batch_size", int, "images per step and process"),
+    "--steps": TRAIN_FLAGS["--steps"],
+    "--epochs": TRAIN_FLAGS["--epochs"],
+    "--batch-size": TRAIN_FLAGS["--batch-size"],
     "--eval-batch-size": ("eval_batch_size", int, "images per evaluation batch"),
-    "--lr": ("lr", float, "base learning rate"),
+    "--lr": TRAIN_FLAGS["--lr"],
     "--momentum": ("momentum", float, "SGD momentum"),
-    "--weight-decay": ("weight_decay", float, "L2 on kernels"),
-    "--schedule": ("schedule", str, "piecewise | staircase | cosine | constant"),
+    "--weight-decay": TRAIN_FLAGS["--weight-decay"],
+    "--schedule": TRAIN_FLAGS["--schedule"],
     "--warmup-steps": ("warmup_steps", int, "linear warm-up steps"),
     "--eval-every": ("eval_every", int, "also evaluate every N steps (0: at the end only)"),
     "--checkpoint-every": ("checkpoint_every", int, "also save every N steps (always at epoch ends)"),
-    "--seed": ("seed", int, "seed"),
+    "--seed": TRAIN_FLAGS["--seed"],
     "--out": ("out_dir", str, "run folder: model.*, train_state.safetensors, metrics.json, tb/"),
-    "--device": ("device", str, "auto | cpu | cuda | cuda:N"),
-    "--amp": ("amp", str, "auto | none | bf16 | fp16"),
+    "--device": TRAIN_FLAGS["--device"],
+    "--amp": TRAIN_FLAGS["--amp"],
     "--workers": ("workers", int, "DataLoader workers"),
-    "--threads": ("threads", int, "torch threads, at most one per CPU core (0: torch's default)"),
+    "--threads": TRAIN_FLAGS["--threads"],
 }
 
 #: Fields that may differ between a run and its ``--resume``: they change how long the

@@ -139,7 +139,7 @@ def model_saliency_batch(
             post-processing options.
     """
     from sact.data import to_float_image
-    from sact.ponder import _evaluating, model_preprocess, total_stride
+    from sact.ponder import evaluating, model_preprocess, total_stride
     from sact.viz import summed_map
 
     if isinstance(images, Tensor):
@@ -164,7 +164,7 @@ def model_saliency_batch(
     values = dataclasses.replace(pre, image_size=None, central_crop=None)
     x = torch.stack([values(to_float_image(im, pre.in_chans).float()) for im in images])
     param = next(model.parameters())
-    with _evaluating(model):
+    with evaluating(model):
         out = model(x.to(device=param.device, dtype=param.dtype))
     summed = summed_map(out.stages, (h, w)).double().cpu().numpy()  # [B, H, W]
     size = (h, w) if size is None else size
