@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 from ..errors import InputError
 
 __all__ = ["CocoFormatError", "CocoDetection", "load_coco_json", "coco_evaluate", "to_coco_results", "AP_NAMES",
-           "collate", "coco_paths", "write_coco_splits"]
+           "collate", "coco_paths", "split_paths", "write_coco_splits"]
 
 #: Names of ``COCOeval.stats[0:6]``.
 AP_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -276,20 +276,24 @@ def coco_evaluate(coco_gt, results: Sequence[dict], *, image_ids: Sequence[int] 
 
 
 def coco_paths(config, split_key: str) -> tuple[Path, Path]:
-    """``(image folder, instances json)`` of the ``"train"`` or ``"val"`` split of ``config``: a
-    :class:`~sact.engine.TrainConfig`, or any object with ``data_dir`` and ``<split_key>_split``,
-    ``_images`` and ``_ann`` (``sact detect eval``'s).
+    """:func:`split_paths` of the ``"train"`` or ``"val"`` split of a :class:`~sact.engine.TrainConfig`
+    (its ``data_dir`` and ``<split_key>_split``, ``_images``, ``_ann``)."""
+    return split_paths(config.data_dir, getattr(config, f"{split_key}_split"), getattr(config, f"{split_key}_images"),
+                       getattr(config, f"{split_key}_ann"), split_key=split_key)
 
-    Explicit ``<split>_images`` / ``<split>_ann`` win; otherwise ``data_dir/images/<split>/``
-    and ``data_dir/annotations/instances_<split>.json`` (the layout ``sact detect make-data`` writes).
+
+def split_paths(data_dir, split: str, images=None, ann=None, *, split_key: str = "val") -> tuple[Path, Path]:
+    """``(image folder, instances json)`` of one split.
+
+    Explicit ``images`` / ``ann`` win; otherwise ``data_dir/images/<split>/`` and
+    ``data_dir/annotations/instances_<split>.json`` (the layout ``sact detect make-data`` writes).
+    ``split_key`` (``"train"`` or ``"val"``) names the options in the error.
 
     Raises:
         InputError: neither a ``data_dir`` nor both files.
     """
-    split = getattr(config, f"{split_key}_split")
-    images, ann = getattr(config, f"{split_key}_images"), getattr(config, f"{split_key}_ann")
-    if config.data_dir is not None:
-        root = Path(config.data_dir)
+    if data_dir is not None:
+        root = Path(data_dir)
         images = images or root / "images" / split
         ann = ann or root / "annotations" / f"instances_{split}.json"
     if images is None or ann is None:

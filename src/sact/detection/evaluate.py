@@ -195,13 +195,12 @@ def run_evaluation(*, checkpoint: str | Path | None = None, detections: str | Pa
         CheckpointError: a checkpoint that is not a detector saved by sact.
     """
     import contextlib
-    from types import SimpleNamespace
 
     from ..engine.amp import amp_dtype
     from ..engine.distributed import cleanup_distributed, is_rank_zero, local_rank, resolve_device, setup_distributed
     from ..errors import InputError
     from ..fileio import atomic_write_bytes, dumps_json, prepare_outputs
-    from .coco import coco_paths
+    from .coco import split_paths
     from .detector import load_detector
 
     if sum(x is not None for x in (checkpoint, detections, watch)) != 1:
@@ -213,8 +212,7 @@ def run_evaluation(*, checkpoint: str | Path | None = None, detections: str | Pa
         raise InputError(f"--poll and --watch-timeout must be > 0 seconds, got {poll_s}, {watch_timeout_s}")
     if watch is None and watch_timeout_s is not None:
         raise InputError("--watch-timeout needs --watch")
-    split = SimpleNamespace(data_dir=data_dir, val_split=val_split, val_images=val_images, val_ann=val_ann)
-    images, ann = coco_paths(split, "val")
+    images, ann = split_paths(data_dir, val_split, val_images, val_ann, split_key="val")
     out = None if out is None else Path(out)
     names = ("metrics.json", "detections.json") if checkpoint is not None else ("metrics.json",)
     writes = out is not None and watch is None and is_rank_zero()

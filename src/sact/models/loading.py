@@ -25,7 +25,7 @@ from ..stage import MODES
 from . import registry
 from .registry import _REGISTRY, list_models
 
-__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint_meta", "validate_model_spec", "meta_state",
+__all__ = ["save_checkpoint", "load_checkpoint", "read_checkpoint_state", "read_checkpoint_meta", "validate_model_spec", "meta_state",
            "expected_state", "MAX_MODEL_ELEMENTS"]
 
 # Bounds of the model builders' arguments a checkpoint may ask for: (type, low, high).
@@ -190,8 +190,31 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device | None
     if device is not None and map_location is not None and torch.device(device) != torch.device(map_location):
         raise ValueError(f"load_checkpoint: device={device!r} and map_location={map_location!r} differ; pass one")
     target = device if device is not None else (map_location if map_location is not None else "cpu")
+    doc, state = read_checkpoint_state(path, allow_non_finite=allow_non_finite)
+    cfg = doc["model"]
+    kwargs = dict(cfg["kwargs"])
+    mode = kwargs.pop("mode", "sact")
+    weights, _ = checkpoint_paths(path)
+    try:
+        model = registry.build_model(cfg["name"], mode=mode, **kwargs)
+        model.load_state_dict(state)
+    except (ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{weights} does not fit model {cfg['name']} ({mode}): {e}") from e
+    model.to(target)
+    model.checkpoint_meta = doc.get("meta", {})
+    return model.eval() if eval_mode else model
+
+
+def read_checkpoint_state(path: str | Path, *, allow_non_finite: bool = False) -> tuple[dict[str, Any], dict]:
+    """``(document, state dict)`` of an sact checkpoint, every tensor checked (dtype and shape
+    against the architecture on the ``meta`` device, hashes, finite values) without building
+    the model: what :func:`load_checkpoint` loads.
+
+    Raises:
+        CheckpointError: as :func:`load_checkpoint`.
+    """
     doc = read_checkpoint_meta(path)
-    weights, sidecar = checkpoint_paths(path)
+    weights, _ = checkpoint_paths(path)
     if not weights.is_file():
         raise CheckpointError(f"checkpoint weights not found: {weights}")
     if "detector" in doc:
@@ -205,12 +228,4 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device | None
         expected = expected_state(cfg["name"], {"mode": mode, **kwargs})
     except (ValueError, TypeError) as e:
         raise CheckpointError(f"{weights}: cannot build {label}: {e}") from e
-    state = read_verified_state(weights, doc, expected=expected, label=label, allow_non_finite=allow_non_finite)
-    try:
-        model = registry.build_model(cfg["name"], mode=mode, **kwargs)
-        model.load_state_dict(state)
-    except (ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{weights} does not fit model {label}: {e}") from e
-    model.to(target)
-    model.checkpoint_meta = doc.get("meta", {})
-    return model.eval() if eval_mode else model
+    return doc, read_verified_state(weights, doc, expected=expected, label=label, allow_non_finite=allow_non_finite)

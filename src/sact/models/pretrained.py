@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from ..io.checkpoint import CheckpointError, file_kind, read_state_dict
-from .loading import expected_state, load_checkpoint, read_checkpoint_meta
+from .loading import expected_state, read_checkpoint_meta, read_checkpoint_state
 from .registry import _REGISTRY
 
 __all__ = ["load_pretrained", "pretrained_kwargs", "download_checkpoint", "DOWNLOAD_TIMEOUT_S"]
@@ -175,11 +175,12 @@ def load_pretrained(model: nn.Module, source: str | os.PathLike, *, progress: bo
     if kind in ("torch", "safetensors"):
         state, meta, what = read_state_dict(file), {}, f"{source} (a state dict)"
     else:
-        src = load_checkpoint(path)
-        if src.sact_config["name"] != name:
-            raise CheckpointError(f"{source} holds a {src.sact_config['name']}, not a {name}")
-        state, meta = src.state_dict(), getattr(src, "checkpoint_meta", None) or {}
-        what = f"{source} ({name}, {src.mode}, {src.sact_config['kwargs']})"
+        doc, state = read_checkpoint_state(path)  # checked like load_checkpoint's, no second model built
+        saved = doc["model"]
+        if saved["name"] != name:
+            raise CheckpointError(f"{source} holds a {saved['name']}, not a {name}")
+        meta = doc.get("meta") or {}
+        what = f"{source} ({name}, {saved['kwargs'].get('mode', 'sact')}, {saved['kwargs']})"
     differ = _load_fitting(model, state, what)
     keep = meta if not differ else {k: v for k, v in meta.items() if k == "preprocess"}  # what the weights expect
     model.checkpoint_meta = dict(keep)
