@@ -29,7 +29,7 @@ Protocol (every number below is a flag; the result file keeps all of them):
 * every point (mode, tau) x every ``--seeds`` seed is one job (one process, ``--threads``
   threads); seeds change weights and data order, not the canvases.
 * evaluation: top-1, FLOPs per image counted from the real halting masks, and the
-  ponder-in-object-box statistics (``sact.engine.demo.ponder_box_stats``) on all test
+  ponder-in-object-box statistics (``sact.tools.demo.ponder_box_stats``) on all test
   canvases. The vanilla network at the adaptive depth also records its learning curve
   (top-1 on the first ``--curve-samples`` test canvases at ``--curve-points`` regular steps).
 * aggregation per point: mean over seeds and a two-sided 95% Student-t interval
@@ -299,11 +299,11 @@ def _cpu_seconds() -> float:
 
 def evaluate_with_box_stats(model, canvases: Canvases, *, tau: float, batch_size: int = 200) -> tuple[dict, dict]:
     """The engine's metrics on ``canvases`` and, from the same forward passes, the
-    ponder-in-object-box statistics (:func:`sact.engine.demo.ponder_box_stats`)."""
+    ponder-in-object-box statistics (:func:`sact.tools.demo.ponder_box_stats`)."""
     import torch
 
     from sact.engine.datasets import eval_loader
-    from sact.engine.demo import ponder_box_stats
+    from sact.tools.demo import ponder_box_stats
     from sact.engine.evaluate import evaluate
     from sact.viz import summed_map
 

@@ -22,14 +22,14 @@ import torch
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 if importlib.util.find_spec("tensorflow") is None:  # not importorskip: TF must load after triton
     pytest.skip("needs tensorflow-cpu", allow_module_level=True)
-from sact.convert_tf import import_tensorflow  # noqa: E402
+from sact.tools.convert_tf import import_tensorflow  # noqa: E402
 
 tf = import_tensorflow()  # loads triton first: triton imported after TF segfaults (clashing LLVM)
 
 import sact  # noqa: E402
 import sact.cli  # noqa: E402
 import sact.data  # noqa: E402
-from sact.convert_tf import TFCheckpointMismatch, convert_arrays, convert_tf_checkpoint  # noqa: E402
+from sact.tools.convert_tf import TFCheckpointMismatch, convert_arrays, convert_tf_checkpoint  # noqa: E402
 
 torch.set_num_threads(1)
 EPS_HALT = 0.01

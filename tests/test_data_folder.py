@@ -165,7 +165,7 @@ def test_train_on_a_folder_then_eval_with_the_stored_preprocessing(tree, tmp_pat
     assert metrics["num_images"] == len(val) == 5
     assert metrics["loss"] == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-4)
     assert [len(s["num_units_hist"]) for s in metrics["stages"]] == [3, 3, 3]
-    from sact.export import default_image_size
+    from sact.tools.export import default_image_size
 
     assert default_image_size(model) == 16  # sact export's default: the size it was trained at
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import sact
-from sact.engine.demo import DemoSettings, ponder_box_stats, run_demo
-from sact.export import default_image_size
+from sact.tools.demo import DemoSettings, ponder_box_stats, run_demo
+from sact.tools.export import default_image_size
 from helpers import tiny_fashion_mnist
 
 torch.set_num_threads(1)
@@ -68,7 +68,7 @@ def test_tiny_demo_writes_the_report(tmp_path):
 def test_ponder_maps_figure_has_no_empty_band_under_the_title(tmp_path):
     from PIL import Image
 
-    from sact.engine import demo_report
+    from sact.tools import demo_report
 
     class Test:  # what the report reads of the cached test set
         images = torch.rand(3, 1, 48, 48)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import sact
-from sact.export import export_model, load_exported
+from sact.tools.export import export_model, load_exported
 from sact.stage import MODES
 from test_export_torch import check_matches, tiny_model
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import sact
-from sact.export import ExportableModel, export_program
+from sact.tools.export import ExportableModel, export_program
 from sact.halting import ACTHalting, SACTHalting
 from sact.stage import MODES
 

@@ -1,4 +1,4 @@
-"""`sact.fileio.prepare_outputs`: the one place the output-folder rules are applied."""
+"""`sact.io.files.prepare_outputs`: the one place the output-folder rules are applied."""
 
 import os
 import subprocess
@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from sact.errors import OutputExistsError
-from sact.fileio import _HOST, atomic_write_bytes, prepare_outputs
+from sact.io.files import _HOST, atomic_write_bytes, prepare_outputs
 
 
 def _dead_pid() -> int:

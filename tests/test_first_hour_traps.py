@@ -17,7 +17,7 @@ import sact
 from sact.cli import main
 from sact.data import ImageNetFolder, class_folder_splits
 from sact.errors import DataError
-from sact.plots import curve_families, load_metrics
+from sact.tools.plots import curve_families, load_metrics
 
 from helpers import TRAIN_FLAGS, error_line, snapshot, tiny_fashion_mnist
 

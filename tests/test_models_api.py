@@ -125,7 +125,7 @@ def test_feature_info_equals_the_real_shapes_without_a_forward(name):
         feats = model.forward_features(torch.randn(1, 1, 64, 64)).features
     assert info.channels() == [f.shape[1] for f in feats]
     assert info.reduction() == [64 // f.shape[-1] for f in feats] == [64 // f.shape[-2] for f in feats]
-    assert sact.ponder.total_stride(model) == info.reduction(-1)
+    assert sact.tools.ponder.total_stride(model) == info.reduction(-1)
 
 
 def test_features_only_returns_the_listed_maps_and_round_trips(tmp_path):

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from sact.cli import main
-from sact.plots import MetricsError, load_metrics
+from sact.tools.plots import MetricsError, load_metrics
 
 
 def _metrics(model="resnet20_cifar", mode="sact", tau=0.01, top1=0.9, flops=4e7, hist=True):

@@ -15,7 +15,7 @@ from PIL import Image
 
 import sact
 from sact.cli import main
-from sact.gallery import load_image, unique_names
+from sact.tools.gallery import load_image, unique_names
 from sact.data import Preprocess
 
 CLASSES = [f"class <{i}> & co" for i in range(10)]  # escaped in the gallery

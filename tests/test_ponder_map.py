@@ -10,7 +10,7 @@ from PIL import Image
 
 import sact
 from sact.data import Preprocess
-from sact.ponder import model_preprocess, resize_longer_side, total_stride
+from sact.tools.ponder import model_preprocess, resize_longer_side, total_stride
 
 
 def _tiny(mode="sact", in_chans=3, **kw):
@@ -148,7 +148,7 @@ def test_warns_when_the_image_is_unlike_the_training_data(tmp_path):
 
 
 def test_vanilla_flops_is_the_vanilla_network_at_that_size():
-    from sact.ponder import vanilla_flops
+    from sact.tools.ponder import vanilla_flops
 
     model = _tiny()
     vanilla = sact.create_model("resnet20_cifar", mode="vanilla", base_channels=4).eval()

@@ -13,7 +13,7 @@ import sact
 from sact.cli import main
 from sact.data import ImageFolderDataset, Preprocess
 from sact.errors import InputError
-from sact.inference import checkpoint_class_names, find_images
+from sact.tools.inference import checkpoint_class_names, find_images
 from tests.helpers import error_line
 
 CLASSES = [f"class {i}" for i in range(10)]

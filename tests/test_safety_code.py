@@ -151,7 +151,7 @@ def test_state_file_holds_no_pickle(tmp_path, fmnist):
 
 
 def test_pt2_export_needs_trusted(tmp_path):
-    from sact.export import load_exported
+    from sact.tools.export import load_exported
 
     marker = tmp_path / "pwned"
     archive = tmp_path / "model.pt2"

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import sact
-from sact import export as E
+from sact.tools import export as E
 from sact.cli import main
-from sact.fileio import OutputLock
+from sact.io.files import OutputLock
 
 from helpers import error_line, tiny_fashion_mnist
 

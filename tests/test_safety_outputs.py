@@ -156,14 +156,14 @@ def test_non_finite_checkpoints_are_refused_and_metrics_stay_json(tmp_path, caps
 
 
 def _demo_settings():
-    from sact.engine.demo import DemoSettings
+    from sact.tools.demo import DemoSettings
 
     return DemoSettings(base_channels=4, pretrain_steps=1, finetune_steps=1, batch_size=8, train_samples=16,
                         eval_samples=8, canvas_size=32, num_maps=2, threads=1)
 
 
 def test_demo_writes_only_its_files_and_refuses_an_earlier_demo(tmp_path, capsys, fmnist):
-    from sact.engine.demo import run_demo
+    from sact.tools.demo import run_demo
 
     out = tmp_path / "report"
     (out / "vanilla").mkdir(parents=True)
@@ -248,12 +248,12 @@ def test_out_clashing_with_a_file_is_found_before_any_work(tmp_path, capsys, fmn
 
 KILLED_WRITER = textwrap.dedent("""
     import os, sys, time
-    import sact.fileio
+    import sact.io.files
     def hang(*args):  # the data is in the temporary file; the rename never happens
         print("writing", flush=True)
         time.sleep(60)
     os.replace = hang
-    sact.fileio.atomic_write_bytes(sys.argv[1], b"new contents")
+    sact.io.files.atomic_write_bytes(sys.argv[1], b"new contents")
 """)
 
 

@@ -4,8 +4,7 @@ from .act import adaptive_computation_time, halting_step
 from .models import create_model, list_models, load_torchvision_weights, register_model
 from .output import FeaturesOutput, ModelOutput, ponder_loss
 from .stage import AdaptiveStage, StageOutput
-
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "adaptive_computation_time",
@@ -26,7 +25,7 @@ from .models.loading import load_checkpoint, save_checkpoint  # noqa: E402
 
 __all__ += ["load_checkpoint", "save_checkpoint", "CheckpointError"]
 
-from .ponder import PonderMap, ponder_map  # noqa: E402
+from .tools.ponder import PonderMap, ponder_map  # noqa: E402
 
 __all__ += ["ponder_map", "PonderMap"]
 
@@ -34,14 +33,14 @@ from .sparse import to_sparse  # noqa: E402
 
 __all__ += ["to_sparse"]
 
-from .inference import Prediction, predict  # noqa: E402
+from .tools.inference import Prediction, predict  # noqa: E402
 
 __all__ += ["predict", "Prediction"]
 
 # Sub-packages the docs use as ``sact.<name>.X`` after a plain ``import sact`` (e.g.
 # ``sact.data.Preprocess``); imported on first use so ``import sact`` stays light.
 _LAZY_SUBMODULES = frozenset({"data", "detection", "saliency", "engine", "export", "viz", "plots", "gallery",
-                              "convert_tf", "fileio", "errors", "flops", "halting", "units", "tb"})
+                              "convert_tf", "fileio", "errors", "flops", "halting", "units", "tb", "tools", "io"})
 
 
 def __getattr__(name: str):

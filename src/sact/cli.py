@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         "run sparse inference and inspect ponder-cost maps). Exit status: 0 success, 1 runtime "
         "failure, 2 bad usage or input (docs/trust.md).",
     )
-    from . import __version__
+    from ._version import __version__
 
     parser.add_argument("--version", action="version", version=f"sact {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

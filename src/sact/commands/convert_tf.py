@@ -42,9 +42,9 @@ def run(args: argparse.Namespace) -> int:
     import logging
     import os
 
-    from ..checkpoint import checkpoint_paths
+    from ..io.checkpoint import checkpoint_paths
     from ..errors import InputError
-    from ..fileio import prepare_outputs
+    from ..io.files import prepare_outputs
 
     names = [p.name for p in checkpoint_paths(Path("model"))]
     # before any work: no file in the way, no checkpoint replaced
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
         logging.getLogger("tensorflow").setLevel(logging.CRITICAL)  # its Python log lines: failures are reported by sact
-        from ..convert_tf import convert_tf_checkpoint
+        from ..tools.convert_tf import convert_tf_checkpoint
 
         kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
         model = convert_tf_checkpoint(

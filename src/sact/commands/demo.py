@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     import shlex
     import sys
 
-    from ..engine.demo import PRESETS, run_demo
+    from ..tools.demo import PRESETS, run_demo
 
     settings = PRESETS["quick" if args.quick else "default"]
     changes = {"finetune_steps": args.steps, "pretrain_steps": args.pretrain_steps, "tau_act": args.tau,

@@ -125,7 +125,7 @@ def _train(args) -> int:
 
 def _eval(args) -> int:
     from ..detection.evaluate import run_evaluation
-    from ..fileio import dumps_json
+    from ..io.files import dumps_json
 
     metrics = run_evaluation(
         checkpoint=args.checkpoint, detections=args.detections, watch=args.watch, data_dir=args.data,

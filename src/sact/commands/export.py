@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "*_cifar, 224)")
     p.add_argument("--opset", type=int, default=None,
                    help="ONNX opset, from 18 to the highest the installed onnx defines (default: "
-                   "sact.export.DEFAULT_OPSET, 18)")
+                   "sact.tools.export.DEFAULT_OPSET, 18)")
     p.add_argument("--verify", action="store_true",
                    help="reload the export and compare it with the eager model on random batches of 1 and 3")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
@@ -35,11 +35,11 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..checkpoint import load_checkpoint
+    from ..models.loading import load_checkpoint
     from ..errors import InputError, RunFailure
-    from ..export import (DEFAULT_OPSET, MAX_IMAGE_SIZE, ExportableModel, check_opset, export_model, load_exported,
+    from ..tools.export import (DEFAULT_OPSET, MAX_IMAGE_SIZE, ExportableModel, check_opset, export_model, load_exported,
                           metadata_path)
-    from ..fileio import check_output_file, prepare_outputs
+    from ..io.files import check_output_file, prepare_outputs
 
     fmt = args.format or _SUFFIX_FORMATS.get(Path(args.out).suffix.lower())
     if fmt is None:

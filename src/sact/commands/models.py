@@ -17,7 +17,7 @@ def model_rows(image_size: int | None = None, pattern: list[str] | None = None) 
     (those matching ``pattern``, :func:`sact.list_models`).
 
     Nothing is computed: each model is built on PyTorch's ``meta`` device and its FLOPs
-    are counted by :func:`sact.ponder.vanilla_flops` (``FlopCounterMode`` over a meta
+    are counted by :func:`sact.tools.ponder.vanilla_flops` (``FlopCounterMode`` over a meta
     forward), which equals a real forward's ``out.flops`` (tests/test_cli_help.py).
     """
     import torch

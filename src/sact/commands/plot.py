@@ -1,5 +1,5 @@
 """``sact plot``: accuracy-vs-FLOPs and per-stage num_units plots from ``metrics.json`` files
-(the plots and the input contract: :mod:`sact.plots`)."""
+(the plots and the input contract: :mod:`sact.tools.plots`)."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..plots import write_plots
+    from ..tools.plots import write_plots
 
     written, warnings = write_plots(args.metrics, args.out, overwrite=args.overwrite)
     for w in warnings:

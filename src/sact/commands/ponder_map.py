@@ -1,5 +1,5 @@
 """``sact ponder-map``: ponder-cost maps of image files and folders, with an HTML gallery
-(written by :mod:`sact.gallery`).
+(written by :mod:`sact.tools.gallery`).
 
 Two passes: the first computes every map (and writes the image, the raw ``.npy`` map,
 the per-stage figure and a JSON line per image); the second draws the summed maps with
@@ -53,11 +53,11 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from .. import load_checkpoint
-    from ..checkpoint import CheckpointError
+    from ..io.checkpoint import CheckpointError
     from ..engine.distributed import resolve_device
     from ..errors import InputError, RunFailure
-    from ..fileio import check_output_folder, prepare_outputs
-    from ..gallery import claim_out, previous_gallery, write_gallery_files
+    from ..io.files import check_output_folder, prepare_outputs
+    from ..tools.gallery import claim_out, previous_gallery, write_gallery_files
 
     if args.max_side is not None and args.max_side < 1:
         raise InputError(f"--max-side must be positive, got {args.max_side}")

@@ -55,11 +55,11 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from .. import load_checkpoint
-    from ..checkpoint import CheckpointError
+    from ..io.checkpoint import CheckpointError
     from ..engine.distributed import resolve_device
     from ..errors import InputError
-    from ..fileio import atomic_write_bytes, check_output_file, dumps_json
-    from ..inference import find_images, predict
+    from ..io.files import atomic_write_bytes, check_output_file, dumps_json
+    from ..tools.inference import find_images, predict
 
     for flag, value in (("--topk", args.topk), ("--batch-size", args.batch_size), ("--max-pixels", args.max_pixels)):
         if value is not None and value < 1:

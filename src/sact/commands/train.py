@@ -86,7 +86,7 @@ def train_and_report(config, *, print_config: bool = False, skip: tuple[str, ...
 
     from ..engine import main
     from ..engine.distributed import is_rank_zero
-    from ..fileio import dumps_json
+    from ..io.files import dumps_json
 
     if print_config:
         print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")

@@ -323,7 +323,7 @@ def write_coco_splits(out_dir: str | Path, *, num_train: int, num_val: int, seed
         OutputExistsError: annotation files exist and not ``overwrite`` (nothing written).
     """
     from ..data import write_coco
-    from ..fileio import prepare_outputs
+    from ..io.files import prepare_outputs
 
     counts = {"train": num_train, "test": num_val}
     for split, n in counts.items():

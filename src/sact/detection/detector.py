@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 from torchvision.models.detection import FasterRCNN
 
-from ..checkpoint import (CheckpointError, checkpoint_paths, header_document, meta_state, read_checkpoint_meta,
-                          read_safetensors_header, read_verified_state, save_checkpoint, validate_model_spec)
+from ..models.loading import meta_state, read_checkpoint_meta, save_checkpoint, validate_model_spec
+from ..io.checkpoint import CheckpointError, checkpoint_paths, header_document, read_safetensors_header, read_verified_state
 from ..models.base import AdaptiveResNet
 from ..stage import StageOutput
 from .backbone import SACTBackbone

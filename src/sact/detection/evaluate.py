@@ -199,7 +199,7 @@ def run_evaluation(*, checkpoint: str | Path | None = None, detections: str | Pa
     from ..engine.amp import amp_dtype
     from ..engine.distributed import cleanup_distributed, is_rank_zero, local_rank, resolve_device, setup_distributed
     from ..errors import InputError
-    from ..fileio import atomic_write_bytes, dumps_json, prepare_outputs
+    from ..io.files import atomic_write_bytes, dumps_json, prepare_outputs
     from .coco import split_paths
     from .detector import load_detector
 

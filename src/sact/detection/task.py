@@ -53,7 +53,7 @@ def detector_from_config(config, *, num_classes: int, image_side: int, warm_star
             ``meta`` device, before anything is allocated).
         CheckpointError: an ``init`` file that does not fit.
     """
-    from ..checkpoint import meta_state
+    from ..models.loading import meta_state
     from ..models import create_model
     from .backbone import load_backbone_weights
 

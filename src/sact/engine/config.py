@@ -475,7 +475,7 @@ class TrainConfig:
         if self.resume is True and self.overwrite is True:
             problems.append("resume=True and overwrite=True (choose one: continue the run, or replace it)")
         problems += self._task_problems(skip)
-        from ..checkpoint import validate_model_spec
+        from ..models.loading import validate_model_spec
 
         try:
             if not {"model", "model_kwargs"} & skip:

@@ -183,7 +183,8 @@ def _describe(pre) -> str:
 
 def _stored_preprocess(init: str):
     """The ``Preprocess`` stored in the sact checkpoint ``init`` (header only), or None."""
-    from ..checkpoint import CheckpointError, read_checkpoint_meta
+    from ..models.loading import read_checkpoint_meta
+    from ..io.checkpoint import CheckpointError
     from ..data import Preprocess
 
     meta = read_checkpoint_meta(init).get("meta") or {}
@@ -197,7 +198,7 @@ def _stored_preprocess(init: str):
 
 def _warn_if_init_differs(config, preprocess: dict) -> None:
     """cluttered / cifar10 keep their own preprocessing; say so when the initial weights were trained otherwise."""
-    from ..checkpoint import CheckpointError
+    from ..io.checkpoint import CheckpointError
     from .warm_start import is_state_dict_file
 
     if config.init is None or is_state_dict_file(config.init):

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoint import CheckpointError, checkpoint_paths
+from ..io.checkpoint import CheckpointError, checkpoint_paths
 from ..errors import InputError
 from .config import ConfigError, TrainConfig
 
@@ -135,7 +135,7 @@ def evaluate_checkpoint(path, options: EvalOptions, device, amp, datasets: dict)
         InputError: more classes in the data than model outputs, a batch over :data:`MAX_BATCH_BYTES`,
             ``sparse`` with AMP, or any error of :func:`eval_config` / the dataset.
     """
-    from ..checkpoint import load_checkpoint
+    from ..models.loading import load_checkpoint
     from .datasets import build_datasets, eval_loader
     from .evaluate import evaluate
 
@@ -189,7 +189,7 @@ def evaluate_to_file(checkpoint, options: EvalOptions, *, out: str | Path | None
         OutputExistsError: ``out`` exists and ``overwrite`` is false.
         InputError, CheckpointError: as :func:`evaluate_checkpoint`.
     """
-    from ..fileio import atomic_write_bytes, dumps_json, prepare_outputs
+    from ..io.files import atomic_write_bytes, dumps_json, prepare_outputs
 
     out = Path(out or default_out(checkpoint))
     with prepare_outputs(None, files=[out], overwrite=overwrite, what="--out"):  # before any work

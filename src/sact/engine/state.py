@@ -28,8 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointError, read_safetensors_header
-from ..fileio import atomic_write_bytes
+from ..io.checkpoint import CheckpointError, read_safetensors_header
+from ..io.files import atomic_write_bytes
 
 __all__ = ["rng_state", "set_rng_state", "save_train_state", "load_train_state", "STATE_FILE", "LEGACY_STATE_FILE"]
 

@@ -20,7 +20,7 @@ A folder holding a previous run is never silently reused: :func:`main` refuses u
 ``config.resume`` (continue it: the training state must exist and every setting outside
 :data:`~sact.engine.config.RESUME_MAY_CHANGE` must match) or ``config.overwrite``
 (its files, :data:`RUN_FILES` and ``tb/events.out.tfevents.*``, are removed first). One
-process at a time writes a run folder (:func:`sact.fileio.prepare_outputs` holds its lock).
+process at a time writes a run folder (:func:`sact.io.files.prepare_outputs` holds its lock).
 
 Progress: every ``log_every`` steps the means since the previous report
 of the task's training scalars (:meth:`~sact.engine.tasks.Task.train_logs`: loss, top-1,
@@ -58,7 +58,7 @@ from torch import Tensor, nn
 
 from .. import checkpoint as ckpt
 from ..errors import DataError, InputError, OutputExistsError, RunFailure
-from ..fileio import check_output_folder, dumps_json, prepare_outputs
+from ..io.files import check_output_folder, dumps_json, prepare_outputs
 from .amp import amp_dtype as _amp_dtype
 from .amp import grad_scaler, training_memory_format
 from .config import TrainConfig

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from torch import nn
 
-from ..checkpoint import CheckpointError, file_kind, load_checkpoint, read_state_dict
+from ..models.loading import load_checkpoint
+from ..io.checkpoint import CheckpointError, file_kind, read_state_dict
 
 __all__ = ["warm_start", "is_state_dict_file"]
 

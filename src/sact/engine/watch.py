@@ -27,8 +27,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ..checkpoint import CheckpointError, checkpoint_paths, read_checkpoint_meta
-from ..fileio import atomic_write_bytes, dumps_json, prepare_outputs
+from ..models.loading import read_checkpoint_meta
+from ..io.checkpoint import CheckpointError, checkpoint_paths
+from ..io.files import atomic_write_bytes, dumps_json, prepare_outputs
 
 __all__ = ["watch_checkpoints", "metrics_name"]
 

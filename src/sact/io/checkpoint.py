@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..fileio import atomic_write_bytes, dumps_json, finite_or_none, loads_json
+from .files import atomic_write_bytes, dumps_json, finite_or_none, loads_json
 
 __all__ = ["checkpoint_paths", "write_checkpoint", "read_checkpoint_document", "trained_input_size",
            "non_finite_tensors", "read_safetensors_header", "read_verified_state", "state_signature", "file_kind",
@@ -175,7 +175,7 @@ def _header_doc(weights: Path) -> dict | None:
 
 
 def header_document(text: str, weights: Path) -> Any:
-    """The sact document ``text`` of ``weights``'s header, decoded (:func:`sact.fileio.loads_json`).
+    """The sact document ``text`` of ``weights``'s header, decoded (:func:`sact.io.files.loads_json`).
 
     Raises:
         CheckpointError: not JSON, or nested too deeply (a corrupt checkpoint).

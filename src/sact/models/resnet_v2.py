@@ -1,7 +1,7 @@
 """The reference's ImageNet pre-activation ResNet-v2 (``imagenet_model.py``), in vanilla / ACT / SACT mode.
 
 This is the network the authors' released ImageNet checkpoints were trained with, so
-:mod:`sact.convert_tf` can load them. It differs from the torchvision-style
+:mod:`sact.tools.convert_tf` can load them. It differs from the torchvision-style
 :class:`~sact.models.ResNet` (see ``docs/reference_models.md``):
 
 * pre-activation bottlenecks (:class:`PreActBottleneck`): ``BN -> ReLU`` *before* each

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 from tqdm.auto import tqdm
 
-from sact.fileio import dumps_json
+from sact.io.files import dumps_json
 from sact.saliency.metrics import METRIC_LABELS, check_metric_names, evaluate_all
 
 __all__ = ["evaluate_dataset", "write_report"]

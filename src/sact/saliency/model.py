@@ -88,7 +88,7 @@ def model_saliency(
         ValueError: A bad image, ``size``, ``blur_sigma``, ``center_bias_weight``
             or ``max_side`` (the messages name the value).
     """
-    from sact.ponder import ponder_map
+    from sact.tools.ponder import ponder_map
 
     if size is None:
         size = _image_size(image)
@@ -139,7 +139,7 @@ def model_saliency_batch(
             post-processing options.
     """
     from sact.data import to_float_image
-    from sact.ponder import evaluating, model_preprocess, total_stride
+    from sact.tools.ponder import evaluating, model_preprocess, total_stride
     from sact.viz import summed_map
 
     if isinstance(images, Tensor):
@@ -291,7 +291,7 @@ def write_comparison(
     Raises:
         ValueError: On empty ``results`` or methods scored on different metrics.
     """
-    from sact.fileio import atomic_write_bytes, dumps_json
+    from sact.io.files import atomic_write_bytes, dumps_json
     from sact.saliency.metrics import METRIC_LABELS
 
     if not results:

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 from torch import nn
 
-from sact.saliency.baselines import center_bias, uniform
-from sact.saliency.model import model_saliency, untrained_like
+from .baselines import center_bias, uniform
+from .model import model_saliency, untrained_like
 
 __all__ = ["SUMMARY_FILES", "cat2000_methods", "run_saliency"]
 
@@ -73,7 +73,7 @@ def run_saliency(
 
     Args:
         checkpoint: the model's checkpoint.
-        out_dir: output folder, checked before any work (:func:`sact.fileio.prepare_outputs`).
+        out_dir: output folder, checked before any work (:func:`sact.io.files.prepare_outputs`).
         data: a CAT2000-layout folder (``categories``, the first ``limit`` images of each,
             the model run at ``max_side``), or None for Cluttered Fashion-MNIST test canvases
             (``num_images``, dataset ``seed``, ``ground_truth``, ``fashion_mnist_dir``, ``batch_size``).
@@ -93,9 +93,9 @@ def run_saliency(
         FileNotFoundError, ValueError: a bad CAT2000 folder or category (see :class:`CAT2000`).
     """
     from .. import load_checkpoint
-    from ..checkpoint import CheckpointError
+    from ..io.checkpoint import CheckpointError
     from ..engine.distributed import resolve_device
-    from ..fileio import prepare_outputs
+    from ..io.files import prepare_outputs
     from .metrics import check_metric_names
     from .model import evaluate_methods, write_comparison
 
