@@ -10,7 +10,9 @@ import yaml
 import sact
 from sact.cli import build_parser, main
 from sact.commands.models import model_rows
-from sact.engine.config import DETECT_DEFAULTS, TrainConfig
+from sact.commands.flags import DETECT_FLAGS, TRAIN_FLAGS
+from sact.detection.config import DETECT_DEFAULTS
+from sact.engine.config import TrainConfig
 
 
 def _subparser(*path: str):
@@ -32,14 +34,12 @@ def _flag_defaults(*command: str) -> dict[str, str]:
 
 @pytest.mark.parametrize("command, base", [(("train",), {}), (("detect", "train"), DETECT_DEFAULTS)])
 def test_help_shows_the_value_a_flag_left_out_takes(command, base, capsys):
-    from sact.engine.config import DETECT_FLAGS, TRAIN_FLAGS
-
     flags = TRAIN_FLAGS if command == ("train",) else DETECT_FLAGS
     shown = _flag_defaults(*command)
     assert main([*command, "--print-config"]) == 0
     resolved = yaml.safe_load(capsys.readouterr().out)
     checked = 0
-    for flag, (key, _, _) in flags.items():
+    for flag, (key, *_) in flags.items():
         if resolved[key] is None:
             continue
         assert shown[flag] == str(resolved[key]) == str({**TrainConfig.defaults(), **base}[key]), flag

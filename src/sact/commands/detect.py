@@ -5,7 +5,7 @@ Sub-commands:
 * ``make-data`` -- write a multi-object Cluttered Fashion-MNIST set in COCO format;
 * ``train`` -- ``sact train`` with ``task: detection`` (the one training loop: checkpoints,
   ``--resume``, ``torchrun``); settings: the detection defaults
-  (:data:`sact.engine.config.DETECT_DEFAULTS`) < ``--config`` YAML < ``--set`` < flags;
+  (:data:`sact.detection.config.DETECT_DEFAULTS`) < ``--config`` YAML < ``--set`` < flags;
 * ``eval`` -- COCO box AP, backbone FLOPs and speed of a saved detector (or, with
   ``--watch RUN_DIR``, of each new checkpoint of a run), or the AP of a ready-made
   detections json (``--detections``).
@@ -20,9 +20,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..engine.config import DETECT_DEFAULTS, DETECT_FLAGS
+from ..detection.config import DETECT_DEFAULTS
 from ..errors import InputError
-from .train import add_flags, config_from_args, train_and_report
+from .flags import DETECT_FLAGS, add_config_arguments, add_run_switches, add_watch_flags, config_from_args
+from .train import train_and_report
 
 
 def register(subparsers) -> None:
@@ -43,24 +44,12 @@ def register(subparsers) -> None:
     t = sub.add_parser("train", help="train a detector (sact train with task: detection)",
                        description="Train Faster R-CNN + FPN over an adaptive backbone with the one training loop. "
                        "Settings: detection defaults < --config YAML < --set < flags (docs/detection.md).")
-    t.add_argument("--config", default=None, help="YAML file of TrainConfig keys (task: detection)")
-    add_flags(t, DETECT_FLAGS, base=DETECT_DEFAULTS)
+    add_config_arguments(t, DETECT_FLAGS, base=DETECT_DEFAULTS, config_help="YAML file of TrainConfig keys (task: detection)")
     t.add_argument("--in-chans", type=int, default=None, help="image channels, 1 or 3 (default 1)")
     t.add_argument("--width", type=int, default=None, help="base_channels (cifar) / base_width (imagenet)")
-    t.add_argument("--return-stages", nargs="+", default=None, help="stages feeding the FPN (default: stride >= 2)")
-    t.add_argument("--frozen-bn", action=argparse.BooleanOptionalAction, default=None,
-                   help="FrozenBatchNorm2d (default: on with --init, off from scratch)")
-    t.add_argument("--anchor-sizes", type=int, nargs="+", default=None, help="one per FPN level (default 8*stride)")
-    t.add_argument("--rpn-proposals", type=int, nargs=2, default=None, metavar=("TRAIN", "TEST"),
-                   help="RPN proposals kept after NMS (default 600 300; torchvision: 2000 1000)")
     t.add_argument("--max-steps", type=int, default=None,
                    help="sact 0.1 flag: steps per epoch; now sets --steps to epochs * N")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key, value parsed as YAML (repeatable)")
-    t.add_argument("--resume", action="store_true", help="continue the run in --out (train_state.safetensors)")
-    t.add_argument("--overwrite", action="store_true", help="replace a previous run in --out (its files are removed)")
-    t.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
-    t.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    add_run_switches(t, resume_help="continue the run in --out (train_state.safetensors)")
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="evaluate a detector (or a detections json) with pycocotools")
@@ -80,11 +69,7 @@ def register(subparsers) -> None:
     e.add_argument("--out", type=Path, default=None,
                    help="folder for metrics.json and detections.json (with --watch: default RUN_DIR/eval)")
     e.add_argument("--overwrite", action="store_true", help="replace metrics.json / detections.json in --out")
-    e.add_argument("--watch", type=Path, default=None, metavar="RUN_DIR",
-                   help="evaluate each new checkpoint of a run folder as it appears (metrics_step<STEP>.json)")
-    e.add_argument("--poll", type=float, default=30.0, metavar="SECONDS", help="--watch: seconds between looks")
-    e.add_argument("--watch-timeout", type=float, default=None, metavar="SECONDS",
-                   help="--watch: stop when no new checkpoint appeared for this long (default: until Ctrl-C)")
+    add_watch_flags(e)
     e.set_defaults(func=_eval)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
 
@@ -103,9 +88,7 @@ def train_config(args):
     Raises:
         ConfigError: invalid values (all listed; exit 2).
     """
-    keys = ("return_stages", "frozen_bn", "anchor_sizes", "rpn_proposals")  # flags that set the key of their name
-    extra = {key: getattr(args, key) for key in keys if getattr(args, key) is not None}
-    config = config_from_args(args, DETECT_FLAGS, base=DETECT_DEFAULTS, extra=extra)
+    config = config_from_args(args, DETECT_FLAGS, base=DETECT_DEFAULTS)
     kwargs = dict(config.model_kwargs)
     if args.in_chans is not None:
         kwargs["in_chans"] = args.in_chans

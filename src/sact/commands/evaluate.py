@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+from .flags import add_watch_flags
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from ..engine.eval_run import MAX_EVAL_SAMPLES
@@ -46,13 +48,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="run the model through the sparse engine (sact.to_sparse: halted positions are skipped; "
                    "the same metrics up to float rounding, docs/sparse.md)")
     p.add_argument("--no-progress", action="store_true")
-    # continuous evaluation (docs/training.md)
-    p.add_argument("--watch", default=None, metavar="RUN_DIR",
-                   help="evaluate each new checkpoint of a training run folder as it appears, one "
-                   "metrics_step<STEP>.json per checkpoint in --out (never overwritten); Ctrl-C stops")
-    p.add_argument("--poll", type=float, default=30.0, metavar="SECONDS", help="--watch: seconds between looks (default 30)")
-    p.add_argument("--watch-timeout", type=float, default=None, metavar="SECONDS",
-                   help="--watch: stop when no new checkpoint appeared for this long (default: run until Ctrl-C)")
+    add_watch_flags(p)
     p.set_defaults(func=run)
 
 

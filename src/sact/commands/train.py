@@ -4,74 +4,20 @@ from __future__ import annotations
 
 import argparse
 
-from ..engine.config import TRAIN_FLAGS, TrainConfig, load_config, parse_overrides
-
-
-def add_flags(p: argparse.ArgumentParser, flags: dict, base: dict | None = None) -> None:
-    """Adds config ``flags`` (flag -> (key, type, help)) to ``p``.
-
-    Each defaults to None, so that only the flags given override the YAML; its help
-    shows the value the key takes otherwise: ``base`` (a command's own defaults) or
-    :class:`~sact.engine.config.TrainConfig`'s.
-    """
-    defaults = {**TrainConfig.defaults(), **(base or {})}
-    for flag, (key, typ, text) in flags.items():
-        shown = "" if defaults[key] is None else f" (default: {defaults[key]})"
-        p.add_argument(flag, type=typ, default=None, help=(text + shown).replace("%", "%%"))
-
-
-def flag_overrides(args: argparse.Namespace, flags: dict) -> dict:
-    """``{config key: value}`` of the ``flags`` given on the command line."""
-    values = {key: getattr(args, flag[2:].replace("-", "_")) for flag, (key, _, _) in flags.items()}
-    return {key: value for key, value in values.items() if value is not None}
-
-
-def add_config_arguments(p: argparse.ArgumentParser) -> None:
-    """``--config``, ``--set key=value`` and the common flags of :class:`TrainConfig`."""
-    p.add_argument("--config", default=None, help="YAML file of TrainConfig keys (see configs/)")
-    add_flags(p, TRAIN_FLAGS)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any config key, value parsed as YAML (repeatable), e.g. --set model_kwargs='{base_channels: 8}'")
-
-
-def config_from_args(args: argparse.Namespace, flags: dict = TRAIN_FLAGS, *, base: dict | None = None,
-                     extra: dict | None = None):
-    """defaults (``base`` over TrainConfig's) < ``--config`` YAML < ``--set`` < the ``flags`` given
-    and the ``extra`` overrides < the switches (``--resume``, ``--no-tensorboard``, ...).
-
-    Raises:
-        ConfigError: invalid values (all listed; exit 2).
-    """
-    overrides = {**parse_overrides(args.set), **flag_overrides(args, flags), **(extra or {})}
-    for flag in ("resume", "overwrite"):
-        if getattr(args, flag, False):
-            overrides[flag] = True
-    if getattr(args, "strict", False):
-        overrides["strict_data"] = True
-    if getattr(args, "no_tensorboard", False):
-        overrides["tensorboard"] = False
-    if getattr(args, "no_progress", False):
-        overrides["progress"] = False
-    if getattr(args, "download", False):
-        overrides["download"] = True
-    return load_config(args.config, overrides, base=base)
+from .flags import add_config_arguments, add_run_switches, config_from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a vanilla / ACT / SACT ResNet (works under torchrun)",
                        description="Train with CE + tau * ponder cost. Settings: defaults < --config YAML < --set < flags.")
     add_config_arguments(p)
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out (its train_state.safetensors must exist; settings that change "
-                   "training must match it, see docs/trust.md)")
-    p.add_argument("--overwrite", action="store_true", help="replace a previous run in --out (its files are removed)")
+    add_run_switches(p, resume_help="continue the run in --out (its train_state.safetensors must exist; settings "
+                     "that change training must match it, see docs/trust.md)")
     p.add_argument("--strict", action="store_true",
                    help="image folders: stop at the first unreadable image (default: skip it with a warning)")
-    p.add_argument("--no-tensorboard", action="store_true", help="do not write TensorBoard logs")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars: a line on stderr every --log-every steps instead")
     p.add_argument("--download", action="store_true", help="download Fashion-MNIST with torchvision if missing")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=run)
 
 

@@ -11,13 +11,57 @@
 * :mod:`~sact.detection.sparse` -- the backbone through the sparse engine at inference.
 """
 
-from .backbone import BackboneOutput, SACTBackbone, freeze_batchnorm, load_backbone_weights
-from .coco import AP_NAMES, CocoDetection, CocoFormatError, coco_evaluate, collate, load_coco_json, to_coco_results
-from .detector import (DetectorOutput, SACTFasterRCNN, build_detector, detection_loss, load_detector, loss_terms,
-                       save_detector)
-from .evaluate import evaluate, predict
-from .sparse import SparseDetector, sparse_detector, unfreeze_batchnorm
-from .task import DetectionTask  # registers the detection task with the engine (task: detection)
+import importlib
+
+from ..engine.tasks import register_task
+
+# name -> submodule: imported on first use, so that ``import sact.detection`` (which the
+# command line does to register the task) does not load torchvision's detection models
+_EXPORTS = {
+    "BackboneOutput": "backbone",
+    "SACTBackbone": "backbone",
+    "freeze_batchnorm": "backbone",
+    "load_backbone_weights": "backbone",
+    "AP_NAMES": "coco",
+    "CocoDetection": "coco",
+    "CocoFormatError": "coco",
+    "coco_evaluate": "coco",
+    "collate": "coco",
+    "load_coco_json": "coco",
+    "to_coco_results": "coco",
+    "DetectorOutput": "detector",
+    "SACTFasterRCNN": "detector",
+    "build_detector": "detector",
+    "detection_loss": "detector",
+    "load_detector": "detector",
+    "loss_terms": "detector",
+    "save_detector": "detector",
+    "evaluate": "evaluate",
+    "predict": "evaluate",
+    "SparseDetector": "sparse",
+    "sparse_detector": "sparse",
+    "unfreeze_batchnorm": "sparse",
+    "DetectionTask": "task",
+}
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+def _detection_task():
+    return importlib.import_module(".task", __name__).DetectionTask()
+
+
+register_task("detection", _detection_task)  # task: detection trains with DetectionTask
 
 __all__ = [
     "DetectionTask",

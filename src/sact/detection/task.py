@@ -25,8 +25,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..engine.amp import autocast
-from ..engine.config import DETECT_DEFAULTS
-from ..engine.tasks import Step, register_task
+from .config import DETECT_DEFAULTS
+from ..engine.tasks import Step
 from ..errors import DataError, InputError
 from .coco import CocoDetection, coco_paths, collate
 from .detector import DetectorOutput, build_detector, loss_terms
@@ -169,5 +169,3 @@ class DetectionTask:
     def meta(self, data) -> dict:
         return {"label_to_category": {str(k): v for k, v in data.eval.label_to_category.items()}}
 
-
-register_task("detection", DetectionTask)

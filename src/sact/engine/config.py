@@ -30,8 +30,7 @@ from typing import Any
 from ..errors import InputError
 
 __all__ = ["TrainConfig", "ConfigError", "load_config", "parse_overrides", "yaml_load", "RESUME_MAY_CHANGE",
-           "DEFAULT_MAX_PIXELS", "MAX_CONFIG_BYTES", "MAX_CONFIG_NODES", "cpu_cores", "max_workers", "DETECT_DEFAULTS",
-           "TRAIN_FLAGS", "DETECT_FLAGS"]
+           "DEFAULT_MAX_PIXELS", "MAX_CONFIG_BYTES", "MAX_CONFIG_NODES", "cpu_cores", "max_workers"]
 
 #: Default cap on the pixels of one image read from an image folder (see ``sact.data.images``).
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -43,104 +42,6 @@ MAX_CONFIG_BYTES = 1 << 20
 #: one per 100 characters): real configs hold a few hundred; an "anchor bomb" of nested
 #: aliases would expand to billions.
 MAX_CONFIG_NODES = 100_000
-
-#: The starting point of ``sact detect train`` (a TrainConfig subset; :mod:`sact.detection.task`):
-#: small CIFAR-style backbone, greyscale images, SGD with warm-up and a cosine decay.
-DETECT_DEFAULTS = {
-    "task": "detection",
-    "dataset": "coco",
-    "model": "resnet20_cifar",
-    "model_kwargs": {"in_chans": 1},
-    "steps": 0,
-    "epochs": 4,
-    "batch_size": 8,
-    "eval_batch_size": 8,
-    "lr": 0.02,
-    "weight_decay": 1e-4,
-    "schedule": "cosine",
-    "warmup_steps": 100,
-}
-
-#: The flags of ``sact train`` that set a config key: flag -> (key, type, help). Each
-#: defaults to None, so that only the flags given override the YAML; the help shows the
-#: key's default (:func:`sact.commands.train.add_flags`).
-TRAIN_FLAGS = {
-    "--model": ("model", str, "registered model name (sact models)"),
-    "--mode": ("mode", str, "vanilla | act | sact"),
-    "--tau": ("tau", float, "ponder cost weight"),
-    "--dataset": ("dataset", str, "cluttered | cifar10 | imagenet | folder (your own class folders, docs/training.md)"),
-    "--data-dir": ("data_dir", str, "dataset folder"),
-    "--val-fraction": ("val_fraction", float, "folder without val/: hold out this share of every class (fixed split)"),
-    "--image-size": ("image_size", int, "input side of image folders"),
-    "--num-classes": ("num_classes", int, "classifier outputs (default: the classes found + --label-offset)"),
-    "--label-offset": ("label_offset", int, "added to image-folder labels (1: the reference's 1001-class models)"),
-    "--preprocess": ("preprocess", str, "image folders: auto (match --init) | dataset | inception | torchvision"),
-    "--eval-samples": ("eval_samples", int, "images evaluated (cluttered: canvases, default 2000; others: a fixed "
-                       "subset, default all)"),
-    "--steps": ("steps", int, "optimisation steps (0: use --epochs)"),
-    "--epochs": ("epochs", int, "epochs when --steps is 0"),
-    "--batch-size": ("batch_size", int, "images per step and process"),
-    "--lr": ("lr", float, "base learning rate"),
-    "--halting-lr-mult": ("halting_lr_mult", float, "learning-rate multiplier of the halting branches (short "
-                          "fine-tunes need 10-30, docs/training.md)"),
-    "--weight-decay": ("weight_decay", float, "L2 on kernels"),
-    "--label-smoothing": ("label_smoothing", float, "cross-entropy label smoothing"),
-    "--schedule": ("schedule", str, "piecewise | staircase | cosine | constant"),
-    "--init": ("init", str, "warm start: torchvision .pth or sact checkpoint"),
-    "--out": ("out_dir", str, "run folder"),
-    "--amp": ("amp", str, "auto | none | bf16 | fp16"),
-    "--memory-format": ("memory_format", str, "auto (channels-last for classification on the CPU) | channels_last | "
-                        "contiguous"),
-    "--device": ("device", str, "auto | cpu | cuda | cuda:N"),
-    "--workers": ("workers", int, "DataLoader worker processes (at most 64, or one per CPU core if more)"),
-    "--threads": ("threads", int, "torch threads, at most one per CPU core (0: torch's default)"),
-    "--seed": ("seed", int, "seed"),
-    "--max-pixels": ("max_pixels", int, "image folders: images above this many pixels are unreadable"),
-    "--log-every": ("log_every", int, "report the means of loss, top-1, ponder cost, FLOPs and lr every N steps "
-                    "(progress bar, TensorBoard; a line on stderr without a bar)"),
-}
-
-#: The flags of ``sact detect train`` that set a config key, as :data:`TRAIN_FLAGS` (whose
-#: entries it shares where the text is the same); the help shows the default of
-#: :data:`DETECT_DEFAULTS`, else TrainConfig's.
-DETECT_FLAGS = {
-    "--data": ("data_dir", str, "root with images/<split>/ and annotations/instances_<split>.json"),
-    "--train-split": ("train_split", str, "training split name"),
-    "--train-images": ("train_images", str, "training image folder (instead of --data)"),
-    "--train-ann": ("train_ann", str, "training instances json (instead of --data)"),
-    "--val-split": ("val_split", str, "evaluation split name"),
-    "--val-images": ("val_images", str, "evaluation image folder"),
-    "--val-ann": ("val_ann", str, "evaluation instances json"),
-    "--model": ("model", str, "registered backbone (sact models)"),
-    "--mode": TRAIN_FLAGS["--mode"],
-    "--tau": TRAIN_FLAGS["--tau"],
-    "--init": ("init", str, "torchvision .pth or sact checkpoint to warm-start the backbone from"),
-    "--trainable-layers": ("trainable_layers", int, "trainable stages from the top (default: all)"),
-    "--fpn-channels": ("fpn_channels", int, "FPN channels"),
-    "--representation-size": ("representation_size", int, "box head width"),
-    "--min-size": ("min_size", int, "transform resize (default: the image size)"),
-    "--max-size": ("max_size", int, "cap on the longer side (default: --min-size)"),
-    "--detections-per-img": ("detections_per_img", int, "detections kept per image"),
-    "--box-batch-size": ("box_batch_size", int, "RoIs sampled per image for the box head"),
-    "--hflip": ("hflip", float, "flip probability in training"),
-    "--steps": TRAIN_FLAGS["--steps"],
-    "--epochs": TRAIN_FLAGS["--epochs"],
-    "--batch-size": TRAIN_FLAGS["--batch-size"],
-    "--eval-batch-size": ("eval_batch_size", int, "images per evaluation batch"),
-    "--lr": TRAIN_FLAGS["--lr"],
-    "--momentum": ("momentum", float, "SGD momentum"),
-    "--weight-decay": TRAIN_FLAGS["--weight-decay"],
-    "--schedule": TRAIN_FLAGS["--schedule"],
-    "--warmup-steps": ("warmup_steps", int, "linear warm-up steps"),
-    "--eval-every": ("eval_every", int, "also evaluate every N steps (0: at the end only)"),
-    "--checkpoint-every": ("checkpoint_every", int, "also save every N steps (always at epoch ends)"),
-    "--seed": TRAIN_FLAGS["--seed"],
-    "--out": ("out_dir", str, "run folder: model.*, train_state.safetensors, metrics.json, tb/"),
-    "--device": TRAIN_FLAGS["--device"],
-    "--amp": TRAIN_FLAGS["--amp"],
-    "--workers": ("workers", int, "DataLoader workers"),
-    "--threads": TRAIN_FLAGS["--threads"],
-}
 
 #: Fields that may differ between a run and its ``--resume``: they change how long the
 #: run goes on (the schedule is recomputed for the new length), where and how fast it

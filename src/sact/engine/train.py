@@ -56,9 +56,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .. import checkpoint as ckpt
 from ..errors import DataError, InputError, OutputExistsError, RunFailure
-from ..io.files import check_output_folder, dumps_json, prepare_outputs
+from ..io.checkpoint import CheckpointError, read_safetensors_header
+from ..io.files import atomic_write_bytes, check_output_folder, dumps_json, prepare_outputs
+from ..models.loading import save_checkpoint
 from .amp import amp_dtype as _amp_dtype
 from .amp import grad_scaler, training_memory_format
 from .config import TrainConfig
@@ -143,7 +144,7 @@ def save(run: Run) -> None:
         "config": run.config.to_dict(),
     }
     save_train_state(run.out_dir / STATE_FILE, state)
-    ckpt.save_checkpoint(run.net, run.out_dir / "model", meta=_meta(run))
+    save_checkpoint(run.net, run.out_dir / "model", meta=_meta(run))
     run.last_saved_step = run.step
 
 
@@ -165,11 +166,11 @@ def check_resume_config(config: TrainConfig, saved: dict) -> None:
 def _same_structure(fresh, loaded, where: str) -> None:
     """Scheduler / scaler states: the same keys as this run's, of plain value types."""
     if not isinstance(loaded, dict) or set(loaded) - set(fresh):
-        raise ckpt.CheckpointError(f"malformed {where} state in the training state: keys {sorted(map(str, loaded))}")
+        raise CheckpointError(f"malformed {where} state in the training state: keys {sorted(map(str, loaded))}")
     for k, v in loaded.items():
         vals = v if isinstance(v, list) else [v]
         if not all(x is None or isinstance(x, (bool, int, float, str)) for x in vals):
-            raise ckpt.CheckpointError(f"malformed {where} state in the training state: {k}={v!r}")
+            raise CheckpointError(f"malformed {where} state in the training state: {k}={v!r}")
 
 
 def _restore(run: Run, state: dict, path: Path) -> None:
@@ -189,7 +190,7 @@ def _restore(run: Run, state: dict, path: Path) -> None:
         _same_structure(run.scaler.state_dict() or state["scaler"], state["scaler"], "gradient scaler")
         run.scaler.load_state_dict(state["scaler"])
     except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise ckpt.CheckpointError(f"training state {path} does not fit this run: {' '.join(str(e).split())}") from e
+        raise CheckpointError(f"training state {path} does not fit this run: {' '.join(str(e).split())}") from e
     run.step = int(state["step"])
     run.last_saved_step = run.step
     set_rng_state(state["rng"])
@@ -199,13 +200,13 @@ def _saved_config(path: Path) -> dict:
     """The config stored in a training state, read from its header only."""
     from .state import _decode
 
-    meta = ckpt.read_safetensors_header(path).get("__metadata__") or {}
+    meta = read_safetensors_header(path).get("__metadata__") or {}
     try:
         config = _decode(json.loads(meta["state"])["config"], {})
     except (KeyError, TypeError, ValueError, RecursionError) as e:
-        raise ckpt.CheckpointError(f"{path} is not an sact training state: {e}") from e
+        raise CheckpointError(f"{path} is not an sact training state: {e}") from e
     if not isinstance(config, dict):
-        raise ckpt.CheckpointError(f"{path}: malformed config in the training state")
+        raise CheckpointError(f"{path}: malformed config in the training state")
     return config
 
 
@@ -236,7 +237,7 @@ def prepare_run_folder(config: TrainConfig, *, clear: bool = True) -> None:
     if config.resume:
         if not state.exists():
             if (out / LEGACY_STATE_FILE).exists():
-                raise ckpt.CheckpointError(legacy_state_message(out / LEGACY_STATE_FILE))
+                raise CheckpointError(legacy_state_message(out / LEGACY_STATE_FILE))
             raise InputError(f"--resume, but {out} holds no training state ({STATE_FILE}); nothing to continue "
                              "(drop --resume to start a new run)")
         check_resume_config(config, _saved_config(state))
@@ -507,7 +508,7 @@ def _main(config: TrainConfig, device: torch.device, *, train_set, eval_set, ste
         if info.is_main:
             import yaml
 
-            ckpt.atomic_write_bytes(run.out_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
+            atomic_write_bytes(run.out_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False).encode())
             if config.tensorboard:
                 from ..tb import summary_writer
 
@@ -535,7 +536,7 @@ def _main(config: TrainConfig, device: torch.device, *, train_set, eval_set, ste
         metrics = run_eval(run)
         if info.is_main:
             save(run)
-            ckpt.atomic_write_bytes(run.out_dir / "metrics.json", dumps_json(metrics, indent=2).encode())
+            atomic_write_bytes(run.out_dir / "metrics.json", dumps_json(metrics, indent=2).encode())
             if run.writer is not None:
                 run.writer.close()
         return metrics
