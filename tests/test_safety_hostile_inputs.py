@@ -101,7 +101,7 @@ def test_eval_refuses_a_checkpoints_huge_eval_samples(tmp_path, capsys, fmnist):
 
 # --------------------------------------------------------------------------- no empty --out folder
 def test_the_lock_removes_only_the_folders_it_created_and_left_empty(tmp_path):
-    # (prepare_outputs, which every command uses, is tested in tests/test_fileio_outputs.py)
+    # (prepare_outputs, which every command uses, is tested in tests/test_io_files.py)
     with OutputLock(tmp_path / "e" / "f", "train"):
         assert (tmp_path / "e" / "f" / ".sact-train.lock").is_file()
     assert not (tmp_path / "e").exists()

@@ -16,7 +16,7 @@ import torch
 import sact
 from sact.tools.export import export_model, load_exported
 from sact.stage import MODES
-from test_export_torch import check_matches, tiny_model
+from test_tools_export_torch import check_matches, tiny_model
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")

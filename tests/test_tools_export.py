@@ -10,7 +10,7 @@ import torch
 import sact
 from sact.cli import main
 from sact.tools.export import default_image_size, export_model, load_exported, metadata_path
-from test_export_torch import check_matches, tiny_model
+from test_tools_export_torch import check_matches, tiny_model
 
 PREPROCESS = {"kind": "unit", "in_chans": 3, "image_size": 16, "central_crop": None, "mean": None, "std": None}
 

@@ -3,7 +3,7 @@
 Each program is traced with a batch of 2 and run at batch sizes 1 and 3 (dynamic batch),
 with halting biases near 0 so that halting is non-trivial. The shallowest model of each
 family runs by default; the deeper ones (same code, more units: slower to trace) are
-marked ``slow``. Saving / loading ``.pt2`` files is covered in ``test_export.py``.
+marked ``slow``. Saving / loading ``.pt2`` files is covered in ``test_tools_export.py``.
 """
 
 from __future__ import annotations
