@@ -304,7 +304,7 @@ def evaluate_with_box_stats(model, canvases: Canvases, *, tau: float, batch_size
 
     from sact.engine.datasets import eval_loader
     from sact.tools.demo import ponder_box_stats
-    from sact.engine.evaluate import evaluate
+    from sact.classification.evaluate import evaluate
     from sact.viz import summed_map
 
     ponder, units = [], []
@@ -336,7 +336,7 @@ def run_job(run_dir: Path, job: Job, proto: Protocol, *, data_dir: str | None = 
     from sact import data as D
     from sact.checkpoint import atomic_write_bytes
     from sact.engine.datasets import eval_loader
-    from sact.engine.evaluate import evaluate
+    from sact.classification.evaluate import evaluate
     from sact.engine.state import STATE_FILE
     from sact.engine.train import main as train_main
 

@@ -14,7 +14,7 @@ import sact
 from sact.cli import main
 from sact.data import IMAGENET_MEAN
 from sact.engine import load_config
-from sact.engine.datasets import folder_preprocess
+from sact.classification.data import folder_preprocess
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 torch.set_num_threads(1)

@@ -18,7 +18,7 @@ from sact.cli import main
 from sact.data import IMAGENET_MEAN, Preprocess, class_folder_splits, split_by_class
 from sact.data.folder import ImageFolderDataset
 from sact.engine import TrainConfig
-from sact.engine.datasets import build_datasets, folder_preprocess
+from sact.classification.data import build_datasets, folder_preprocess
 from sact.errors import DataError, InputError
 
 from helpers import error_line

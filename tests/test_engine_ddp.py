@@ -16,17 +16,20 @@ SCRIPT = textwrap.dedent(
     import hashlib, json, os, sys
     import torch
     from torch.utils.data import Dataset
-    import sact, sact.checkpoint, sact.engine.state, sact.io.checkpoint
+    import sact, sact.engine.train, sact.io.files
     from sact.engine import TrainConfig, main
 
     torch.set_num_threads(1)
     rank, out = int(os.environ["RANK"]), sys.argv[1]
     writes = []
-    for module in (sact.checkpoint, sact.io.checkpoint, sact.engine.state):  # record every file this rank writes
-        real = module.atomic_write_bytes
-        def spy(path, data, _real=real):
-            writes.append(str(path))
-            return _real(path, data)
+    real = sact.io.files.atomic_write_bytes
+    def spy(path, data):
+        writes.append(str(path))
+        return real(path, data)
+    # record every file this rank writes: every module that imported the one writer
+    users = [m for name, m in list(sys.modules.items()) if name.startswith("sact") and getattr(m, "atomic_write_bytes", None) is real]
+    assert len(users) >= 4, [m.__name__ for m in users]
+    for module in users:
         module.atomic_write_bytes = spy
 
     class Patterns(Dataset):

@@ -14,7 +14,7 @@ import torch
 
 from sact.cli import main
 from sact.engine import main as train_main
-from sact.engine.tasks import ClassificationTask
+from sact.classification import ClassificationTask
 from sact.engine.train import TrainLog, format_logs
 from helpers import TRAIN_FLAGS, tiny_fashion_mnist
 from test_engine_train import Patterns, read_events, tiny_config

@@ -236,7 +236,7 @@ def test_out_clashing_with_a_file_is_found_before_any_work(tmp_path, capsys, fmn
     (tmp_path / "folder.json").mkdir()
     calls = []
     with pytest.MonkeyPatch.context() as mp:  # no evaluation may start
-        mp.setattr(sys.modules["sact.engine.evaluate"], "evaluate", lambda *a, **k: calls.append(1))
+        mp.setattr(sys.modules["sact.classification.evaluate"], "evaluate", lambda *a, **k: calls.append(1))
         assert main(["eval", str(tmp_path / "ck"), "--data-dir", str(fmnist), "--out", str(tmp_path / "folder.json")]) == 2
         assert "existing folder" in error_line(capsys.readouterr().err, "eval")
         assert main(["eval", str(tmp_path / "ck"), "--data-dir", str(fmnist), "--out", str(clash)]) == 2

@@ -31,6 +31,9 @@ __all__ += ["ponder_map", "PonderMap"]
 
 from .sparse import to_sparse  # noqa: E402
 
+# the training loop's tasks register themselves on import (sact.engine imports no task)
+from . import classification, detection  # noqa: E402,F401
+
 __all__ += ["to_sparse"]
 
 from .tools.inference import Prediction, predict  # noqa: E402
@@ -39,7 +42,7 @@ __all__ += ["predict", "Prediction"]
 
 # Sub-packages the docs use as ``sact.<name>.X`` after a plain ``import sact`` (e.g.
 # ``sact.data.Preprocess``); imported on first use so ``import sact`` stays light.
-_LAZY_SUBMODULES = frozenset({"data", "detection", "saliency", "engine", "export", "viz", "plots", "gallery",
+_LAZY_SUBMODULES = frozenset({"data", "saliency", "engine", "export", "viz", "plots", "gallery",
                               "convert_tf", "fileio", "errors", "flops", "halting", "units", "tb", "tools", "io"})
 
 

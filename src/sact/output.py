@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .stage import StageOutput
 
-__all__ = ["ModelOutput", "FeaturesOutput", "ponder_loss"]
+__all__ = ["ModelOutput", "FeaturesOutput", "ponder_loss", "compute_loss"]
 
 
 @dataclass
@@ -54,3 +55,16 @@ def ponder_loss(output: ModelOutput, tau: float) -> Tensor:
     if tau < 0:
         raise ValueError(f"tau must be non-negative, got {tau}")
     return tau * output.ponder_cost.mean()
+
+
+def compute_loss(out: ModelOutput, labels: Tensor, *, tau: float, mode: str, label_smoothing: float = 0.0):
+    """``(total, cross_entropy)``: ``CE + tau * ponder_cost`` (no ponder term for vanilla).
+
+    Args:
+        out: model output (logits ``[B, K]``, ponder cost ``[B]``).
+        labels: ``[B]`` int64.
+    """
+    ce = F.cross_entropy(out.logits.float(), labels, label_smoothing=label_smoothing)
+    if mode == "vanilla":
+        return ce, ce
+    return ce + ponder_loss(out, tau), ce

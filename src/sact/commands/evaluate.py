@@ -1,5 +1,5 @@
 """``sact eval``: accuracy, loss, FLOPs and ponder statistics of a checkpoint -> ``NAME.eval.json``
-next to it (or ``--out``); the work is :mod:`sact.engine.eval_run`'s."""
+next to it (or ``--out``); the work is :mod:`sact.classification.eval_run`'s."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from .flags import add_watch_flags
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from ..engine.eval_run import MAX_EVAL_SAMPLES
+    from ..classification.eval_run import MAX_EVAL_SAMPLES
 
     p = sub.add_parser("eval", help="evaluate a checkpoint (top-1/top-5, loss, FLOPs, ponder cost) -> NAME.eval.json",
                        description="Evaluate a checkpoint and write its metrics (JSON) next to it: RUN/model.eval.json "
@@ -53,8 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def options(args: argparse.Namespace):
-    """The :class:`~sact.engine.eval_run.EvalOptions` of the flags."""
-    from ..engine.eval_run import EvalOptions
+    """The :class:`~sact.classification.eval_run.EvalOptions` of the flags."""
+    from ..classification.eval_run import EvalOptions
 
     return EvalOptions(dataset=args.dataset, data_dir=args.data_dir, num_samples=args.num_samples,
                        val_fraction=args.val_fraction, tau=args.tau, strict=args.strict, max_pixels=args.max_pixels,
@@ -64,9 +64,9 @@ def options(args: argparse.Namespace):
 
 def check_args(args: argparse.Namespace) -> None:
     """The flags alone, before any work (exit 2): the options' checks
-    (:func:`~sact.engine.eval_run.check_options`), ``CHECKPOINT`` xor ``--watch``, ``--poll`` /
+    (:func:`~sact.classification.eval_run.check_options`), ``CHECKPOINT`` xor ``--watch``, ``--poll`` /
     ``--watch-timeout`` positive."""
-    from ..engine.eval_run import check_options
+    from ..classification.eval_run import check_options
     from ..errors import InputError
 
     check_options(options(args))
@@ -79,7 +79,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..engine.eval_run import evaluate_to_file, watch_run
+    from ..classification.eval_run import evaluate_to_file, watch_run
 
     check_args(args)
     if args.watch is not None:

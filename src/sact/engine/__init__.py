@@ -1,11 +1,12 @@
-"""Training and evaluation: the loop, its config, schedules, checkpoints, ``torchrun``.
+"""Training: the task-agnostic loop, its config, schedules, checkpoints, ``torchrun``.
 
-Entry points: :func:`main` (train a :class:`TrainConfig`), :func:`evaluate`
-(metrics of a model over batches), :func:`warm_start`.
+Entry points: :func:`main` (train a :class:`TrainConfig`), :func:`warm_start`. The tasks
+(:mod:`sact.classification`, :mod:`sact.detection`) register themselves with the loop;
+:func:`evaluate` (metrics of a classifier over batches) moved to
+:func:`sact.classification.evaluate.evaluate` and is re-exported here for one release.
 """
 
 from .config import TrainConfig, load_config, parse_overrides
-from .evaluate import evaluate
 from .optim import build_optimizer, build_scheduler, lr_factor, param_groups
 from .train import NonFiniteLossError, compute_loss, main, train_one_epoch
 from .warm_start import warm_start
@@ -25,3 +26,11 @@ __all__ = [
     "train_one_epoch",
     "warm_start",
 ]
+
+
+def __getattr__(name: str):
+    if name == "evaluate":  # moved to sact.classification; this re-export stays for one release
+        from ..classification.evaluate import evaluate
+
+        return evaluate
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import DataError
-from .amp import autocast
-from .distributed import DistInfo, all_reduce_sum
+from ..engine.amp import autocast
+from ..engine.distributed import DistInfo, all_reduce_sum
 
 __all__ = ["evaluate"]
 
