@@ -4,9 +4,12 @@ One SGD step (forward, the reference loss ``CE + tau * ponder`` via
 ``sact.engine.train.compute_loss``, backward, update) of each variant, timed side by
 side in one process and interleaved (vanilla, ACT, SACT, vanilla, ...) after warm-up;
 the per-round ratios ACT/vanilla and SACT/vanilla are reported as medians with their
-spread (interquartile range, min-max) over the rounds. ``--compile`` adds the same steps
+spread (interquartile range, min-max) over the rounds. ACT and SACT run with the fused
+halting unit (:mod:`sact.halting_fused`, off by default in training, turned on here) and, as
+``act_ref`` / ``sact_ref`` in the same rounds, with the torch-op path, the default
+(``--no-reference`` leaves those out). ``--compile`` adds the same steps
 with the models under ``torch.compile``. Prints the environment and writes
-``train_step[_TAG].{json,md}`` to ``--out``.
+``train_step[_TAG].{json,md}`` to ``--out``; ``--ops`` prints torch.profiler's operator tables.
 
     python benchmarks/train_step.py --threads 2 --reps 15 --tag quiet
 
@@ -26,15 +29,19 @@ from pathlib import Path
 import torch
 
 import sact
+from sact import halting_fused
 from sact.engine.train import compute_loss
 from sact.tools.bench.bench import environment
 
 ROWS = [("resnet50", 224, 8, 1000), ("resnet32_cifar", 32, 64, 10)]
 MODES = ("vanilla", "act", "sact")
+REFERENCE = ("act_ref", "sact_ref")  # the same models with the torch-op halting path
 
 
-def make_step(name: str, mode: str, x: torch.Tensor, y: torch.Tensor, *, compile_model: bool, channels_last: bool,
-              tau: float = 0.01):
+def make_step(name: str, variant: str, x: torch.Tensor, y: torch.Tensor, *, compile_model: bool,
+              channels_last: bool, tau: float = 0.01):
+    mode = variant.removesuffix("_ref")
+    fused = not variant.endswith("_ref")
     torch.manual_seed(0)
     model = sact.create_model(name, mode=mode, num_classes=int(y.max()) + 1).train()
     if channels_last:
@@ -44,7 +51,8 @@ def make_step(name: str, mode: str, x: torch.Tensor, y: torch.Tensor, *, compile
     fwd = torch.compile(model) if compile_model else model
 
     def step() -> None:
-        out = fwd(x)
+        with halting_fused.use(fused):
+            out = fwd(x)
         loss, _ = compute_loss(out, y, tau=tau, mode=mode)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -59,15 +67,15 @@ def quartiles(v: list[float]) -> tuple[float, float]:
 
 
 def bench(name: str, size: int, batch: int, classes: int, *, reps: int, warmup: int, compile_model: bool,
-          channels_last: bool) -> dict:
+          channels_last: bool, variants: tuple[str, ...]) -> dict:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(batch, 3, size, size, generator=g)
     y = torch.randint(0, classes, (batch,), generator=g)
-    steps = {m: make_step(name, m, x, y, compile_model=compile_model, channels_last=channels_last) for m in MODES}
+    steps = {m: make_step(name, m, x, y, compile_model=compile_model, channels_last=channels_last) for m in variants}
     for _ in range(warmup):
         for s in steps.values():
             s()
-    times = {m: [] for m in MODES}
+    times = {m: [] for m in variants}
     for _ in range(reps):
         for m, s in steps.items():
             t0 = time.perf_counter()
@@ -76,7 +84,7 @@ def bench(name: str, size: int, batch: int, classes: int, *, reps: int, warmup: 
     row = {"model": name, "image": size, "batch": batch, "compile": compile_model, "channels_last": channels_last,
            "reps": reps,
            "ms": {m: 1e3 * statistics.median(v) for m, v in times.items()}}
-    for m in ("act", "sact"):
+    for m in variants[1:]:
         ratios = [a / b for a, b in zip(times[m], times["vanilla"])]
         row[f"{m}_ratio"] = statistics.median(ratios)
         row[f"{m}_ratio_iqr"] = quartiles(ratios)
@@ -91,10 +99,12 @@ def markdown(rows: list[dict], env: dict, command: str) -> str:
              f"MALLOC {env['malloc']}, load average {env['loadavg_start'][0]:.2f} at start, "
              f"{env.get('loadavg_end', [float('nan')])[0]:.2f} at end", "",
              "One SGD step (forward + loss + backward + update); ratios are per-round (interleaved) medians, "
-             "with the interquartile range and min-max over the rounds.", "",
-             "| model | image | batch | layout | compile | ms vanilla / ACT / SACT | ACT / vanilla (IQR; range) "
-             "| SACT / vanilla (IQR; range) | load |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "with the interquartile range and min-max over the rounds. ACT / SACT: the fused halting unit "
+             "(sact.halting_fused); ref: the torch-op halting path, timed in the same rounds.", "",
+             "| model | image | batch | layout | compile | ms vanilla / ACT / SACT (ref ACT / SACT) "
+             "| ACT / vanilla (IQR; range) | SACT / vanilla (IQR; range) | ref ACT / vanilla | ref SACT / vanilla "
+             "| load |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ms = r["ms"]
 
@@ -103,10 +113,14 @@ def markdown(rows: list[dict], env: dict, command: str) -> str:
             a, b = r[f"{m}_ratio_range"]
             return f"{r[f'{m}_ratio']:.2f} ({lo:.2f}-{hi:.2f}; {a:.2f}-{b:.2f})"
 
+        def ref(m):
+            return cell(m) if f"{m}_ratio" in r else "-"
+
         layout = "channels-last" if r.get("channels_last") else "NCHW"
+        ref_ms = f" ({ms['act_ref']:.0f} / {ms['sact_ref']:.0f})" if "sact_ref" in ms else ""
         lines.append(f"| {r['model']} | {r['image']} | {r['batch']} | {layout} | {'yes' if r['compile'] else 'no'} | "
-                     f"{ms['vanilla']:.0f} / {ms['act']:.0f} / {ms['sact']:.0f} | {cell('act')} | {cell('sact')} | "
-                     f"{r['loadavg']:.1f} |")
+                     f"{ms['vanilla']:.0f} / {ms['act']:.0f} / {ms['sact']:.0f}{ref_ms} | {cell('act')} | "
+                     f"{cell('sact')} | {ref('act_ref')} | {ref('sact_ref')} | {r['loadavg']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -119,7 +133,7 @@ def operator_tables(args) -> int:
             continue
         x, y = torch.randn(batch, 3, size, size), torch.randint(0, classes, (batch,))
         for layout in args.layouts:
-            for mode in MODES:
+            for mode in MODES + (() if args.no_reference else REFERENCE):
                 step = make_step(name, mode, x, y, compile_model=False, channels_last=layout == "channels-last")
                 for _ in range(3):
                     step()
@@ -142,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="memory formats of model and input to time (default both)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--tag", default="")
+    p.add_argument("--no-reference", action="store_true",
+                   help="leave out the torch-op halting path (act_ref, sact_ref) next to the fused one")
     p.add_argument("--ops", action="store_true",
                    help="instead of timing: torch.profiler's per-operator table of 3 steps of each variant "
                         "(where the SACT step's extra time goes); printed, no files")
@@ -164,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         for layout in args.layouts:
             for compiled in ((False, True) if args.compile else (False,)):
                 row = bench(name, size, batch, classes, reps=args.reps, warmup=args.warmup, compile_model=compiled,
-                            channels_last=layout == "channels-last")
+                            channels_last=layout == "channels-last",
+                            variants=MODES + (() if args.no_reference else REFERENCE))
                 rows.append(row)
                 print(f"{name} b{batch} {layout} compile={compiled}: ms {row['ms']}, "
                       f"ACT/vanilla {row['act_ratio']:.2f}, SACT/vanilla {row['sact_ratio']:.2f}", file=sys.stderr)

@@ -32,11 +32,12 @@ from typing import Callable, Literal, Protocol, Sequence
 import torch
 from torch import Tensor, nn
 
+from . import halting_fused
 from .act import DEFAULT_EPS, HaltingState, halting_step
 from .halting import make_halting
 
 __all__ = ["StageOutput", "AdaptiveStage", "MODES", "Mode", "Where", "StageExecutor", "StageRun", "Executor",
-           "DenseExecutor", "DenseRun", "FusedStep", "run_stage"]
+           "DenseExecutor", "DenseRun", "FusedStep", "HaltingUnit", "run_stage"]
 
 Mode = Literal["vanilla", "act", "sact"]
 MODES: tuple[str, ...] = ("vanilla", "act", "sact")
@@ -120,6 +121,8 @@ class Where:
 
 #: ``fused_step(n, state, proba, where, dist_n, eps) -> idx``: see :attr:`StageRun.fused_step`.
 FusedStep = Callable[[int, HaltingState, "Tensor | None", "Where", Tensor, float], Tensor]
+#: ``halting_unit(n, state, eps) -> (state, weight)``: see :attr:`StageRun.halting_unit`.
+HaltingUnit = Callable[[int, HaltingState, float], "tuple[HaltingState, Tensor]"]
 
 
 class StageRun(Protocol):
@@ -132,10 +135,16 @@ class StageRun(Protocol):
     accelerated copy of one step of the loop: the halting step, the accumulation and the next
     index set, updating ``state`` and ``dist_n`` in place and returning the next ``idx``
     (tested equal to the generic path).
+
+    ``halting_unit`` is ``None`` or, for a run over every position, halting branch ``n`` (none
+    for the last unit), the halting step and the accumulation as one differentiable op
+    (:func:`sact.halting_fused.halting_unit`), returning the new state and the weight ``p^n``
+    (tested equal to the generic path, values and gradients).
     """
 
     compact: bool
     fused_step: FusedStep | None
+    halting_unit: HaltingUnit | None
 
     @property
     def features(self) -> Tensor:
@@ -189,11 +198,21 @@ class DenseRun:
 
     compact = False
     fused_step: FusedStep | None = None
+    halting_unit: HaltingUnit | None = None
 
-    def __init__(self, stage: "AdaptiveStage", x: Tensor) -> None:
+    def __init__(self, stage: "AdaptiveStage", x: Tensor, *, fused: bool = False) -> None:
+        """``fused``: halting steps through :func:`sact.halting_fused.halting_unit` (the caller
+        checked :func:`sact.halting_fused.applies`)."""
         self.stage = stage
         self.x = stage.units[0](x)  # [B, C, H, W]
         self.out: Tensor | None = None
+        if fused:
+            self.halting_unit = self._halting_unit
+
+    def _halting_unit(self, n: int, state: HaltingState, eps: float) -> tuple[HaltingState, Tensor]:
+        branch = self.stage.halting[n] if n < self.stage.num_units - 1 else None
+        self.out, state, weight = halting_fused.halting_unit(branch, self.x, self.out, state, eps=eps)
+        return state, weight
 
     @property
     def features(self) -> Tensor:
@@ -220,7 +239,8 @@ class DenseExecutor(Executor):
     """The reference execution: every unit everywhere, halted positions masked."""
 
     def start(self, stage: "AdaptiveStage", x: Tensor) -> StageRun:
-        return DenseRun(stage, x)
+        # training on the CPU with SACT_FUSED_HALTING=1: the fused halting unit (sact.halting_fused)
+        return DenseRun(stage, x, fused=halting_fused.applies(stage, x))
 
 
 DENSE = DenseExecutor()
@@ -275,6 +295,7 @@ def run_stage(stage: "AdaptiveStage", x: Tensor, executor: StageExecutor | None 
     state = HaltingState.initial(feats.new_empty(shape))  # at least float32 (see HaltingState)
     dist = torch.zeros((num_u, *shape), dtype=state.cumsum.dtype, device=dev)
     fused = getattr(run, "fused_step", None)
+    fused_unit = getattr(run, "halting_unit", None)
     n_pos = state.cumsum.numel()
     where = Where()
     for n in range(num_u):
@@ -282,11 +303,14 @@ def run_stage(stage: "AdaptiveStage", x: Tensor, executor: StageExecutor | None 
             if per_step_flops:
                 flops = flops + units[n].flops(run.features, where.mask)
             run.unit(n, where)
-        proba = None  # the last unit always halts
-        if n < num_u - 1:
-            proba = run.halting(n, where)
-            if per_step_flops:
-                flops = flops + stage.halting[n].flops(run.features, where.mask)
+        if per_step_flops and n < num_u - 1:
+            flops = flops + stage.halting[n].flops(run.features, where.mask)
+        if fused_unit is not None:  # branch, step and accumulation as one differentiable op
+            state, dist[n] = fused_unit(n, state, stage.eps)
+            if n < num_u - 1:
+                where = _next_where(state, where, run.compact, feats.dtype, (b, 1, h, w))
+            continue
+        proba = None if n == num_u - 1 else run.halting(n, where)  # the last unit always halts
         if fused is not None:  # the same step, accumulation and next index set, in one native call
             idx = fused(n, state, proba, where, dist[n], stage.eps)
             where = Where(state, None if idx.numel() == n_pos else idx, dtype=feats.dtype, shape=(b, 1, h, w))
