@@ -1,4 +1,4 @@
-// Native CPU row kernels of the sact sparse engine (see sact/sparse/native.py).
+// Native CPU row kernels of the sact sparse engine (built by sact/native.py, wrapped by sact/sparse/native.py).
 //
 // The row layout is the one of sact/sparse/rows.py: a stage's features are the rows of a
 // contiguous (N + 1, C) matrix X, row p = (b*H + y)*W + x, the last row (index N) all zeros;
