@@ -9,7 +9,7 @@ import yaml
 
 import sact
 from sact.cli import build_parser, main
-from sact.commands.models import model_rows
+from sact.models import model_summaries
 from sact.commands.flags import DETECT_FLAGS, TRAIN_FLAGS
 from sact.detection.config import DETECT_DEFAULTS
 from sact.engine.config import TrainConfig
@@ -80,7 +80,7 @@ def test_the_model_kwargs_hint_works(capsys):
 
 @pytest.mark.parametrize("name", ["resnet20_cifar", "resnet18"])
 def test_models_table_equals_a_real_forward(name):
-    (row,) = model_rows(pattern=[name])
+    (row,) = model_summaries(pattern=[name])
     model = sact.create_model(name, mode="vanilla").eval()
     with torch.no_grad():
         flops = int(model(torch.zeros(1, model.in_chans, row[3], row[3])).flops.item())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 HELP = """\
 Convert a checkpoint of the reference TensorFlow code (github.com/mfigurnov/sact) into an
@@ -39,36 +38,11 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import logging
-    import os
+    from ..tools.convert_tf import convert_to_folder
 
-    from ..io.checkpoint import checkpoint_paths
-    from ..errors import InputError
-    from ..io.files import prepare_outputs
-
-    names = [p.name for p in checkpoint_paths(Path("model"))]
-    # before any work: no file in the way, no checkpoint replaced
-    with prepare_outputs(args.out, files=names, overwrite=args.overwrite, what="--out checkpoint"):
-        if args.num_classes is not None and args.num_classes < 1:
-            raise InputError(f"--num-classes must be >= 1, got {args.num_classes}")
-        # TensorFlow's C++ start-up lines (INFO and the oneDNN notice; converting reads values, it
-        # computes nothing with oneDNN). The arguments are checked before TensorFlow is imported.
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
-        logging.getLogger("tensorflow").setLevel(logging.CRITICAL)  # its Python log lines: failures are reported by sact
-        from ..tools.convert_tf import convert_tf_checkpoint
-
-        kwargs = {} if args.num_classes is None else {"num_classes": args.num_classes}
-        model = convert_tf_checkpoint(
-            args.checkpoint,
-            model=args.model,
-            mode=args.mode,
-            out=args.out,
-            tau=args.tau,
-            scope=args.scope,
-            fresh_halting=args.fresh_halting,
-            **kwargs,
-        )
+    model = convert_to_folder(args.checkpoint, model=args.model, mode=args.mode, out=args.out, tau=args.tau,
+                              scope=args.scope, num_classes=args.num_classes, fresh_halting=args.fresh_halting,
+                              overwrite=args.overwrite)
     src = model.checkpoint_meta["source"]
     n = sum(p.numel() for p in model.parameters())
     print(f"converted {src['prefix']} (scope {src['scope']!r}, {src['ignored_variables']} optimizer/EMA variables "

@@ -52,33 +52,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from .. import load_checkpoint
-    from ..io.checkpoint import CheckpointError
-    from ..engine.distributed import resolve_device
-    from ..errors import InputError, RunFailure
-    from ..io.files import check_output_folder, prepare_outputs
-    from ..tools.gallery import claim_out, previous_gallery, write_gallery_files
+    from ..errors import RunFailure
+    from ..tools.gallery import make_gallery
 
-    if args.max_side is not None and args.max_side < 1:
-        raise InputError(f"--max-side must be positive, got {args.max_side}")
-    if args.max_pixels is not None and args.max_pixels < 1:
-        raise InputError(f"--max-pixels must be positive, got {args.max_pixels}")
-    out = check_output_folder(args.out)  # before any work
-    if not args.overwrite and previous_gallery(out):
-        claim_out(out, overwrite=False)  # refuses, naming the gallery
-    device = resolve_device(args.device)
-    try:
-        model = load_checkpoint(args.checkpoint, map_location=device)
-    except CheckpointError as e:
-        raise CheckpointError(f"cannot load checkpoint {args.checkpoint}: {e}") from e
-    meta = getattr(model, "checkpoint_meta", {}) or {}
-    classes = meta.get("classes") if isinstance(meta.get("classes"), list) else None
-    with prepare_outputs(out, lock="ponder-map"):
-        claim_out(out, overwrite=args.overwrite)  # under the lock: no other run writes the gallery meanwhile
-        records, skipped, ignored = write_gallery_files(
-            args.paths, model, out, checkpoint=str(args.checkpoint), classes=classes, max_side=args.max_side,
-            upscale=not args.no_upscale, crop=args.crop, max_pixels=args.max_pixels, color_range=args.range)
-    print(f"{len(records)} image(s) written to {out} (index.html); {len(skipped)} skipped"
+    records, skipped, ignored = make_gallery(
+        args.paths, args.checkpoint, args.out, overwrite=args.overwrite, device=args.device, max_side=args.max_side,
+        upscale=not args.no_upscale, crop=args.crop, max_pixels=args.max_pixels, color_range=args.range)
+    print(f"{len(records)} image(s) written to {args.out} (index.html); {len(skipped)} skipped"
           + (f"; {ignored} folder entries without an image extension ignored" if ignored else ""), file=sys.stderr)
     if not records and not skipped:
         raise RunFailure("no images found in the given paths")

@@ -27,6 +27,7 @@ from .registry import _REGISTRY, check_model_args, list_models, register_model  
 from .resnet import BasicBlock, ResNet, load_torchvision_weights
 
 __all__ = [
+    "model_summaries",
     "AdaptiveResNet",
     "BasicBlock",
     "CifarResNet",
@@ -167,3 +168,21 @@ def vanilla_flops(model: nn.Module, size: tuple[int, int]) -> int | None:
             with torch.no_grad():
                 counts[key] = int(real(torch.zeros(1, real.in_chans, *key)).flops[0].item())
     return counts[key]
+
+
+def model_summaries(image_size: int | None = None, pattern: Sequence[str] | None = None) -> list[tuple[str, int, int, int]]:
+    """``(name, parameters, vanilla FLOPs of one image, input side)`` of the registered models
+    (those matching the shell patterns ``pattern``, :func:`list_models`; ``image_size`` default: 32 for
+    ``*_cifar``, else 224).
+
+    Nothing is computed: each model is built on PyTorch's ``meta`` device and its FLOPs
+    are counted by :func:`vanilla_flops` (``FlopCounterMode`` over a meta forward), which
+    equals a real forward's ``out.flops`` (tests/test_cli_help.py).
+    """
+    rows = []
+    for name in list_models(list(pattern) if pattern else None):
+        size = image_size or (32 if name.endswith("_cifar") else 224)
+        with torch.device("meta"):
+            model = create_model(name, mode="vanilla").eval()
+        rows.append((name, sum(p.numel() for p in model.parameters()), vanilla_flops(model, (size, size)), size))
+    return rows

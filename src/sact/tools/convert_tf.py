@@ -35,6 +35,7 @@ from ..models.cifar import CifarResNet
 from ..models.resnet_v2 import ResNetV2
 
 __all__ = [
+    "convert_to_folder",
     "TFCheckpointMismatch",
     "tf_name_map",
     "read_tf_checkpoint",
@@ -443,3 +444,29 @@ def convert_tf_checkpoint(
         Path(out).mkdir(parents=True, exist_ok=True)  # a folder: OUT/model.safetensors + OUT/model.json
         save_checkpoint(net, out, meta=meta)
     return net
+
+
+def convert_to_folder(checkpoint: str | Path, *, model: str, mode: str, out: str | Path, tau: float | None = None,
+                      scope: str | None = None, num_classes: int | None = None, fresh_halting: bool = False,
+                      overwrite: bool = False) -> nn.Module:
+    """``sact convert-tf``: :func:`convert_tf_checkpoint` into ``out/model.*``, after the checks (no file
+    in the way, no checkpoint replaced unless ``overwrite``, the arguments) and before TensorFlow is
+    imported; TensorFlow's start-up log lines are silenced (failures are reported by sact)."""
+    import logging
+    import os
+
+    from ..io.checkpoint import checkpoint_paths
+    from ..io.files import prepare_outputs
+
+    names = [p.name for p in checkpoint_paths(Path("model"))]
+    with prepare_outputs(out, files=names, overwrite=overwrite, what="--out checkpoint"):
+        if num_classes is not None and num_classes < 1:
+            raise InputError(f"--num-classes must be >= 1, got {num_classes}")
+        # TensorFlow's C++ start-up lines (INFO and the oneDNN notice; converting reads values, it
+        # computes nothing with oneDNN)
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+        logging.getLogger("tensorflow").setLevel(logging.CRITICAL)
+        kwargs = {} if num_classes is None else {"num_classes": num_classes}
+        return convert_tf_checkpoint(checkpoint, model=model, mode=mode, out=out, tau=tau, scope=scope,
+                                     fresh_halting=fresh_halting, **kwargs)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-__all__ = ["collect_inputs", "unique_names", "load_image", "write_gallery", "write_gallery_files", "previous_gallery",
+__all__ = ["make_gallery", "collect_inputs", "unique_names", "load_image", "write_gallery", "write_gallery_files", "previous_gallery",
            "claim_out"]
 
 
@@ -319,3 +319,38 @@ def write_gallery_files(paths: list[str], model, out: Path, *, checkpoint: str, 
     partial.unlink()
     write_gallery(out, records, skipped, checkpoint=checkpoint, color_range=color_range, shared=shared)
     return records, skipped, ignored
+
+
+def make_gallery(paths: list[str], checkpoint: str | Path, out: str | Path, *, overwrite: bool = False,
+                 device: str = "auto", max_side: int | None = None, upscale: bool = True, crop: bool = False,
+                 max_pixels: int | None = None, color_range: str = "shared") -> tuple[list[dict], list, int]:
+    """``sact ponder-map``: the gallery of the checkpoint's ponder maps of ``paths`` in ``out``
+    (:func:`write_gallery_files`), after the checks: ``out`` usable and holding no earlier gallery
+    unless ``overwrite`` (which removes that gallery's own files), under the folder's lock.
+
+    Returns:
+        ``(records, skipped, ignored)`` of :func:`write_gallery_files`.
+    """
+    from ..engine.distributed import resolve_device
+    from ..errors import InputError
+    from ..io.checkpoint import CheckpointError
+    from ..io.files import check_output_folder, prepare_outputs
+    from ..models.loading import load_checkpoint
+
+    if max_side is not None and max_side < 1:
+        raise InputError(f"--max-side must be positive, got {max_side}")
+    if max_pixels is not None and max_pixels < 1:
+        raise InputError(f"--max-pixels must be positive, got {max_pixels}")
+    out = check_output_folder(out)  # before any work
+    if not overwrite and previous_gallery(out):
+        claim_out(out, overwrite=False)  # refuses, naming the gallery
+    try:
+        model = load_checkpoint(checkpoint, map_location=resolve_device(device))
+    except CheckpointError as e:
+        raise CheckpointError(f"cannot load checkpoint {checkpoint}: {e}") from e
+    meta = getattr(model, "checkpoint_meta", {}) or {}
+    classes = meta.get("classes") if isinstance(meta.get("classes"), list) else None
+    with prepare_outputs(out, lock="ponder-map"):
+        claim_out(out, overwrite=overwrite)  # under the lock: no other run writes the gallery meanwhile
+        return write_gallery_files(paths, model, out, checkpoint=str(checkpoint), classes=classes, max_side=max_side,
+                                   upscale=upscale, crop=crop, max_pixels=max_pixels, color_range=color_range)

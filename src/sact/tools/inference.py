@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from ..errors import InputError
 
-__all__ = ["Prediction", "predict", "find_images", "checkpoint_class_names"]
+__all__ = ["Prediction", "predict", "predict_checkpoint", "format_table", "find_images", "checkpoint_class_names"]
 
 
 @dataclass(frozen=True)
@@ -225,3 +225,55 @@ def predict(
                                           input_size=(int(x.shape[-2]), int(x.shape[-1]))))
             bar.update(len(sources))
     return results
+
+
+def predict_checkpoint(checkpoint: str | Path, images: Sequence[str | Path], *, topk: int = 5, batch_size: int | None = None,
+                       max_pixels: int | None = None, device: str = "auto", sparse: bool = False,
+                       out: str | Path | None = None, overwrite: bool = False,
+                       progress: bool | None = None) -> list[Prediction]:
+    """``sact predict``: :func:`predict` with the checkpoint's model on the images of ``images``
+    (files, folders, globs: :func:`find_images`), through the sparse engine with ``sparse``;
+    with ``out``, the predictions as JSON Lines (one :meth:`Prediction.to_dict` per line),
+    refusing an existing file unless ``overwrite`` (checked before any work and again before writing).
+
+    Raises:
+        InputError: a non-positive ``topk`` / ``batch_size`` / ``max_pixels``, no image, an
+            unreadable checkpoint (:class:`~sact.io.checkpoint.CheckpointError`), ``out`` in the way.
+    """
+    from ..engine.distributed import resolve_device
+    from ..io.checkpoint import CheckpointError
+    from ..io.files import atomic_write_bytes, check_output_file, dumps_json
+    from ..models.loading import load_checkpoint
+
+    for flag, value in (("--topk", topk), ("--batch-size", batch_size), ("--max-pixels", max_pixels)):
+        if value is not None and value < 1:
+            raise InputError(f"{flag} must be positive, got {value}")
+    if out is not None:
+        check_output_file(out, overwrite=overwrite)  # before any work
+    files = find_images(images)
+    try:
+        model = load_checkpoint(checkpoint, map_location=resolve_device(device))
+    except CheckpointError as e:
+        raise CheckpointError(f"cannot load checkpoint {checkpoint}: {e}") from e
+    if sparse:
+        from ..sparse import to_sparse
+
+        model = to_sparse(model)
+    predictions = predict(model, files, topk=topk, batch_size=batch_size, max_pixels=max_pixels, progress=progress)
+    if out is not None:
+        check_output_file(out, overwrite=overwrite)  # still free after the work
+        atomic_write_bytes(out, "".join(dumps_json(p.to_dict()) + "\n" for p in predictions).encode())
+    return predictions
+
+
+def format_table(predictions: list) -> str:
+    """The terminal table: image, class, probability, MFLOPs, ponder cost; further classes on their own lines."""
+    rows = [("image", "class", "prob", "MFLOPs", "ponder")]
+    for p in predictions:
+        for rank, (index, name, prob) in enumerate(p.topk):
+            first = rank == 0
+            rows.append((str(p.image) if first else "", name if name is not None else str(index), f"{prob:.3f}",
+                         f"{p.flops / 1e6:.2f}" if first else "", f"{p.ponder_cost:.3f}" if first else ""))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    return "\n".join(f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]:>{widths[3]}}  "
+                     f"{r[4]:>{widths[4]}}".rstrip() for r in rows)
