@@ -5,7 +5,8 @@ One SGD step (forward, the reference loss ``CE + tau * ponder`` via
 side in one process and interleaved (vanilla, ACT, SACT, vanilla, ...) after warm-up;
 the per-round ratios ACT/vanilla and SACT/vanilla are reported as medians with their
 spread (interquartile range, min-max) over the rounds. ACT and SACT run with the fused
-halting unit (:mod:`sact.halting_fused`, off by default in training, turned on here) and, as
+halting unit (:mod:`sact.halting_fused`, turned on here; on its native kernels where they
+build, ``SACT_NATIVE=0`` for its torch ops) and, as
 ``act_ref`` / ``sact_ref`` in the same rounds, with the torch-op path, the default
 (``--no-reference`` leaves those out). ``--compile`` adds the same steps
 with the models under ``torch.compile``. Prints the environment and writes
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 
 import sact
-from sact import halting_fused
+from sact import halting_fused, native
 from sact.engine.train import compute_loss
 from sact.tools.bench.bench import environment
 
@@ -100,7 +101,8 @@ def markdown(rows: list[dict], env: dict, command: str) -> str:
              f"{env.get('loadavg_end', [float('nan')])[0]:.2f} at end", "",
              "One SGD step (forward + loss + backward + update); ratios are per-round (interleaved) medians, "
              "with the interquartile range and min-max over the rounds. ACT / SACT: the fused halting unit "
-             "(sact.halting_fused); ref: the torch-op halting path, timed in the same rounds.", "",
+             f"(sact.halting_fused, native kernels: {native.use_for(torch.zeros(1))}); ref: the torch-op "
+             "halting path, timed in the same rounds.", "",
              "| model | image | batch | layout | compile | ms vanilla / ACT / SACT (ref ACT / SACT) "
              "| ACT / vanilla (IQR; range) | SACT / vanilla (IQR; range) | ref ACT / vanilla | ref SACT / vanilla "
              "| load |",

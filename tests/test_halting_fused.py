@@ -4,11 +4,14 @@ The reference is the composition the dense run uses without it: ``branch(x)``, t
 ``act.halting_step``, then ``out + p^n * x``. Compared on the CIFAR (leaky-ReLU) and ImageNet
 (identity) branch layouts, ACT and SACT, NCHW and channels-last, with states where some
 positions halted before, some halt in this unit and some keep running; plus gradcheck in
-float64 for every input, and whole-model SGD steps.
+float64 for every input, and whole-model SGD steps. Both implementations of the fused unit
+are tested: the native kernels (csrc/halting_train.cpp, where they build) and its torch ops
+(``sact.native.set_enabled(False)``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -19,12 +22,14 @@ import torch
 from torch import nn
 
 import sact
+import sact.native
 from sact import halting_fused
 from sact.act import HaltingState, halting_step
 from sact.halting import ACTHalting, SACTHalting
 
 torch.set_num_threads(1)
 EPS = 0.01
+NATIVE = [False, pytest.param(True, marks=pytest.mark.skipif(not sact.native.available(), reason="no native build"))]
 
 LAYOUTS = {  # the models' branch settings: CIFAR (leaky ReLU 0.1, BN eps 1e-3), ImageNet (identity)
     "cifar": dict(norm_layer=partial(nn.BatchNorm2d, eps=1e-3), activation=nn.LeakyReLU(0.1)),
@@ -66,9 +71,19 @@ def reference_unit(branch, x, out, state, eps=EPS):
     return (wx * x if out is None else torch.addcmul(out, x, wx)), state, w
 
 
+@contextlib.contextmanager
+def native_kernels(flag: bool):
+    prev = sact.native.set_enabled(flag)
+    try:
+        yield
+    finally:
+        sact.native.set_enabled(prev)
+
+
 def run_both(mode, layout, *, b=4, c=6, hw=(5, 7), last=False, first=False, channels_last=False,
-             dtype=torch.float32):
-    """Values, input gradients, parameter gradients and BN buffers of both paths."""
+             dtype=torch.float32, native=False):
+    """Values, input gradients, parameter gradients and BN buffers of both paths (the fused one on
+    the native kernels or its torch ops)."""
     results = []
     for path in ("reference", "fused"):
         branch = None if last else make_branch(mode, layout, c, dtype=dtype)
@@ -85,12 +100,13 @@ def run_both(mode, layout, *, b=4, c=6, hw=(5, 7), last=False, first=False, chan
         for t in (state.cumsum, state.remainder, state.ponder_cost):
             t.requires_grad_(True)
         fn = reference_unit if path == "reference" else partial(halting_fused.halting_unit, eps=EPS)
-        new_out, new_state, w = fn(branch, x, out, state) if path == "fused" else fn(branch, x, out, state)
-        # a loss that reaches every output
-        gl = torch.Generator().manual_seed(3)
-        loss = sum((t * torch.randn(t.shape, generator=gl, dtype=t.dtype)).sum()
-                   for t in (new_out, new_state.cumsum, new_state.remainder, new_state.ponder_cost, w))
-        loss.backward()
+        with native_kernels(native):
+            new_out, new_state, w = fn(branch, x, out, state)
+            # a loss that reaches every output
+            gl = torch.Generator().manual_seed(3)
+            loss = sum((t * torch.randn(t.shape, generator=gl, dtype=t.dtype)).sum()
+                       for t in (new_out, new_state.cumsum, new_state.remainder, new_state.ponder_cost, w))
+            loss.backward()
         inputs = [x, out, state.cumsum, state.remainder, state.ponder_cost]
         results.append(dict(
             values=[new_out, new_state.cumsum, new_state.remainder, new_state.ponder_cost, w],
@@ -110,11 +126,12 @@ def assert_close_rel(a, b, rtol, what):
     torch.testing.assert_close(a, b, rtol=rtol, atol=rtol * max(scale, 1e-3), msg=lambda m: f"{what}: {m}")
 
 
+@pytest.mark.parametrize("native", NATIVE, ids=["torch_ops", "native"])
 @pytest.mark.parametrize("layout", ["cifar", "imagenet"])
 @pytest.mark.parametrize("mode", ["act", "sact"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_equal_to_torch_path(mode, layout, channels_last):
-    ref, fused = run_both(mode, layout, channels_last=channels_last)
+def test_equal_to_torch_path(mode, layout, channels_last, native):
+    ref, fused = run_both(mode, layout, channels_last=channels_last, native=native)
     # the state mixes positions halted before, halting in this unit and running
     before, now = ref["state_in"].finished, ref["new_state"].finished & ~ref["state_in"].finished
     assert before.any() and now.any() and (~ref["new_state"].finished).any()
@@ -125,22 +142,84 @@ def test_equal_to_torch_path(mode, layout, channels_last):
     for i, (a, b) in enumerate(zip(fused["grads"], ref["grads"])):
         assert_close_rel(a, b, 1e-5, f"gradient {i}")
     assert len(fused["buffers"]) == (3 if mode == "act" else 6)  # running mean/var, num_batches_tracked per BN
+    initial = list(make_branch(mode, layout, 6).buffers())
     for i, (a, b) in enumerate(zip(fused["buffers"], ref["buffers"])):
-        assert torch.equal(a, b), f"buffer {i}"  # the same BN kernel: the same running statistics
+        assert not torch.equal(b, initial[i]), f"buffer {i}"  # the step updates every running statistic
+        if native and a.is_floating_point():  # the native kernels' own batch statistics: equal up to rounding
+            assert_close_rel(a, b, 1e-6, f"buffer {i}")
+        else:
+            assert torch.equal(a, b), f"buffer {i}"  # the same BN kernel: the same running statistics
     if channels_last:
         assert fused["out"].is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("native", NATIVE, ids=["torch_ops", "native"])
 @pytest.mark.parametrize("mode", ["act", "sact"])
 @pytest.mark.parametrize("case", ["last", "first"])
-def test_first_unit_and_forced_halt_of_the_last(mode, case):
-    ref, fused = run_both(mode, "cifar", last=case == "last", first=case == "first")
+def test_first_unit_and_forced_halt_of_the_last(mode, case, native):
+    ref, fused = run_both(mode, "cifar", last=case == "last", first=case == "first", native=native)
     if case == "last":  # every position halts
         assert fused["new_state"].finished.all()
     for a, b in zip(fused["exact"], ref["exact"]):
         assert torch.equal(a, b)
     for i, (a, b) in enumerate(zip(fused["values"] + fused["grads"], ref["values"] + ref["grads"])):
         assert_close_rel(a, b, 1e-5, f"tensor {i}")
+
+
+@pytest.mark.skipif(not sact.native.available(), reason="no native build")
+@pytest.mark.parametrize("layout", ["cifar", "imagenet"])
+@pytest.mark.parametrize("mode", ["act", "sact"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("case", ["3x3", "1x1", "2x5_b2", "last_b1"])
+def test_native_float64_borders_and_batches(mode, layout, channels_last, case):
+    """float64 to ~1e-12: feature maps whose every position touches the zero padding (3x3, 1x1,
+    non-square 2x5), two images, and one image (the last unit: a branch needs 2 for its BN)."""
+    hw = {"3x3": (3, 3), "1x1": (1, 1), "2x5_b2": (2, 5), "last_b1": (3, 4)}[case]
+    b = {"2x5_b2": 2, "last_b1": 1}.get(case, 4)
+    ref, fused = run_both(mode, layout, b=b, hw=hw, last=case == "last_b1", channels_last=channels_last,
+                          dtype=torch.float64, native=True)
+    for a, r in zip(fused["exact"], ref["exact"]):
+        assert torch.equal(a, r)
+    for i, (a, r) in enumerate(zip(fused["values"] + fused["grads"] + fused["buffers"],
+                                   ref["values"] + ref["grads"] + ref["buffers"])):
+        assert_close_rel(a, r, 1e-12, f"tensor {i}")
+
+
+def test_native_path_taken_when_available(monkeypatch):
+    calls = []
+    real = halting_fused._native_ops
+    monkeypatch.setattr(halting_fused, "_native_ops", lambda: calls.append(1) or real())
+    for mode, last in (("sact", False), ("act", False), ("sact", True)):
+        run_both(mode, "cifar", last=last, native=False)
+        assert not calls  # sact.native.set_enabled(False): the fused unit's torch ops
+        if sact.native.available():
+            run_both(mode, "cifar", last=last, native=True)
+            assert len(calls) == 2  # forward and backward
+            calls.clear()
+    with native_kernels(True):  # what the native kernels do not cover takes the torch ops
+        branch = make_branch("sact", "cifar", 6)
+        x = torch.randn(4, 6, 5, 5)
+        state = make_state((4, 5, 5), torch.float32)
+        halting_fused.halting_unit(branch.eval(), x, None, state, eps=EPS)  # BN in eval mode
+        halting_fused.halting_unit(branch.train(), x.double(), None, state, eps=EPS)  # dtypes differ
+        halting_fused.halting_unit(branch, x.bfloat16(), None, state, eps=EPS)
+    assert not calls
+
+
+@pytest.mark.skipif(not sact.native.available(), reason="no native build")
+def test_native_reproducible_on_two_threads():
+    """The kernels' reductions are summed per image and then in image order (not in whatever order
+    threads finish): two runs on two threads are bitwise equal."""
+    runs = []
+    torch.set_num_threads(2)
+    try:
+        for _ in range(2):
+            runs.append(run_both("sact", "cifar", b=5, channels_last=True, native=True)[1])
+    finally:
+        torch.set_num_threads(1)
+    for a, b in zip(runs[0]["values"] + runs[0]["grads"] + runs[0]["buffers"],
+                    runs[1]["values"] + runs[1]["grads"] + runs[1]["buffers"]):
+        assert a is None and b is None or torch.equal(a, b)
 
 
 def test_eval_mode_uses_running_statistics():
@@ -171,10 +250,11 @@ class _Unit(nn.Module):
         return new_out, s.cumsum, s.remainder, s.ponder_cost, w
 
 
+@pytest.mark.parametrize("native", NATIVE, ids=["torch_ops", "native"])
 @pytest.mark.parametrize("mode,layout,last", [("sact", "cifar", False), ("sact", "imagenet", False),
                                               ("act", "cifar", False), ("act", "imagenet", False),
                                               ("sact", "cifar", True)])
-def test_gradcheck_every_input(mode, layout, last):
+def test_gradcheck_every_input(mode, layout, last, native):
     b, c, hw = 3, 3, (4, 5)
     branch = None if last else make_branch(mode, layout, c, dtype=torch.float64)
     shape = (b, *hw) if mode == "sact" else (b,)
@@ -193,10 +273,11 @@ def test_gradcheck_every_input(mode, layout, last):
         return torch.func.functional_call(unit, p, tuple(args[k] for k in inputs))
 
     tensors = [t.detach().clone().requires_grad_(True) for t in [*inputs.values(), *params.values()]]
-    assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-7, rtol=1e-5)
+    with native_kernels(native):
+        assert torch.autograd.gradcheck(fn, tensors, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-def sgd_step(mode: str, fused: bool, *, amp: bool = False, channels_last: bool = False):
+def sgd_step(mode: str, fused: bool, *, amp: bool = False, channels_last: bool = False, native: bool = True):
     torch.manual_seed(0)
     model = sact.create_model("resnet20_cifar", mode=mode, base_channels=4).train()
     x = torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(1))
@@ -204,25 +285,27 @@ def sgd_step(mode: str, fused: bool, *, amp: bool = False, channels_last: bool =
     if channels_last:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    with halting_fused.use(fused), torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-        assert all(halting_fused.applies(s, x[:, :1]) == fused for s in model.stages)
-        out = model(x)
-    loss = torch.nn.functional.cross_entropy(out.logits.float(), y) + 0.05 * out.ponder_cost.mean()
-    opt.zero_grad()
-    loss.backward()
+    with halting_fused.use(fused), native_kernels(native):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            assert all(halting_fused.applies(s, x[:, :1]) == fused for s in model.stages)
+            out = model(x)
+        loss = torch.nn.functional.cross_entropy(out.logits.float(), y) + 0.05 * out.ponder_cost.mean()
+        opt.zero_grad()
+        loss.backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters()}
     opt.step()
     return loss, out, grads, model.state_dict()
 
 
+@pytest.mark.parametrize("native", NATIVE, ids=["torch_ops", "native"])
 @pytest.mark.parametrize("mode", ["act", "sact"])
-def test_whole_model_sgd_step_equal(mode, monkeypatch):
+def test_whole_model_sgd_step_equal(mode, native, monkeypatch):
     calls = []
     real = halting_fused.halting_unit
     monkeypatch.setattr(halting_fused, "halting_unit", lambda *a, **k: calls.append(1) or real(*a, **k))
     loss0, out0, g0, sd0 = sgd_step(mode, False)
     assert not calls
-    loss1, out1, g1, sd1 = sgd_step(mode, True)
+    loss1, out1, g1, sd1 = sgd_step(mode, True, native=native)
     assert len(calls) == 9  # every unit of the 3 stages of 3 units
     torch.testing.assert_close(loss1, loss0, rtol=1e-6, atol=0)
     for s0, s1 in zip(out0.stages, out1.stages):

@@ -4,8 +4,8 @@ The fixture holds, for vanilla, ACT and SACT ResNet-32 on 4 CIFAR images, the re
 training-mode logits, the input gradient of the cross-entropy and every parameter gradient
 of ``CE + tau * sum_stages mean(ponder_cost)`` (its README says how it was made). Here the
 checkpoint is converted with :func:`sact.tools.convert_tf.convert_tf_checkpoint`, run in float64
-training mode (batch statistics), and both the torch-op path and the fused halting path
-(:mod:`sact.halting_fused`) must reproduce it.
+training mode (batch statistics), and the torch-op path and the fused halting path
+(:mod:`sact.halting_fused`), on its native kernels and on its torch ops, must reproduce it.
 
 Needs TensorFlow to read the checkpoints (skipped otherwise) and the fixture folder: found
 at ``$SACT_FIXTURES/tf_train_step`` or ``../shared/fixtures/tf_train_step`` next to the checkout.
@@ -36,6 +36,7 @@ from sact.tools.convert_tf import convert_tf_checkpoint, import_tensorflow  # no
 
 import_tensorflow()  # triton before TensorFlow (see import_tensorflow)
 
+import sact.native  # noqa: E402
 from sact import halting_fused  # noqa: E402
 
 
@@ -55,21 +56,31 @@ def reference(request):
     return mode, model, grads, np.load(FIXTURE / f"{mode}_step.npz")
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["torch", "fused"])
-def test_one_training_step_matches_reference(reference, fused):
+@pytest.mark.parametrize("path", ["torch", "fused", pytest.param("native", marks=pytest.mark.skipif(
+    not sact.native.available(), reason="no native build"))])
+def test_one_training_step_matches_reference(reference, path, monkeypatch):
     mode, model, grads, ref = reference
+    fused = path != "torch"
+    calls = []  # the native kernels' calls
+    real = halting_fused._native_ops
+    monkeypatch.setattr(halting_fused, "_native_ops", lambda: calls.append(1) or real())
     model.zero_grad(set_to_none=True)
     state = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.from_numpy(ref["input_nchw"]).double().requires_grad_(True)
     labels = torch.from_numpy(ref["labels"]).long()
-    with halting_fused.use(fused):
-        out = model(x)
-        if mode != "vanilla":  # the path under test is the one that ran
-            assert all(halting_fused.applies(stage, x) == fused for stage in model.stages)
-    ce = F.cross_entropy(out.logits, labels)
-    loss = ce if mode == "vanilla" else ce + float(ref["tau"]) * sum(s.ponder_cost.mean() for s in out.stages)
-    (dx,) = torch.autograd.grad(ce, x, retain_graph=True)
-    loss.backward()
+    prev = sact.native.set_enabled(path == "native")
+    try:
+        with halting_fused.use(fused):
+            out = model(x)
+            if mode != "vanilla":  # the path under test is the one that ran
+                assert all(halting_fused.applies(stage, x) == fused for stage in model.stages)
+        ce = F.cross_entropy(out.logits, labels)
+        loss = ce if mode == "vanilla" else ce + float(ref["tau"]) * sum(s.ponder_cost.mean() for s in out.stages)
+        (dx,) = torch.autograd.grad(ce, x, retain_graph=True)
+        loss.backward()
+    finally:
+        sact.native.set_enabled(prev)
+    assert bool(calls) == (path == "native" and mode != "vanilla")
     model.load_state_dict(state)  # the step updated the BN running statistics: undo for the next parametrisation
 
     logits = torch.from_numpy(ref["logits"])

@@ -16,7 +16,13 @@ convolutions), and the recurrence is ~20 tiny ops per unit, each with its autogr
 the local convolution is ``k*k`` shifted dot products, ``Y = W[K, C] @ A[C, HW]`` per image
 (one batched matmul) followed by the sum of the ``K`` shifted planes; the backward is written
 by hand (the transposed products, the batch-norm backward kernel, the recurrence's piecewise
-gradient). All of it is torch ops (CPU and other devices alike); no native kernel yet.
+gradient). On the CPU, where :mod:`sact.native` builds, :class:`_NativeHaltingUnit` runs the
+same function on the C++ kernels of ``csrc/halting_train.cpp`` (float32 / float64, NCHW or
+channels-last, 3x3 taps, BN in training mode; see :func:`_native`): one pass over ``x`` for the
+local BN's batch statistics, one per image for the taps, logits, step and accumulation, and
+three in the backward; the ``[B, C]`` global term stays torch ops. Its batch statistics are its
+own sums (equal to the torch kernel's up to rounding). ``sact.native.set_enabled(False)`` (or
+``SACT_NATIVE=0``) leaves the torch ops, which are also the path for other devices.
 
 Batch norm follows :class:`torch.nn.BatchNorm2d` exactly: batch statistics and the running
 statistics update (momentum, unbiased variance, ``num_batches_tracked``) in training mode, the
@@ -27,9 +33,9 @@ features' dtype.
 With ``SACT_FUSED_HALTING=1`` in the environment, or :func:`set_enabled` ``(True)``,
 :class:`sact.stage.DenseRun` uses it for training on the CPU when the stage's branches are the
 built-in :class:`~sact.halting.ACTHalting` / :class:`~sact.halting.SACTHalting` with plain
-``nn.BatchNorm2d`` (see :func:`applies`). It is off by default: measured, it is not faster than
-the torch-op path (the reference it is tested against) in the default channels-last training
-layout (docs/training.md, "Cost of a training step").
+``nn.BatchNorm2d`` (see :func:`applies`). It is off by default: measured, the native version is
+faster than the torch-op path (the reference it is tested against) in channels-last but not in
+NCHW on ResNet-50 (docs/training.md, "Cost of a training step").
 """
 
 from __future__ import annotations
@@ -42,12 +48,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import native
 from .act import HaltingState
 from .halting import ACTHalting, SACTHalting, full_precision
 
 __all__ = ["enabled", "set_enabled", "use", "applies", "halting_unit", "step_forward", "step_backward"]
 
-# off by default: measured no faster than the torch-op path in the default (channels-last) layout
+# off by default: the native version measured faster than the torch-op path in channels-last only
 # (docs/training.md, "Cost of a training step"); SACT_FUSED_HALTING=1 turns it on
 _state = {"enabled": os.environ.get("SACT_FUSED_HALTING", "0") == "1"}
 
@@ -272,9 +279,9 @@ def _taps_backward(w9: Tensor, a: Tensor, dy: Tensor) -> tuple[Tensor, Tensor]:
     return da, torch.bmm(dyf, af.transpose(1, 2)).sum(0)
 
 
-def _global_forward(spec: _Spec, x: Tensor, gw, gb) -> tuple[Tensor, tuple]:
-    """``act(BN_g(mean_hw(x)))`` ``[B, C]`` (the raw features, not the local BN's) and what the backward needs."""
-    g = x.mean((2, 3))  # [B, C]
+def _global_forward(spec: _Spec, g: Tensor, gw, gb) -> tuple[Tensor, tuple]:
+    """``act(BN_g(g))`` ``[B, C]`` of the pooled features ``g = mean_hw(x)`` ``[B, C]`` (the raw features,
+    not the local BN's) and what the backward needs."""
     ga, gm, gi = bn_forward(spec.global_bn, g, gw, gb)
     ga = _act(ga, spec.global_slope)
     return ga, (g, ga, gm, gi)
@@ -295,7 +302,7 @@ def _sact_logits_forward(spec: _Spec, x: Tensor, lw, lb, lcw, lcb, gw, gb, gcw):
     pre, lm, li = bn_forward(spec.local_bn, x, lw, lb)
     a = _act(pre, spec.local_slope)  # [B, C, H, W]
     local = shift_sum(_taps(w9, a), k) + lcb  # [B, H, W]
-    ga, gsaved = _global_forward(spec, x, gw, gb)
+    ga, gsaved = _global_forward(spec, x.mean((2, 3)), gw, gb)
     z = local + (ga @ gcw.reshape(-1))[:, None, None]  # [B, H, W]
     return z, (a, lm, li, gsaved)
 
@@ -315,7 +322,7 @@ def _sact_logits_backward(spec: _Spec, dz: Tensor, x: Tensor, saved, lw, lcw, gw
 
 def _act_logits_forward(spec: _Spec, x: Tensor, gw, gb, gcw, gcb):
     """ACT halting logits ``[B]`` of ``x`` ``[B, C, H, W]`` and what the backward needs."""
-    ga, gsaved = _global_forward(spec, x, gw, gb)
+    ga, gsaved = _global_forward(spec, x.mean((2, 3)), gw, gb)
     return ga @ gcw.reshape(-1) + gcb, gsaved
 
 
@@ -388,6 +395,86 @@ def _format(x: Tensor) -> torch.memory_format:
     return torch.channels_last if _channels_last(x) else torch.contiguous_format
 
 
+def _native_ops():
+    """The native kernels' ops, ``torch.ops.sact_native`` (a function: tests observe the calls)."""
+    return torch.ops.sact_native
+
+
+def _native(branch: nn.Module | None, x: Tensor, state: HaltingState) -> bool:
+    """Whether :class:`_NativeHaltingUnit` runs the unit: the native kernels built and enabled
+    (:mod:`sact.native`), the features, the state and the branch in one dtype (float32 / float64;
+    autocast's bfloat16 features take the torch ops), the branch's BNs in training mode, 3x3 taps."""
+    if x.dtype not in (torch.float32, torch.float64) or state.cumsum.dtype != x.dtype or not native.use_for(x):
+        return False
+    if branch is None:
+        return True
+    conv = getattr(branch, "local_conv", None)
+    return (all(p.dtype == x.dtype for p in branch.parameters()) and (conv is None or conv.kernel_size == (3, 3))
+            and all(m.training for m in branch.modules() if isinstance(m, nn.BatchNorm2d)))
+
+
+def _slope_value(slope: float | None) -> float:
+    return 1.0 if slope is None else slope  # the kernels' activation: z > 0 ? z : slope * z
+
+
+class _NativeHaltingUnit(torch.autograd.Function):
+    """:class:`_HaltingUnit` on the native kernels of ``csrc/halting_train.cpp``: the local BN's statistics
+    in one pass over ``x``, then per image the tap planes, logits, halting step and accumulation; the
+    backward in three passes (the step's backward; the BN and tap reductions; ``dx``). The global term
+    (``[B, C]``) stays torch ops."""
+
+    @staticmethod
+    def forward(ctx, spec: _Spec, x, out, cumsum, remainder, ponder, finished, num_units,
+                lw, lb, lcw, lcb, gw, gb, gcw, gcb):
+        ops = _native_ops()
+        fmt = _format(x)
+        x = x.contiguous(memory_format=fmt)
+        e = x.new_empty(0)  # an absent tensor
+        scale = shift = mean = invstd = w9 = glob = e
+        ctx.gsaved = None
+        if spec.branch:
+            if spec.spatial:
+                bn = spec.local_bn
+                if bn.num_batches_tracked is not None:
+                    bn.num_batches_tracked.add_(1)
+                scale, shift, mean, invstd, pooled = ops.halting_train_stats(
+                    x, lw, lb, bn.running_mean, bn.running_var, bn.momentum, bn.eps)
+                w9 = lcw.reshape(x.shape[1], -1).t().contiguous()  # [K, C], tap t = ky * k + kx
+            else:
+                pooled = ops.halting_train_stats(x, e, e, e, e, 0.0, 0.0)[4]  # [B, C]
+            ga, ctx.gsaved = _global_forward(spec, pooled, gw, gb)
+            glob = ga @ gcw.reshape(-1) + (lcb if spec.spatial else gcb)  # [B]
+        new_out, cumsum, remainder, ponder, cur, num_units, weight, h = ops.halting_train_forward(
+            x, e if out is None else out.contiguous(memory_format=fmt), scale, shift,
+            _slope_value(spec.local_slope), w9, glob, cumsum, remainder, ponder, finished, num_units, spec.eps)
+        ctx.spec, ctx.first, ctx.lcw_shape = spec, out is None, None if lcw is None else lcw.shape
+        ctx.save_for_backward(x, h, cur, finished, weight, scale, shift, mean, invstd, w9, gw, gcw)
+        ctx.mark_non_differentiable(cur, num_units)
+        return new_out, cumsum, remainder, ponder, cur, num_units, weight
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_out, g_cumsum, g_rem, g_ponder, _g_finished, _g_num_units, g_weight):
+        spec = ctx.spec
+        x, h, cur, finished, weight, scale, shift, mean, invstd, w9, gw, gcw = ctx.saved_tensors
+        ops = _native_ops()
+        e = x.new_empty(0)
+        go = e if g_out is None else g_out.contiguous(memory_format=_format(x))
+        g_logit, drem, dz_img = ops.halting_train_backward_step(
+            go, x, *[e if t is None else t for t in (g_weight, g_cumsum, g_rem, g_ponder)], h, cur, finished)
+        grads = [None] * 8  # lw, lb, lcw, lcb, gw, gb, gcw, gcb
+        dpool = e
+        if spec.branch:
+            dpool, dgw, dgb, dgcw = _global_backward(spec, dz_img, ctx.gsaved, gw, gcw)
+            grads[4:7] = dgw, dgb, dgcw
+            grads[3 if spec.spatial else 7] = dz_img.sum().reshape(1)  # the bias
+        dx, dlw, dlb, dw9 = ops.halting_train_backward_x(go, x, weight, g_logit, scale, shift,
+                                                         _slope_value(spec.local_slope), w9, mean, invstd, dpool)
+        if spec.branch and spec.spatial:
+            grads[:3] = dlw, dlb, dw9.t().reshape(ctx.lcw_shape)
+        return (None, dx, None if ctx.first else g_out, g_cumsum, drem, g_ponder, None, None, *grads)
+
+
 def halting_unit(branch: nn.Module | None, x: Tensor, out: Tensor | None, state: HaltingState, *,
                  eps: float) -> tuple[Tensor, HaltingState, Tensor]:
     """One unit's halting branch, halting step and accumulation, as one differentiable op.
@@ -418,7 +505,8 @@ def halting_unit(branch: nn.Module | None, x: Tensor, out: Tensor | None, state:
         else:
             params = [None] * 4 + gp + [branch.global_conv.bias]
     no_autocast, _ = full_precision(x, x)  # dtypes are chosen inside (see _HaltingUnit.forward)
+    fn = _NativeHaltingUnit if _native(branch, x, state) else _HaltingUnit
     with no_autocast:
-        new_out, cumsum, remainder, ponder, finished, num_units, weight = _HaltingUnit.apply(
+        new_out, cumsum, remainder, ponder, finished, num_units, weight = fn.apply(
             spec, x, out, state.cumsum, state.remainder, state.ponder_cost, state.finished, state.num_units, *params)
     return new_out, HaltingState(cumsum, finished, remainder, ponder, num_units), weight

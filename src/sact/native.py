@@ -32,7 +32,8 @@ from torch import Tensor
 __all__ = ["available", "enabled", "set_enabled", "build", "use_for", "load_error"]
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
-_SOURCES = (_CSRC / "rows.cpp", _CSRC / "basic_stage.cpp")  # one extension: row kernels, CIFAR stages
+# one extension: row kernels, CIFAR stages, the fused halting unit of training
+_SOURCES = (_CSRC / "rows.cpp", _CSRC / "basic_stage.cpp", _CSRC / "halting_train.cpp")
 _DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 _lock = threading.Lock()
 _state: dict = {"loaded": False, "error": None, "tried": False, "enabled": os.environ.get("SACT_NATIVE", "1") != "0"}
