@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import ast
+import copy
+import importlib.util
 import json
+import math
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -26,12 +31,16 @@ from sact.tools.bench.bench import (
     BenchOptions,
     Workload,
     efficiency,
+    markdown,
+    raise_failed_checks,
     ratio_summary,
     run_benchmark,
     select_workloads,
     spread,
     time_rounds,
 )
+from sact.errors import RunFailure
+from sact.tools.bench.runtimes import gflops_per_second, max_rel_diff, openvino_units, resolve_runtimes
 from sact.tools.bench.profile import StageProfiler, profile_sparse, summarize
 from sact.tools.bench.workloads import WorkloadError, calibrate_radius, load_trained, object_inputs, object_model
 
@@ -208,6 +217,141 @@ def test_trained_rows_use_the_checkpoints_own_test_canvases(tmp_path):
         load_trained(_tiny_checkpoint(tmp_path, mode="vanilla"), num_images=1)
     with pytest.raises(WorkloadError, match="cannot load"):
         load_trained(tmp_path / "missing.safetensors", num_images=1)
+
+
+# ---- against the runtimes ------------------------------------------------------------
+
+
+def test_runtime_arithmetic_on_known_numbers():
+    assert gflops_per_second(4e9, 2, 0.5) == pytest.approx(16.0)  # 8 GFLOP in half a second
+    with pytest.raises(ValueError):
+        gflops_per_second(1.0, 1, 0.0)
+    ref = np.array([[1.0, -4.0], [2.0, 0.5]])
+    assert max_rel_diff(ref, ref) == 0.0
+    assert max_rel_diff(ref + np.array([[0.0, 0.02], [0.0, 0.0]]), ref) == pytest.approx(0.005)  # 0.02 / 4
+    assert max_rel_diff(ref[:1], ref) == math.inf and max_rel_diff(ref * np.nan, ref) == math.inf
+    # E against the best runtime: sparse 6 ms and 9 ms against 10 ms, at F = 0.5
+    r = ratio_summary([0.006, 0.009], [0.010, 0.010], 0.5)
+    assert r["ratio"]["median"] == pytest.approx(0.75) and r["e"]["median"] == pytest.approx(0.5)
+    assert r["e"]["range"] == pytest.approx([0.2, 0.8])
+
+
+def test_openvino_layers_are_summed_per_unit():
+    layers = [{"layer": "node_Conv_1", "type": "Convolution", "exec": "brgconv_f32", "ms": 1.0},
+              {"layer": "images_abcd_acdb_node_Conv_1", "type": "Reorder", "exec": "jit", "ms": 0.5},
+              {"layer": "node_Conv_2", "type": "Convolution", "exec": "jit_1x1", "ms": 2.0},
+              {"layer": "node_add_7", "type": "Add", "exec": "jit", "ms": 0.25},
+              {"layer": "Multiply_5", "type": "Multiply", "exec": "jit", "ms": 0.125}]
+    units = {"node_Conv_1": "stem/head", "node_Conv_2": "1.0", "node_add_7": "1.0"}
+    assert openvino_units(layers, units) == {"stem/head": {"ms": 1.5, "exec": ["brgconv_f32"]},
+                                             "1.0": {"ms": 2.25, "exec": ["jit_1x1"]},
+                                             "other": {"ms": 0.125, "exec": []}}
+
+
+def test_runtimes_are_resolved_and_a_missing_one_is_skipped_with_a_line(monkeypatch, tmp_path, capsys):
+    import importlib.util
+
+    from sact.tools.bench import bench as bench_module
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
+    found, skipped = resolve_runtimes(["auto"])
+    assert "openvino" not in found and len(skipped) == 1
+    assert skipped[0].startswith("openvino is not installed") and "pip install -e '.[bench]'" in skipped[0]
+    assert resolve_runtimes(["none"]) == ([], [])
+    for bad in (["bogus"], ["auto", "openvino"], ["none", "onnxruntime"]):
+        with pytest.raises(ValueError):
+            resolve_runtimes(bad)
+    args = build_parser().parse_args(["bench", "--out", str(tmp_path), "--runtimes", "bogus"])
+    assert run_cli(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("sact bench: --runtimes: unknown runtime")
+
+    # through the command: the skip is one warning line, and the run goes on without that runtime
+    seen = {}
+
+    def fake_run(workloads, *, options, trained=None):
+        seen["runtimes"] = options.runtimes
+        return {"rows": []}
+
+    monkeypatch.setattr(bench_module, "run_benchmark", fake_run)
+    monkeypatch.setattr(bench_module, "markdown", lambda doc: "")
+    args = build_parser().parse_args(["bench", "--out", str(tmp_path), "--runtimes", "openvino", "--models",
+                                      "resnet32_cifar", "--no-progress"])
+    assert run_cli(args) == 0
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if "openvino" in ln]
+    assert len(lines) == 1 and lines[0].startswith("sact bench: warning: openvino is not installed")
+    assert seen["runtimes"] == ()
+
+
+def _runtime_run(tmp_path, monkeypatch, runtimes, *, targets=(None,), profile=False, corrupt=False):
+    """One group (tiny resnet20, batch 1) against ``runtimes``; returns the document and the export's path."""
+    from sact.tools.bench import bench as bench_module
+    from sact.tools.bench import runtimes as runtimes_module
+
+    monkeypatch.setattr(runtimes_module, "WARMUP_SECONDS", 0.0)  # the warm-up by time has its own test
+
+    exported = []
+    real_export = bench_module.export_plain
+
+    def export(model, folder, example):
+        if corrupt:  # a wrong export: other weights than PyTorch runs
+            model = copy.deepcopy(model)
+            with torch.no_grad():
+                model.fc.weight.mul_(1.5)
+        exported.append(real_export(model, folder, example))
+        return exported[-1]
+
+    monkeypatch.setattr(bench_module, "export_plain", export)
+    wls = [Workload("resnet20_cifar", 32, 1, t, TINY) for t in targets]
+    doc = run_benchmark(wls, options=BenchOptions(reps=2, warmup=1, threads=1, out=tmp_path / "r", progress=False,
+                                                  runtimes=runtimes, profile=profile))
+    return doc, exported[0]
+
+
+@pytest.mark.skipif(not all(importlib.util.find_spec(r) for r in ("onnxruntime", "openvino", "onnx")),
+                    reason="needs onnxruntime, openvino and onnx (pip install -e '.[bench]')")
+def test_runtime_rows_time_each_contender_in_its_own_process(tmp_path, monkeypatch):
+    doc, onnx_file = _runtime_run(tmp_path, monkeypatch, ("onnxruntime", "openvino"), targets=(None, 0.5),
+                                  profile=True)
+    assert not onnx_file.exists()  # the export's temporary folder is gone
+    (g,) = doc["runtime_rows"]
+    assert set(doc["env"]["runtimes"]) == {"onnxruntime", "openvino"}
+    c = g["contenders"]
+    assert set(c) == {"torch", "sparse none", "sparse object 0.50", "onnxruntime", "openvino"}
+    pids = [v["pid"] for v in c.values()]
+    assert len(set(pids)) == len(pids) and os.getpid() not in pids and g["bench_pid"] == os.getpid()
+    for name, v in c.items():
+        assert len(v["rounds_ms"]) == 2 and min(v["rounds_ms"]) > 0 and 3 <= v["calls"] <= 30
+        sparse_flops = {"sparse none": doc["rows"][0]["flops"]["sparse"],
+                        "sparse object 0.50": doc["rows"][1]["flops"]["sparse"]}
+        flops = sparse_flops[name] if v["kind"] == "sparse" else g["flops_plain"]
+        assert v["gflops"] == pytest.approx(flops * 1 / (v["ms"]["median"] / 1e3) / 1e9)
+    assert g["best"] == min(("torch", "onnxruntime", "openvino"), key=lambda n: c[n]["ms"]["median"])
+    assert all(k["ok"] and k["max_rel_diff"] < 1e-4 for k in g["output_checks"].values())
+    none, obj = g["sparse"]
+    assert obj["vs_best"]["rounds"] == pytest.approx(
+        [s / b for s, b in zip(c["sparse object 0.50"]["rounds_ms"], c[g["best"]]["rounds_ms"])])
+    assert obj["vs_best"]["e"]["median"] == pytest.approx(
+        (1 - obj["vs_best"]["ratio"]["median"]) / (1 - obj["flop_ratio"]))
+    # OpenVINO's layers per unit beside the engine's: every unit of the 3 stages x 3 units
+    units = {u["unit"]: u for u in g["units"]}
+    for s in range(1, 4):
+        for n in range(3):
+            assert units[f"{s}.{n}"]["openvino_ms"] > 0, (s, n)
+    md = markdown(doc)
+    assert "Against the runtimes" in md and any(f"vs {n} |" in md for n in ("PyTorch", "ORT", "OpenVINO"))
+    assert "| resnet20_cifar | 32 | 1 | object 0.50 |" in md and "Per unit: the engine against OpenVINO" in md
+
+
+@pytest.mark.skipif(importlib.util.find_spec("onnxruntime") is None, reason="needs onnxruntime")
+def test_a_wrong_export_fails_the_output_check_loudly(tmp_path, monkeypatch):
+    doc, _ = _runtime_run(tmp_path, monkeypatch, ("onnxruntime",), corrupt=True)
+    check = doc["runtime_rows"][0]["output_checks"]["onnxruntime"]
+    assert not check["ok"] and check["max_rel_diff"] > 1e-2
+    assert "**DIFFER**" in markdown(doc)
+    with pytest.raises(RunFailure, match="outputs differ from PyTorch's"):
+        raise_failed_checks(doc)
 
 
 # ---- profile ----------------------------------------------------------------------------
@@ -433,3 +577,37 @@ def test_old_paths_alias_the_moved_names_and_errors_have_the_cli_exit_code():
         assert moved and all(getattr(old, n) is getattr(new, n) for n in moved), name
     for error in (BenchError, WorkloadError):
         assert issubclass(error, InputError) and exit_code(error("x")) == 2
+
+
+def test_workers_warm_up_in_untimed_rounds_until_the_warm_up_time_has_passed(monkeypatch):
+    """A fresh worker runs slower for seconds (its heap still growing): untimed interleaved rounds
+    continue until WARMUP_SECONDS have passed, and at least ``warmup`` of them, before the timed ones."""
+    import time as time_module
+
+    from sact.tools.bench import runtimes as runtimes_module
+
+    class Fake:
+        def __init__(self, name):
+            self.contender = type("C", (), {"name": name})()
+            self.seconds, self.layers, self.asked = [], None, 0
+
+        def ask(self, *msg):
+            self.asked += 1
+            time_module.sleep(0.01)
+            return 0.01
+
+    fakes = [Fake("a"), Fake("b")]
+    monkeypatch.setattr(runtimes_module, "_start", lambda contenders, threads, warmup: fakes)
+    monkeypatch.setattr(runtimes_module, "_stop", lambda workers: None)
+    monkeypatch.setattr(runtimes_module, "WARMUP_SECONDS", 0.3)
+    t0 = time_module.perf_counter()
+    workers = runtimes_module.time_workers([None, None], threads=1, rounds=3, warmup=2)
+    assert time_module.perf_counter() - t0 >= 0.3
+    untimed = [w.asked - len(w.seconds) for w in workers]
+    assert [len(w.seconds) for w in workers] == [3, 3]
+    assert untimed[0] == untimed[1] >= 0.3 / 0.02 - 2  # rounds of two 10 ms calls for 0.3 s
+    monkeypatch.setattr(runtimes_module, "WARMUP_SECONDS", 0.0)
+    for w in fakes:
+        w.seconds, w.asked = [], 0
+    runtimes_module.time_workers([None, None], threads=1, rounds=3, warmup=2)
+    assert [w.asked - len(w.seconds) for w in fakes] == [2, 2]  # at least `warmup` rounds

@@ -1,4 +1,5 @@
-"""``sact bench``: time the sparse engine against the vanilla and dense SACT models on this machine.
+"""``sact bench``: time the sparse engine against the vanilla and dense SACT models, and against the plain
+network in ONNX Runtime and OpenVINO, on this machine.
 
 This module parses the flags into :class:`sact.tools.bench.BenchSettings` and calls
 :func:`sact.tools.bench.run_bench` (the harness, also ``python -m sact.tools.bench``);
@@ -14,7 +15,8 @@ from typing import Sequence
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="time the sparse engine against the vanilla and dense models (-> ./sact_bench)",
                        description="Time the sparse engine (sact.to_sparse) against the vanilla network (NCHW and "
-                       "channels-last) and the dense SACT model, interleaved, with medians and spread over rounds; "
+                       "channels-last) and the dense SACT model, interleaved, with medians and spread over rounds, then against "
+                       "the plain network in ONNX Runtime and OpenVINO, each contender in its own process (--runtimes); "
                        "results in OUT/sparse_speed[_TAG].{json,md}.")
     add_arguments(p)
     p.set_defaults(func=run)
@@ -44,6 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--break-even", action="store_true",
                    help="instead of the rows: the active fraction where each unit kernel's sparse path stops "
                         "beating its dense path (at --threads, wall clock; files break_even[_TAG])")
+    p.add_argument("--runtimes", nargs="+", default=["auto"], metavar="NAME",
+                   help="time the plain network (same weights, exported to ONNX) in these runtimes beside PyTorch and "
+                        "the engine, each contender in its own process: auto (default: those installed), none, "
+                        "onnxruntime, openvino (install them with pip install -e '.[bench]')")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic inputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or per-row lines")
 
@@ -75,7 +81,7 @@ def run(args: argparse.Namespace, *, prog: str = "sact bench") -> int:
         quick=args.quick, models=args.models, batch=args.batch, threads=args.threads, reps=args.reps,
         warmup=args.warmup, checkpoint=args.checkpoint, data_dir=args.data_dir, out=args.out, tag=args.tag,
         overwrite=args.overwrite, profile=args.profile, break_even=args.break_even, seed=args.seed,
-        progress=not args.no_progress, command=_command_line(args, prog)))
+        progress=not args.no_progress, command=_command_line(args, prog), runtimes=args.runtimes))
     return 0
 
 

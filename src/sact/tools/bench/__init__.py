@@ -7,6 +7,8 @@
 * :mod:`~sact.tools.bench.profile`: where the engine's time goes, per stage and unit.
 * :mod:`~sact.tools.bench.break_even`: the active fraction where a row kernel's sparse path
   stops beating its dense path.
+* :mod:`~sact.tools.bench.runtimes`: the plain network in ONNX Runtime and OpenVINO beside
+  PyTorch and the engine, each contender in its own worker process.
 
 See ``docs/sparse.md``.
 """

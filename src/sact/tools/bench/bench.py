@@ -25,6 +25,13 @@ halting at target FLOP ratios plus "nothing halts" (:mod:`sact.tools.bench.workl
 trained checkpoint on real Cluttered Fashion-MNIST test canvases (``--checkpoint``).
 ``--profile`` adds where the engine's time goes (:mod:`sact.tools.bench.profile`).
 
+**Against the runtimes** (``--runtimes``, default ``auto``: those installed): after the rows
+of one model, image side and batch size, the plain network (same weights) exported to ONNX
+runs in ONNX Runtime and OpenVINO beside PyTorch eager and the engine at each of the group's
+halting levels, every contender in its own worker process, rounds interleaved
+(:mod:`sact.tools.bench.runtimes`); with ``--profile`` also OpenVINO's per-layer times per
+residual unit beside the engine's.
+
 Results: ``OUT/sparse_speed[_TAG].json`` and ``.md`` (``OUT`` = ``./sact_bench`` unless
 ``--out``), rewritten atomically after every row; an existing result is never replaced
 unless ``--overwrite``. Run ``sact bench`` (:mod:`sact.commands.bench` parses its flags into
@@ -35,6 +42,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import itertools
 import math
 import os
 import platform
@@ -56,6 +64,19 @@ from ...errors import InputError, RunFailure, SactError
 from ...sparse import native
 from ...sparse.model import to_sparse
 from .profile import profile_markdown, profile_sparse, summarize
+from .runtimes import (
+    OUTPUT_RTOL,
+    Contender,
+    export_plain,
+    gflops_per_second,
+    max_rel_diff,
+    onnx_units,
+    openvino_units,
+    resolve_runtimes,
+    runtime_versions,
+    temporary_folder,
+    time_workers,
+)
 from .workloads import (
     TrainedModel,
     calibrate_radius,
@@ -68,7 +89,7 @@ from .workloads import (
 
 __all__ = ["Workload", "BenchOptions", "BenchSettings", "BenchError", "FULL_GRID", "QUICK_GRID", "TRAINED",
            "select_workloads", "run_bench", "run_benchmark", "run_break_even", "spread", "efficiency", "ratio_summary",
-           "time_rounds", "markdown", "environment"]
+           "time_rounds", "markdown", "environment", "measure_runtimes", "raise_failed_checks"]
 
 IMAGENET_MODELS = ("resnet50", "resnet101", "resnet50_v2", "resnet101_v2")
 CIFAR_MODELS = ("resnet32_cifar", "resnet110_cifar")
@@ -135,6 +156,8 @@ class BenchOptions:
         seed: seed of the synthetic inputs.
         progress: a tqdm progress bar on stderr.
         command: the command line, recorded in the results.
+        runtimes: runtimes to time the plain network in, per group of rows, each contender
+            in its own process (:func:`measure_runtimes`); empty: none.
     """
 
     reps: int = 10
@@ -147,6 +170,7 @@ class BenchOptions:
     seed: int = 0
     progress: bool = True
     command: str = ""
+    runtimes: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.reps, int) or self.reps < 1:
@@ -189,6 +213,8 @@ class BenchSettings:
         seed: seed of the synthetic inputs.
         progress: a progress bar and one line per row on stderr.
         command: the command line, recorded in the results.
+        runtimes: ``["auto"]`` (the installed ones of ONNX Runtime and OpenVINO), ``["none"]``,
+            or names (``onnxruntime``, ``openvino``); a missing one is skipped with a warning.
     """
 
     quick: bool = False
@@ -207,8 +233,13 @@ class BenchSettings:
     seed: int = 0
     progress: bool = True
     command: str = ""
+    runtimes: Sequence[str] = ("auto",)
 
     def __post_init__(self) -> None:
+        try:
+            resolve_runtimes(self.runtimes)
+        except ValueError as e:
+            raise BenchError(f"--runtimes: {e}") from e
         if self.batch is not None and min(self.batch) < 1:
             raise BenchError(f"--batch sizes must be positive, got {self.batch}")
         for flag, value, low in (("--reps", self.reps, 1), ("--warmup", self.warmup, 0),
@@ -228,7 +259,7 @@ class BenchSettings:
         stem = base + (f"_{self.tag}" if self.tag else ("_quick" if self.quick else ""))
         return BenchOptions(reps=reps, warmup=warmup, threads=self.threads, out=Path(self.out), stem=stem,
                             overwrite=self.overwrite, profile=self.profile, seed=self.seed, progress=self.progress,
-                            command=self.command)
+                            command=self.command, runtimes=tuple(resolve_runtimes(self.runtimes)[0]))
 
 
 # ---------------------------------------------------------------------------------------
@@ -456,6 +487,104 @@ def measure_row(wl: Workload, v: _Variants, x: Tensor, *, options: BenchOptions)
     return row
 
 
+def _label(row: dict) -> str:
+    """``none``, ``object 0.45`` or ``learned``: a row's halting, as a contender's name."""
+    return f"object {row['flop_target']:.2f}" if row["halting"] == "object" else row["halting"]
+
+
+def _stage_names(model: nn.Module) -> list[str]:
+    names = {id(m): n for n, m in model.named_modules()}
+    return [names[id(st)] for st in model.stages]
+
+
+def measure_runtimes(group: Sequence[tuple[_Variants, Tensor, dict]], onnx_path: Path, *,
+                     options: BenchOptions) -> dict:
+    """Time the plain network in PyTorch and the runtimes beside the engine, each in its own process.
+
+    Args:
+        group: the rows of one model, image side and batch size: ``(variants, input, row)``
+            as measured by :func:`measure_row` (the same vanilla network in all).
+        onnx_path: that vanilla network exported to ONNX.
+        options: rounds, warm-up, threads, runtimes, profile.
+
+    Returns:
+        ``{"model", "image", "batch", "contenders": {name: {"kind", "pid", "calls", "ms",
+        "rounds_ms", "gflops"}}, "best", "output_checks", "flops_plain", "sparse": [{"name",
+        "halting", "flop_target", "flop_ratio", "vs_best"}], "units", "bench_pid", "loadavg_*"}``.
+        ``best``: the plain contender (PyTorch or a runtime) with the lowest median;
+        ``vs_best``: :func:`ratio_summary` of the sparse rounds over the best's rounds;
+        ``units`` (``--profile`` with OpenVINO): OpenVINO's and the engine's ms per unit.
+    """
+    from tqdm import tqdm
+
+    load_start = _loadavg()
+    v0, x0, row0 = group[0]
+    wl = (row0["model"], row0["image"], row0["batch"])
+    contenders = [Contender.from_module("torch", "torch", v0.vanilla, x0)]
+    contenders += [Contender.from_module(f"sparse {_label(r)}", "sparse", v.dense, x) for v, x, r in group]
+    contenders += [Contender(rt, rt, x0.numpy(), path=str(onnx_path)) for rt in options.runtimes]
+    profile_layers = options.profile and "openvino" in options.runtimes
+    with tqdm(total=options.reps, desc=f"{wl[0]} b{wl[2]} vs runtimes", file=sys.stderr, leave=False,
+              disable=not options.progress) as bar:
+        workers = time_workers(contenders, threads=options.threads, rounds=options.reps, warmup=options.warmup,
+                               layers={"openvino": options.reps} if profile_layers else None,
+                               progress=bar.update)
+    by_name = {w.contender.name: w for w in workers}
+    f_plain = row0["flops"]["vanilla"]
+    flops = {w.contender.name: f_plain for w in workers if w.contender.kind != "sparse"}
+    flops.update({f"sparse {_label(r)}": r["flops"]["sparse"] for _, _, r in group})
+    out = {
+        "model": wl[0], "image": wl[1], "batch": wl[2], "runtimes": list(options.runtimes),
+        "rounds": options.reps, "bench_pid": os.getpid(), "flops_plain": f_plain,
+        "contenders": {w.contender.name: {
+            "kind": w.contender.kind, "pid": w.pid, "calls": w.calls,
+            "ms": {k: 1e3 * val for k, val in spread(w.seconds).items()},
+            "rounds_ms": [1e3 * t for t in w.seconds],
+            "gflops": gflops_per_second(flops[w.contender.name], wl[2], statistics.median(w.seconds)),
+        } for w in workers},
+    }
+    plain = [n for n, c in out["contenders"].items() if c["kind"] != "sparse"]
+    best = min(plain, key=lambda n: out["contenders"][n]["ms"]["median"])
+    out["best"] = best
+    out["output_checks"] = {}
+    for rt in options.runtimes:
+        d = max_rel_diff(by_name[rt].logits, by_name["torch"].logits)
+        out["output_checks"][rt] = {"max_rel_diff": d, "ok": d <= OUTPUT_RTOL}
+    out["sparse"] = [{
+        "name": f"sparse {_label(r)}", "halting": r["halting"], "flop_target": r["flop_target"],
+        "flop_ratio": r["flop_ratio_vs_vanilla"],
+        "vs_best": ratio_summary(by_name[f"sparse {_label(r)}"].seconds, by_name[best].seconds,
+                                 r["flop_ratio_vs_vanilla"]),
+    } for _, _, r in group]
+    if profile_layers and all(r.get("profile") for _, _, r in group):
+        ov = openvino_units(by_name["openvino"].layers, onnx_units(onnx_path, _stage_names(v0.vanilla)))
+        out["units"] = _unit_table(ov, [(_label(r), r["profile"]) for _, _, r in group])
+    out["loadavg_start"], out["loadavg_end"] = load_start, _loadavg()
+    return out
+
+
+def _unit_table(ov: dict[str, dict], profiles: Sequence[tuple[str, dict]]) -> list[dict]:
+    """Per unit: OpenVINO's ms and kernels beside the engine's ms (unit + halting + accumulation) per halting level."""
+    engine: dict[str, dict[str, dict]] = {}
+    for label, prof in profiles:
+        for s in prof["stages"]:
+            for u in s["per_unit"]:
+                ms = u["unit_ms"] + (u["halting_ms"] or 0.0) + u["accumulate_ms"]
+                engine.setdefault(f"{s['stage']}.{u['unit']}", {})[label] = {
+                    "ms": ms, "active": u["active"], "kernel": u["kernel"]}
+            engine.setdefault(f"{s['stage']} loop", {})[label] = {"ms": s["loop_ms"] + s.get("whole_ms", 0.0),
+                                                                  "active": None, "kernel": "stage loop"}
+        engine.setdefault("stem/head", {})[label] = {"ms": prof["outside_stages_ms"], "active": None, "kernel": ""}
+
+    def order(key: str) -> tuple:
+        nums = re.findall(r"\d+", key)
+        return (0, 0, 0) if key == "stem/head" else (2, 0, 0) if key == "other" else (
+            1, int(nums[0]), int(nums[1]) if len(nums) > 1 else 10**6)
+
+    return [{"unit": k, "openvino_ms": ov.get(k, {}).get("ms"), "openvino_exec": ov.get(k, {}).get("exec", []),
+             "engine": engine.get(k, {})} for k in sorted(set(ov) | set(engine), key=order)]
+
+
 # ---------------------------------------------------------------------------------------
 # Environment, report, files
 # ---------------------------------------------------------------------------------------
@@ -520,7 +649,8 @@ def _header(doc: dict) -> list[str]:
         f"CPU: {env['cpu']} ({env['cpu_count']} cores), threads: {env['threads']}, torch {env['torch']}, "
         f"sact {env['sact']}, native kernels: {env['native_kernels']}, MALLOC: {env['malloc']}, "
         f"load average at start {_f(load[0])}"
-        + ("" if env.get("loadavg_end") is None else f", at end {_f(load_end[0])}"),
+        + ("" if env.get("loadavg_end") is None else f", at end {_f(load_end[0])}")
+        + "".join(f", {k} {v}" for k, v in env.get("runtimes", {}).items()),
         "",
     ]
 
@@ -559,6 +689,8 @@ def markdown(doc: dict) -> str:
             f"{check} | {_load_cell(r)} |")
     if doc.get("trained"):
         lines += ["", f"`trained`: {doc['trained']}"]
+    if doc.get("runtime_rows"):
+        lines += ["", _runtimes_markdown(doc)]
     profiled = [r for r in doc["rows"] if r.get("profile")]
     if profiled:
         lines += ["", "### Where the sparse engine's time goes", ""]
@@ -567,6 +699,69 @@ def markdown(doc: dict) -> str:
                 f" (F / F vanilla {_f(r['flop_ratio_vs_vanilla'])})")
             lines += [profile_markdown(r["profile"], title)]
     return "\n".join(lines) + "\n"
+
+
+_SHORT = {"torch": "PyTorch", "onnxruntime": "ORT", "openvino": "OpenVINO"}
+
+
+def _runtimes_markdown(doc: dict) -> str:
+    """The table against the runtimes (one line per sparse row) and the per-unit comparisons."""
+    env = doc["env"]
+    versions = ", ".join(f"{k} {v}" for k, v in env.get("runtimes", {}).items())
+    lines = [
+        "### Against the runtimes a deployer uses (each contender in its own process)",
+        "",
+        f"Per model, side and batch: the plain network (the same weights) in PyTorch eager (channels-last) and "
+        f"exported to ONNX in {versions}, beside the engine at each halting level, every contender in its own "
+        f"worker process; {doc['settings']['reps']} interleaved rounds, each round the median of k calls "
+        "(k per contender: calls, after warm-up). `best` = the plain contender with the lowest median. "
+        "ratio = t_sparse / t_best per round: median [IQR] (min-max); E = (1 - t/t_best) / (1 - F); GFLOP/s of the "
+        "FLOPs each contender executes (plain: the whole network; sparse: its counted FLOPs). outputs: the "
+        f"runtimes' logits against PyTorch's, max |diff| / max |logit| (ok <= {OUTPUT_RTOL:g}).",
+        "",
+        "| model | px | batch | halting | F | ms plain (PyTorch / runtimes) | ms sparse | sparse / best | E vs best "
+        "| GFLOP/s plain | GFLOP/s sparse | outputs | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for g in doc["runtime_rows"]:
+        c = g["contenders"]
+        plain = [n for n, v in c.items() if v["kind"] != "sparse"]
+        ms_plain = " / ".join(f"{_SHORT.get(n, n)} {_f(c[n]['ms']['median'], '.2f')}" for n in plain)
+        gf_plain = " / ".join(_f(c[n]["gflops"], ".0f") for n in plain)
+        checks = ", ".join(f"{_SHORT.get(k, k)} {v['max_rel_diff']:.0e}" + ("" if v["ok"] else " **DIFFER**")
+                           for k, v in g["output_checks"].items())
+        for s in g["sparse"]:
+            name = s["name"]
+            lines.append(
+                f"| {g['model']} | {g['image']} | {g['batch']} | {name[len('sparse '):]} | {_f(s['flop_ratio'])} | "
+                f"{ms_plain} | {_f(c[name]['ms']['median'], '.2f')} | {_ratio_cell(s['vs_best'])} vs "
+                f"{_SHORT.get(g['best'], g['best'])} | {_e_cell(s['vs_best'])} | {gf_plain} | "
+                f"{_f(c[name]['gflops'], '.0f')} | {checks or '-'} | {_load_cell(g)} |")
+    for g in doc["runtime_rows"]:
+        if not g.get("units"):
+            continue
+        labels = [s["name"][len("sparse "):] for s in g["sparse"]]
+        lines += ["", f"#### Per unit: the engine against OpenVINO, {g['model']} {g['image']} px, batch {g['batch']}",
+                  "", "Medians over the profiled calls, ms. Engine: unit + halting branch + accumulation "
+                  "(`N loop`: the stage loop's bookkeeping; unit 0 includes the executor's setup), in parentheses "
+                  "the active fraction. OpenVINO: the sum of its layers' times (`PERF_COUNT`) whose ONNX nodes "
+                  "come from the unit's modules; `other`: layers it added itself.", "",
+                  "| unit | OpenVINO ms (kernels) | " + " | ".join(f"engine {lb}" for lb in labels)
+                  + f" | engine {labels[0]} / OpenVINO | engine kernel |",
+                  "|---|---|" + "---|" * len(labels) + "---|---|"]
+        for u in g["units"]:
+            eng = u["engine"]
+            cells = []
+            for lb in labels:
+                e = eng.get(lb)
+                cells.append("-" if e is None else f"{e['ms']:.2f}" + (
+                    "" if e["active"] is None else f" ({e['active']:.2f})"))
+            first = eng.get(labels[0])
+            ratio = "-" if first is None or not u["openvino_ms"] else f"{first['ms'] / u['openvino_ms']:.2f}"
+            ov = "-" if u["openvino_ms"] is None else f"{u['openvino_ms']:.2f} ({', '.join(u['openvino_exec'])})"
+            kernel = next((e["kernel"] for e in eng.values() if e.get("kernel")), "")
+            lines.append(f"| {u['unit']} | {ov} | " + " | ".join(cells) + f" | {ratio} | {kernel} |")
+    return "\n".join(lines)
 
 
 def _break_even_markdown(doc: dict) -> str:
@@ -609,6 +804,16 @@ def _summary_line(r: dict) -> str:
             f"(max |dlogit| {r['checks']['logits_max_abs_diff']:.1e})")
 
 
+def _runtimes_summary(g: dict) -> str:
+    c = g["contenders"]
+    plain = ", ".join(f"{n} {c[n]['ms']['median']:.2f} ms" for n in c if c[n]["kind"] != "sparse")
+    sparse = ", ".join(f"{s['name'][7:]} {c[s['name']]['ms']['median']:.2f} ms ({s['vs_best']['ratio']['median']:.2f}x)"
+                       for s in g["sparse"])
+    bad = [k for k, v in g["output_checks"].items() if not v["ok"]]
+    return (f"{g['model']:>15s} {g['image']:>3d}px b{g['batch']:<2d} vs runtimes: {plain}; sparse {sparse}; best "
+            f"{g['best']}" + (f"; OUTPUTS DIFFER: {', '.join(bad)}" if bad else ""))
+
+
 # ---------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------
@@ -637,6 +842,7 @@ def run_benchmark(workloads: Sequence[Workload], *, options: BenchOptions, train
 
     threads = torch.get_num_threads()
     torch.set_num_threads(options.threads)
+    tmp = temporary_folder() if options.runtimes else None
     try:
         doc = {
             "format": FORMAT,
@@ -648,23 +854,44 @@ def run_benchmark(workloads: Sequence[Workload], *, options: BenchOptions, train
             "trained": None if trained is None else f"{trained.source}: {trained.description}",
             "rows": [],
         }
+        if options.runtimes:
+            doc["env"]["runtimes"] = runtime_versions(options.runtimes)
+            doc["runtime_rows"] = []
         if options.progress:
             print(_header(doc)[2], file=sys.stderr)  # the environment, before anything is measured
         cache = _ModelCache(trained)
-        bar = tqdm(workloads, desc="sparse benchmark", file=sys.stderr, disable=not options.progress)
-        for wl in bar:
-            bar.set_postfix_str(f"{wl.model} b{wl.batch} {wl.halting} {wl.flop_target or ''}".strip())
-            v = cache.get(wl)[wl.halting]
-            x, radius = _inputs(wl, v, trained, options.seed)
-            row = measure_row(wl, v, x, options=options)
-            row["radius"] = radius
-            doc["rows"].append(row)
-            doc["env"]["loadavg_end"] = _loadavg()
-            _write(doc, options)  # an interrupted run keeps what it measured
-            if options.progress:
-                tqdm.write(_summary_line(row), file=sys.stderr)
+        exports: dict[tuple, Path] = {}
+        bar = tqdm(total=len(workloads), desc="sparse benchmark", file=sys.stderr, disable=not options.progress)
+        # rows come grouped by model, side and batch; the runtimes are timed once per group
+        for key, rows in itertools.groupby(workloads, key=lambda w: (w.model, w.model_kwargs, w.image_size, w.batch)):
+            group = []
+            for wl in rows:
+                bar.set_postfix_str(f"{wl.model} b{wl.batch} {wl.halting} {wl.flop_target or ''}".strip())
+                v = cache.get(wl)[wl.halting]
+                x, radius = _inputs(wl, v, trained, options.seed)
+                row = measure_row(wl, v, x, options=options)
+                row["radius"] = radius
+                doc["rows"].append(row)
+                group.append((v, x, row))
+                doc["env"]["loadavg_end"] = _loadavg()
+                _write(doc, options)  # an interrupted run keeps what it measured
+                bar.update()
+                if options.progress:
+                    tqdm.write(_summary_line(row), file=sys.stderr)
+            if options.runtimes:
+                if key[:3] not in exports:  # one export per model and side: the batch is dynamic
+                    exports[key[:3]] = export_plain(group[0][0].vanilla, Path(tmp.name), group[0][1])
+                g = measure_runtimes(group, exports[key[:3]], options=options)
+                doc["runtime_rows"].append(g)
+                doc["env"]["loadavg_end"] = _loadavg()
+                _write(doc, options)
+                if options.progress:
+                    tqdm.write(_runtimes_summary(g), file=sys.stderr)
+        bar.close()
     finally:
         torch.set_num_threads(threads)
+        if tmp is not None:
+            tmp.cleanup()
     return doc
 
 
@@ -714,6 +941,9 @@ def run_bench(settings: BenchSettings) -> dict:
     options = settings.options()
     try:
         _check_free(options)  # before any warning or work
+        if not settings.break_even:
+            for line in resolve_runtimes(settings.runtimes)[1]:
+                warnings.warn(line, stacklevel=2)
         if settings.break_even:
             doc = run_break_even(options=options, batches=tuple(settings.batch or (1, 8)))
         else:
@@ -735,7 +965,18 @@ def run_bench(settings: BenchSettings) -> dict:
         raise RunFailure(f"failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
     print(markdown(doc))
     print(f"wrote {options.paths[0]} and {options.paths[1]}", file=sys.stderr)
+    raise_failed_checks(doc)
+    return doc
+
+
+def raise_failed_checks(doc: dict) -> None:
+    """Raise :class:`RunFailure` if a row's sparse FLOPs or halting maps differ from the dense model's, or a
+    runtime's outputs from PyTorch's."""
     failed = [r for r in doc.get("rows", []) if not r["checks"]["ok"]]
     if failed:
         raise RunFailure(f"{len(failed)} row(s) where the sparse FLOPs or halting maps differ from the dense model's")
-    return doc
+    differ = [f"{g['model']} b{g['batch']} {rt} ({c['max_rel_diff']:.1e})" for g in doc.get("runtime_rows", [])
+              for rt, c in g["output_checks"].items() if not c["ok"]]
+    if differ:
+        raise RunFailure(f"the exported plain network's outputs differ from PyTorch's (max relative difference above "
+                         f"{OUTPUT_RTOL:g}): {', '.join(differ)}")
