@@ -58,8 +58,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ... import __version__
-from ...fileio import atomic_write_bytes, dumps_json
+from ..._version import __version__
+from ...io.files import atomic_write_bytes, dumps_json
 from ...errors import InputError, RunFailure, SactError
 from ...sparse import native
 from ...sparse.model import to_sparse

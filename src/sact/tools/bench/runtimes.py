@@ -123,7 +123,7 @@ def max_rel_diff(a: np.ndarray, ref: np.ndarray) -> float:
 
 def export_plain(model: nn.Module, folder: Path, example: Tensor) -> Path:
     """The vanilla network exported to ONNX (float32, dynamic batch) by the project's own export."""
-    from ...export import export_model
+    from ..export import export_model
 
     path = Path(folder) / f"{model.sact_config['name']}_plain_{example.shape[-1]}.onnx"
     export_model(model, path, example_input=example[:1])

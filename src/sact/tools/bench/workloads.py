@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...checkpoint import CheckpointError, load_checkpoint
+from ...io.checkpoint import CheckpointError
+from ...models.loading import load_checkpoint
 from ...errors import InputError
 from ...halting import ACTHalting, SACTHalting
 from ...models import create_model
