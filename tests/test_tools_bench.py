@@ -579,22 +579,23 @@ def test_old_paths_alias_the_moved_names_and_errors_have_the_cli_exit_code():
         assert issubclass(error, InputError) and exit_code(error("x")) == 2
 
 
-def test_workers_warm_up_in_untimed_rounds_until_the_warm_up_time_has_passed(monkeypatch):
+def test_workers_warm_up_in_untimed_rounds_until_time_has_passed_and_they_are_stable(monkeypatch):
     """A fresh worker runs slower for seconds (its heap still growing): untimed interleaved rounds
-    continue until WARMUP_SECONDS have passed, and at least ``warmup`` of them, before the timed ones."""
+    continue until WARMUP_SECONDS have passed, at least ``warmup`` of them, and every worker's last
+    two rounds agree within STABLE (and with its fastest), before the timed ones."""
     import time as time_module
 
     from sact.tools.bench import runtimes as runtimes_module
 
     class Fake:
-        def __init__(self, name):
+        def __init__(self, name, times=()):
             self.contender = type("C", (), {"name": name})()
-            self.seconds, self.layers, self.asked = [], None, 0
+            self.seconds, self.layers, self.asked, self.times = [], None, 0, list(times)
 
         def ask(self, *msg):
             self.asked += 1
             time_module.sleep(0.01)
-            return 0.01
+            return self.times.pop(0) if self.times else 0.01
 
     fakes = [Fake("a"), Fake("b")]
     monkeypatch.setattr(runtimes_module, "_start", lambda contenders, threads, warmup: fakes)
@@ -603,11 +604,15 @@ def test_workers_warm_up_in_untimed_rounds_until_the_warm_up_time_has_passed(mon
     t0 = time_module.perf_counter()
     workers = runtimes_module.time_workers([None, None], threads=1, rounds=3, warmup=2)
     assert time_module.perf_counter() - t0 >= 0.3
-    untimed = [w.asked - len(w.seconds) for w in workers]
     assert [len(w.seconds) for w in workers] == [3, 3]
-    assert untimed[0] == untimed[1] >= 0.3 / 0.02 - 2  # rounds of two 10 ms calls for 0.3 s
+    untimed = [w.asked - len(w.seconds) for w in workers]
+    assert untimed[0] == untimed[1] == workers[0].warmup_rounds >= 0.3 / 0.02 - 2  # rounds of two 10 ms calls
     monkeypatch.setattr(runtimes_module, "WARMUP_SECONDS", 0.0)
-    for w in fakes:
-        w.seconds, w.asked = [], 0
+    fakes[:] = [Fake("a"), Fake("b")]
     runtimes_module.time_workers([None, None], threads=1, rounds=3, warmup=2)
     assert [w.asked - len(w.seconds) for w in fakes] == [2, 2]  # at least `warmup` rounds
+    # a worker still speeding up keeps everyone warming up: until two rounds in a row agree
+    fakes[:] = [Fake("a"), Fake("b", [0.05, 0.04, 0.03, 0.02, 0.015, 0.01])]
+    runtimes_module.time_workers([None, None], threads=1, rounds=3, warmup=2)
+    assert [w.warmup_rounds for w in fakes] == [7, 7]
+    assert fakes[1].seconds == [0.01, 0.01, 0.01]

@@ -508,7 +508,7 @@ def measure_runtimes(group: Sequence[tuple[_Variants, Tensor, dict]], onnx_path:
         options: rounds, warm-up, threads, runtimes, profile.
 
     Returns:
-        ``{"model", "image", "batch", "contenders": {name: {"kind", "pid", "calls", "ms",
+        ``{"model", "image", "batch", "contenders": {name: {"kind", "pid", "calls", "warmup_rounds", "ms",
         "rounds_ms", "gflops"}}, "best", "output_checks", "flops_plain", "sparse": [{"name",
         "halting", "flop_target", "flop_ratio", "vs_best"}], "units", "bench_pid", "loadavg_*"}``.
         ``best``: the plain contender (PyTorch or a runtime) with the lowest median;
@@ -537,7 +537,7 @@ def measure_runtimes(group: Sequence[tuple[_Variants, Tensor, dict]], onnx_path:
         "model": wl[0], "image": wl[1], "batch": wl[2], "runtimes": list(options.runtimes),
         "rounds": options.reps, "bench_pid": os.getpid(), "flops_plain": f_plain,
         "contenders": {w.contender.name: {
-            "kind": w.contender.kind, "pid": w.pid, "calls": w.calls,
+            "kind": w.contender.kind, "pid": w.pid, "calls": w.calls, "warmup_rounds": w.warmup_rounds,
             "ms": {k: 1e3 * val for k, val in spread(w.seconds).items()},
             "rounds_ms": [1e3 * t for t in w.seconds],
             "gflops": gflops_per_second(flops[w.contender.name], wl[2], statistics.median(w.seconds)),

@@ -53,17 +53,21 @@ from ...errors import RunFailure
 __all__ = ["RUNTIMES", "INSTALL_HINT", "OUTPUT_RTOL", "resolve_runtimes", "runtime_versions", "Contender",
            "Worker", "gflops_per_second", "max_rel_diff", "export_plain", "time_workers", "onnx_units", "openvino_units",
            "temporary_folder",
-           "ROUND_SECONDS", "MIN_CALLS", "MAX_CALLS", "WARMUP_SECONDS"]
+           "ROUND_SECONDS", "MIN_CALLS", "MAX_CALLS", "WARMUP_SECONDS", "WARMUP_MAX_SECONDS", "STABLE"]
 
 RUNTIMES = ("onnxruntime", "openvino")
 INSTALL_HINT = "pip install -e '.[bench]'"
 #: Largest ``max |runtime - torch| / max |torch|`` of the plain network's logits that counts as equal.
 OUTPUT_RTOL = 1e-4
-#: Untimed interleaved rounds go on until the workers have run this long (and at least ``warmup``
-#: rounds): a fresh process keeps growing its heap for seconds (page faults, the kernel's huge-page
-#: work; measured: ResNet-50 batch 8 ran 1.8-2x slower in rounds 6-12 s after four engine workers
-#: started, then steadily at its in-process speed), which a fixed count of warm-up calls misses.
+#: Untimed interleaved rounds go on until the workers have run this long, at least ``warmup``
+#: rounds, and every worker's last two rounds are within :data:`STABLE` of each other and of its fastest (at most
+#: :data:`WARMUP_MAX_SECONDS`): a fresh engine worker runs slower for tens of seconds while its heap
+#: grows (measured: ResNet-50 batch 8, seven workers, the engine's rounds 1.8-2x slower for about
+#: 30 s, with the kernel busy on page faults, then steadily at its in-process speed), which a fixed
+#: count of warm-up calls misses.
 WARMUP_SECONDS = 20.0
+WARMUP_MAX_SECONDS = 180.0
+STABLE = 1.1
 
 #: A worker's round lasts about this long: ``k = ROUND_SECONDS / (one call)``, within [MIN_CALLS, MAX_CALLS].
 ROUND_SECONDS = 0.3
@@ -270,6 +274,7 @@ class Worker:
     calls: int = 0
     seconds: list[float] = field(default_factory=list)
     layers: list[dict] | None = None
+    warmup_rounds: int = 0
 
     def ask(self, *msg) -> Any:
         self.conn.send(msg)
@@ -329,7 +334,8 @@ def time_workers(contenders: Sequence[Contender], *, threads: int, rounds: int, 
         rounds: timed rounds; each asks every worker for one median of its ``k`` calls, the
             order rotating by one per round.
         warmup: untimed calls in each worker before ``k`` is chosen, then at least as many untimed
-            interleaved rounds, continued until :data:`WARMUP_SECONDS` have passed since the start.
+            interleaved rounds, continued until :data:`WARMUP_SECONDS` have passed since the start and
+            every worker's round time is stable (:data:`STABLE`; at most :data:`WARMUP_MAX_SECONDS`).
         layers: ``{contender name: reps}``: also collect OpenVINO's per-layer counters of
             these (after the rounds; in ``Worker.layers``).
         progress: called once per round (a progress bar's ``update``).
@@ -343,11 +349,18 @@ def time_workers(contenders: Sequence[Contender], *, threads: int, rounds: int, 
     start = time.perf_counter()
     workers = _start(contenders, threads, warmup)
     try:
-        done = 0
-        while done < warmup or time.perf_counter() - start < WARMUP_SECONDS:  # untimed, interleaved
-            for w in workers:
-                w.ask("time")
-            done += 1
+        warm: list[list[float]] = [[] for _ in workers]
+        while True:  # untimed, interleaved
+            for w, seen in zip(workers, warm):
+                seen.append(w.ask("time"))
+            elapsed = time.perf_counter() - start
+            # no longer speeding up, and as fast as it has been
+            stable = all(len(seen) >= 2 and seen[-2] <= STABLE * seen[-1] and seen[-1] <= STABLE * min(seen)
+                         for seen in warm)
+            if (len(warm[0]) >= warmup and elapsed >= WARMUP_SECONDS and stable) or elapsed >= WARMUP_MAX_SECONDS:
+                break
+        for w, seen in zip(workers, warm):
+            w.warmup_rounds = len(seen)
         for r in range(rounds):
             s = r % len(workers)
             for w in workers[s:] + workers[:s]:
