@@ -188,7 +188,10 @@ def test_quick_run_writes_checked_rows_and_never_overwrites(tmp_path, capsys):
     assert err[-1].startswith("sact bench: ") and "already exist" in err[-1]
 
 
-def test_cli_rejects_bad_arguments(tmp_path, capsys):
+def test_cli_rejects_bad_arguments(tmp_path, capsys, monkeypatch):
+    # with a runtime missing too (as on a machine without the bench extra): still exactly one line
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openvino" else real(name, *a))
     for argv in (["--models", TRAINED], ["--tag", "../x"], ["--batch", "0"], ["--reps", "0"], ["--threads", "0"],
                  ["--checkpoint", str(tmp_path / "missing"), "--models", TRAINED]):
         args = build_parser().parse_args(["bench", "--out", str(tmp_path), *argv])

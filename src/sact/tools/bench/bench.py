@@ -941,9 +941,6 @@ def run_bench(settings: BenchSettings) -> dict:
     options = settings.options()
     try:
         _check_free(options)  # before any warning or work
-        if not settings.break_even:
-            for line in resolve_runtimes(settings.runtimes)[1]:
-                warnings.warn(line, stacklevel=2)
         if settings.break_even:
             doc = run_break_even(options=options, batches=tuple(settings.batch or (1, 8)))
         else:
@@ -953,6 +950,8 @@ def run_bench(settings: BenchSettings) -> dict:
                                        data_dir=settings.data_dir)
             workloads = select_workloads(quick=settings.quick, models=settings.models, batches=settings.batch,
                                          trained_size=None if trained is None else trained.images.shape[-1])
+            for line in resolve_runtimes(settings.runtimes)[1]:  # after the inputs are checked: a bad one is one line
+                warnings.warn(line, stacklevel=2)
             missing = [k for k in MALLOC_VARS if k not in os.environ]
             if missing:
                 warnings.warn(f"{', '.join(missing)} unset; glibc may unmap large buffers and slow the dense models "
