@@ -30,12 +30,14 @@ running statistics in eval mode. Autocast: like :func:`sact.halting.full_precisi
 and the recurrence run in the branch's weight dtype (at least float32), the accumulation in the
 features' dtype.
 
-With ``SACT_FUSED_HALTING=1`` in the environment, or :func:`set_enabled` ``(True)``,
 :class:`sact.stage.DenseRun` uses it for training on the CPU when the stage's branches are the
 built-in :class:`~sact.halting.ACTHalting` / :class:`~sact.halting.SACTHalting` with plain
-``nn.BatchNorm2d`` (see :func:`applies`). It is off by default: measured, the native version is
-faster than the torch-op path (the reference it is tested against) in channels-last but not in
-NCHW on ResNet-50 (docs/training.md, "Cost of a training step").
+``nn.BatchNorm2d`` (see :func:`applies`). By default (``auto``) only where it was measured
+faster than the torch-op path (the reference it is tested against): the native kernels on
+channels-last float32 / float64 features, the CPU training default (docs/training.md, "Cost of a
+training step"). ``SACT_FUSED_HALTING=1`` (or :func:`set_enabled` ``(True)``) uses it wherever it
+applies (the torch-op version where the native kernels cannot run), ``SACT_FUSED_HALTING=0``
+(``set_enabled(False)``) never.
 """
 
 from __future__ import annotations
@@ -54,26 +56,29 @@ from .halting import ACTHalting, SACTHalting, full_precision
 
 __all__ = ["enabled", "set_enabled", "use", "applies", "halting_unit", "step_forward", "step_backward"]
 
-# off by default: the native version measured faster than the torch-op path in channels-last only
-# (docs/training.md, "Cost of a training step"); SACT_FUSED_HALTING=1 turns it on
-_state = {"enabled": os.environ.get("SACT_FUSED_HALTING", "0") == "1"}
+# auto (the default): the native kernels on channels-last features, where they measured faster than
+# the torch-op path (docs/training.md, "Cost of a training step"); SACT_FUSED_HALTING=1 / 0: always / never
+_SETTINGS = {"1": True, "0": False}
+_state = {"setting": _SETTINGS.get(os.environ.get("SACT_FUSED_HALTING", "auto"))}
 
 
 def enabled() -> bool:
-    """Whether dense training runs may use the fused halting unit (``SACT_FUSED_HALTING`` / :func:`set_enabled`)."""
-    return _state["enabled"]
+    """Whether dense training runs may use the fused halting unit (``SACT_FUSED_HALTING`` / :func:`set_enabled`:
+    auto or on)."""
+    return _state["setting"] is not False
 
 
-def set_enabled(flag: bool) -> bool:
-    """Turn the fused halting unit on or off for this process; returns the previous setting."""
-    prev = _state["enabled"]
-    _state["enabled"] = bool(flag)
+def set_enabled(flag: bool | None) -> bool | None:
+    """The fused halting unit always (``True``), never (``False``) or by default (``None``: ``auto``) in this
+    process; returns the previous setting."""
+    prev = _state["setting"]
+    _state["setting"] = None if flag is None else bool(flag)
     return prev
 
 
 @contextlib.contextmanager
-def use(flag: bool):
-    """Context manager: the fused halting unit on (``True``) or off inside the block."""
+def use(flag: bool | None):
+    """Context manager: the fused halting unit always (``True``), never or by default (``None``) inside the block."""
     prev = set_enabled(flag)
     try:
         yield
@@ -128,10 +133,16 @@ def applies(stage: nn.Module, x: Tensor) -> bool:
 
     Enabled, a training-mode ACT / SACT stage, features on the CPU in a float dtype, built-in
     branches (plain BN, identity / ReLU / leaky-ReLU activations), and a batch of more than one
-    image (a one-image training batch is an error that the torch path reports).
+    image (a one-image training batch is an error that the torch path reports); by default
+    (``auto``) also channels-last float32 / float64 features and the native kernels usable.
     """
-    if not (_state["enabled"] and stage.training and stage.mode in ("act", "sact") and x.device.type == "cpu"
-            and x.is_floating_point() and x.shape[0] > 1):
+    setting = _state["setting"]
+    if setting is False or not (stage.training and stage.mode in ("act", "sact") and x.device.type == "cpu"
+                                and x.is_floating_point() and x.shape[0] > 1):
+        return False
+    if setting is None and not (x.dtype in (torch.float32, torch.float64) and x.dim() == 4
+                                and x.is_contiguous(memory_format=torch.channels_last)
+                                and not x.is_contiguous() and native.use_for(x)):
         return False
     ok = getattr(stage, "_fused_halting_ok", None)
     if ok is None:
