@@ -340,7 +340,7 @@ def test_only_built_in_branches_on_the_cpu_in_training():
 
 
 def test_by_default_only_the_native_kernels_on_channels_last_features():
-    """auto (the default): where it measured faster, the native kernels on channels-last float features."""
+    """auto: where it measured faster, the native kernels on channels-last float features."""
     model = sact.create_model("resnet20_cifar", mode="sact", base_channels=4).train()
     x = torch.zeros(2, 4, 8, 8)
     cl = x.contiguous(memory_format=torch.channels_last)
@@ -367,7 +367,7 @@ def test_by_default_only_the_native_kernels_on_channels_last_features():
 def test_environment_switch():
     code = "import sact.halting_fused as h; print(h.enabled())"
     env = {k: v for k, v in os.environ.items() if k != "SACT_FUSED_HALTING"}
-    for value, expected in ((None, "True"), ("1", "True"), ("0", "False")):  # unset: auto
+    for value, expected in ((None, "False"), ("auto", "True"), ("1", "True"), ("0", "False")):  # unset: off
         run_env = env if value is None else {**env, "SACT_FUSED_HALTING": value}
         out = subprocess.run([sys.executable, "-c", code], env=run_env, capture_output=True, text=True, check=True)
         assert out.stdout.strip() == expected, value
