@@ -51,10 +51,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import native
-from .act import HaltingState
+from .act import HaltingState, halting_step
 from .halting import ACTHalting, SACTHalting, full_precision
 
-__all__ = ["enabled", "set_enabled", "use", "applies", "halting_unit", "step_forward", "step_backward"]
+__all__ = ["enabled", "set_enabled", "use", "applies", "halting_unit", "step_backward"]
 
 # off by default until the demo's numbers are checked against their seed spread with it (docs/training.md,
 # "Cost of a training step"); SACT_FUSED_HALTING=auto: the native kernels on channels-last features, where
@@ -141,15 +141,10 @@ def applies(stage: nn.Module, x: Tensor) -> bool:
     if setting is False or not (stage.training and stage.mode in ("act", "sact") and x.device.type == "cpu"
                                 and x.is_floating_point() and x.shape[0] > 1):
         return False
-    if setting is None and not (x.dtype in (torch.float32, torch.float64) and x.dim() == 4
-                                and x.is_contiguous(memory_format=torch.channels_last)
-                                and not x.is_contiguous() and native.use_for(x)):
+    if setting is None and not (x.dtype in (torch.float32, torch.float64) and x.dim() == 4 and _channels_last(x)
+                                and native.use_for(x)):
         return False
-    ok = getattr(stage, "_fused_halting_ok", None)
-    if ok is None:
-        ok = all(_branch_ok(b) for b in stage.halting)
-        object.__setattr__(stage, "_fused_halting_ok", ok)
-    return ok
+    return all(_branch_ok(b) for b in stage.halting)
 
 
 # ---------------------------------------------------------------------------------------
@@ -222,22 +217,9 @@ def shift_sum_backward(dz: Tensor, k: int) -> Tensor:
                         for ky in range(k) for kx in range(k)], 1)
 
 
-def step_forward(h: Tensor, cumsum: Tensor, remainder: Tensor, ponder: Tensor, finished: Tensor,
-                 num_units: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """:func:`sact.act.halting_step` on positions ``[S]``: ``(cumsum, remainder, ponder, finished,
-    num_units, weight, just_halted)`` after the unit (``just_halted`` is kept for the backward)."""
-    cumsum = cumsum + h
-    cur = cumsum >= 1.0 - eps
-    hh = h.masked_fill(cur, 0)
-    just = cur & ~finished
-    weight = torch.where(just, remainder, hh)
-    ponder = ponder + torch.where(cur, weight, torch.ones_like(weight))
-    return cumsum, remainder - hh, ponder, cur, num_units + (~finished).long(), weight, just
-
-
 def step_backward(g_cumsum: Tensor, g_rem: Tensor, g_ponder: Tensor, g_weight: Tensor, cur: Tensor,
                   just: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Gradients ``(dh, d cumsum, d remainder, d ponder)`` ``[S]`` of :func:`step_forward` from those of its
+    """Gradients ``(dh, d cumsum, d remainder, d ponder)`` ``[S]`` of :func:`sact.act.halting_step` from those of its
     outputs (``cur``: finished after the unit). The ponder increment is 1 (constant) before halting,
     ``R`` at the halting unit; the weight is ``h`` before halting, ``R`` at it, 0 after."""
     zero = torch.zeros_like(g_weight)
@@ -357,8 +339,9 @@ class _HaltingUnit(torch.autograd.Function):
         else:
             hb = None
             h = torch.ones_like(cumsum)
-        cumsum, remainder, ponder, cur, num_units, weight, just = step_forward(
-            h, cumsum, remainder, ponder, finished, num_units, spec.eps)
+        new, weight = halting_step(HaltingState(cumsum, finished, remainder, ponder, num_units), h, eps=spec.eps)
+        cumsum, remainder, ponder, cur, num_units = new.cumsum, new.remainder, new.ponder_cost, new.finished, new.num_units
+        just = cur & ~finished  # halted at this unit (kept for the backward)
         wx = weight.to(x.dtype)
         wx = wx[:, None] if spec.spatial else wx.view(-1, 1, 1, 1)
         new_out = x * wx if out is None else torch.addcmul(out, x, wx)

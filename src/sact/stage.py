@@ -239,7 +239,7 @@ class DenseExecutor(Executor):
     """The reference execution: every unit everywhere, halted positions masked."""
 
     def start(self, stage: "AdaptiveStage", x: Tensor) -> StageRun:
-        # training on the CPU with SACT_FUSED_HALTING=1: the fused halting unit (sact.halting_fused)
+        # training on the CPU where sact.halting_fused.applies (SACT_FUSED_HALTING): the fused halting unit
         return DenseRun(stage, x, fused=halting_fused.applies(stage, x))
 
 
@@ -263,8 +263,8 @@ def run_stage(stage: "AdaptiveStage", x: Tensor, executor: StageExecutor | None 
         ``(features [B, C, H, W], StageOutput)``.
     """
     executor = executor or DENSE
-    # the optional hooks (run_whole, fused_step) are declared by StageExecutor / StageRun with
-    # defaults in Executor / DenseRun; an executor written with ``start`` alone has neither
+    # the optional hooks (run_whole, fused_step, halting_unit) are declared by StageExecutor / StageRun
+    # with defaults in Executor / DenseRun; an executor written with ``start`` alone has none
     whole = getattr(executor, "run_whole", None)
     done = None if whole is None else whole(stage, x)
     if done is not None:
