@@ -291,8 +291,10 @@ void bottleneck_rows(Tensor X, Tensor S, Tensor t1, Tensor idx, Tensor dil, Tens
                            wt3.sizes() == at::IntArrayRef({C, W})),
               "wt1, wt2, wt3 must be empty or the (out, in) weights");
   for (const Tensor* t : {&wt1, &wt2, &wt3}) {
-    TORCH_CHECK(t->numel() == 0 || (t->scalar_type() == X.scalar_type() && t->is_contiguous() && t->device().is_cpu()),
-                "wt1, wt2, wt3 must be contiguous CPU tensors of X's dtype");
+    // a contiguous weight, or oneDNN's packed copy of it (an mkldnn tensor: torch.ops.mkldnn._reorder_linear_weight)
+    TORCH_CHECK(t->numel() == 0 || (t->scalar_type() == X.scalar_type() && (t->is_mkldnn() || t->is_contiguous()) &&
+                                    t->device().is_cpu()),
+                "wt1, wt2, wt3 must be contiguous (or oneDNN-packed) CPU tensors of X's dtype");
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, X.scalar_type(), "bottleneck_rows", [&] {
     bottleneck_rows_impl<scalar_t>(X, S, t1, idx, dil, nbr, m1, b1, m2, b2, m3, b3, pre_scale, pre_shift, final_relu,
@@ -578,3 +580,7 @@ TORCH_LIBRARY_IMPL(sact_native, CPU, m) {
   m.impl("accumulate_rows", &accumulate_rows);
   m.impl("halting_step_rows", &halting_step_rows);
 }
+
+// The products' weights may be oneDNN-packed (mkldnn tensors, sact/sparse/dnn.py), which makes the
+// dispatcher pick the MkldnnCPU key: the same CPU kernel serves it.
+TORCH_LIBRARY_IMPL(sact_native, MkldnnCPU, m) { m.impl("bottleneck_rows", &bottleneck_rows); }

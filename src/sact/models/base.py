@@ -35,7 +35,7 @@ arguments, and the model is built with :func:`sact.create_model` (which records
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -156,6 +156,7 @@ class AdaptiveResNet(nn.Module):
         *,
         executors: Sequence[StageExecutor | None] | None = None,
         num_stages: int | None = None,
+        stem: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None,
     ) -> FeaturesOutput:
         """Stem and stages. ``x`` ``[B, C_in, H, W]`` -> :class:`FeaturesOutput`.
 
@@ -167,6 +168,8 @@ class AdaptiveResNet(nn.Module):
             executors: one per stage (``None`` entries or ``None``: the dense reference
                 execution); the sparse engine passes its own (:func:`sact.to_sparse`).
             num_stages: run only the first ``num_stages`` stages (detection backbones).
+            stem: computes :meth:`forward_stem`'s ``(features, flops)`` in its place (the sparse
+                engine passes its folded stem: the same values up to float rounding).
         """
         if isinstance(x, torch.fx.Proxy):
             # torchvision's create_feature_extractor switched the model to train mode before
@@ -182,7 +185,7 @@ class AdaptiveResNet(nn.Module):
         stages_to_run = self.stages[:num_stages]
         if executors is not None and len(executors) < len(stages_to_run):
             raise ValueError(f"got {len(executors)} executors for {len(stages_to_run)} stages")
-        x, flops = self.forward_stem(x)
+        x, flops = (stem or self.forward_stem)(x)
         features, stages = [], []
         for i, stage in enumerate(stages_to_run):
             x, out = stage(x, None if executors is None else executors[i])
@@ -220,17 +223,18 @@ class AdaptiveResNet(nn.Module):
                 total += conv_flops(m, 1)
         return total
 
-    def forward(self, x: Tensor, *, executors: Sequence[StageExecutor | None] | None = None) -> ModelOutput | list[Tensor]:
-        """``x`` ``[B, C_in, H, W]`` -> :class:`ModelOutput` (``executors``: see :meth:`forward_features`).
+    def forward(self, x: Tensor, *, executors: Sequence[StageExecutor | None] | None = None,
+                stem: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None) -> ModelOutput | list[Tensor]:
+        """``x`` ``[B, C_in, H, W]`` -> :class:`ModelOutput` (``executors``, ``stem``: see :meth:`forward_features`).
 
         A ``features_only`` model returns, like timm, the list of the ``out_indices`` stages'
         maps ``[B, C_s, H_s, W_s]`` (:attr:`feature_info` describes them); its
         :meth:`forward_features` still returns the typed output with ponder maps and FLOPs.
         """
         if self.features_only:
-            feats = self.forward_features(x, executors=executors, num_stages=max(self.out_indices) + 1)
+            feats = self.forward_features(x, executors=executors, num_stages=max(self.out_indices) + 1, stem=stem)
             return [feats.features[i] for i in self.out_indices]
-        feats = self.forward_features(x, executors=executors)
+        feats = self.forward_features(x, executors=executors, stem=stem)
         logits = self.forward_head(feats)
         flops = feats.flops + self.head_flops()
         ponder = sum(s.ponder_cost for s in feats.stages)

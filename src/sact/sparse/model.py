@@ -8,6 +8,7 @@ from torch import Tensor, nn
 from ..output import ModelOutput
 from ..stage import AdaptiveStage
 from .executors import make_executor
+from .unit_kernels import ResNetStem
 
 __all__ = ["SparseModel", "to_sparse"]
 
@@ -32,6 +33,8 @@ class SparseModel(nn.Module):
             make_executor(s, dense_above=dense_above, chunk_rows=chunk_rows, poison=poison) or nn.Identity()
             for s in model.stages
         )
+        #: the folded stem (torchvision ResNets), ``None``: the model's own
+        self.stem = ResNetStem(model) if ResNetStem.supports(model) else None
         super().train(False)
 
     @property
@@ -65,7 +68,7 @@ class SparseModel(nn.Module):
 
     def refresh(self) -> None:
         """Re-fold batch norms after the wrapped model's weights or statistics changed."""
-        for e in self.stage_executors():
+        for e in [*self.stage_executors(), self.stem]:
             if e is not None:
                 e.refresh()
 
@@ -79,7 +82,9 @@ class SparseModel(nn.Module):
             # The stem's convolution and pooling are several times faster channels-last on
             # the CPU, and the row buffers of the stages are channels-last anyway.
             x = x.contiguous(memory_format=torch.channels_last)
-        return self.model(x, executors=self.stage_executors())
+        if self.stem is None:
+            return self.model(x, executors=self.stage_executors())
+        return self.model(x, executors=self.stage_executors(), stem=self.stem)
 
 
 def to_sparse(

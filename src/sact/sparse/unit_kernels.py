@@ -22,10 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..models.resnet import BasicBlock
+from ..flops import conv_flops
+from ..models.resnet import BasicBlock, ResNet
 from ..models.resnet_v2 import PreActBottleneck
 from ..units import Bottleneck, PreActBasicUnit
-from . import native
+from . import dnn, native
+from .dnn import PackedConv, packed_linear_weight
 from .refs import keep_ref
 from .fold import bn_scale_shift, conv_as_matrix, fold_conv_bn, foldable_bn
 from .gemm import linear, linear_add, use_onednn
@@ -42,6 +44,7 @@ __all__ = [
     "RowPreActBottleneck0",
     "make_unit_kernel",
     "DEFAULT_DENSE_ABOVE",
+    "ResNetStem",
 ]
 
 #: Active fraction above which a unit runs densely on the buffer view: the measured
@@ -119,6 +122,11 @@ class _BottleneckRows(_UnitKernel):
         self.m3, self.b3 = conv_as_matrix(c3[0]).to(dt), c3[1].to(dt)
         self.wt1, self.wt3 = self.m1.t().contiguous(), self.m3.t().contiguous()  # (out, in) for oneDNN
         self.wt2 = self.m2.t().contiguous()
+        # the same weights packed for oneDNN: the dense path's convolutions, the sparse path's products
+        self.dn1 = PackedConv(c1[0].to(dt), self.b1)
+        self.dn2 = PackedConv(c2[0].to(dt), self.b2, padding=1)
+        self.dn3 = PackedConv(c3[0].to(dt), self.b3)
+        self.packed = tuple(packed_linear_weight(w) for w in (self.wt1, self.wt2, self.wt3))
 
     def _conv1_input(self, x: Tensor) -> Tensor:
         if self.s0.numel() == 0:
@@ -130,6 +138,14 @@ class _BottleneckRows(_UnitKernel):
         g = rows.geo
         width = self.m1.shape[1]
         xr = X[: g.n]
+        if rows.all_active and dnn.usable(X):
+            # oneDNN with packed weights, bias and ReLU fused; conv3 adds into the buffer in place
+            v = rows_view(X, g.batch, g.height, g.width)
+            p = v if self.s0.numel() == 0 else rows_view(self._conv1_input(xr), g.batch, g.height, g.width)
+            t = self.dn2(self.dn1(p, relu=True), relu=True)
+            self.dn3.add_(v, t, relu=self.final_relu)
+            refresh_sums(X, S, g)
+            return
         t = linear(self._conv1_input(xr), self.wt1, self.b1, relu=True)  # (N, width)
         t = F.conv2d(t.view(g.batch, g.height, g.width, width).permute(0, 3, 1, 2), self.w2, self.b2, padding=1)
         t = t.relu_().permute(0, 2, 3, 1).reshape(g.n, width)
@@ -142,6 +158,13 @@ class _BottleneckRows(_UnitKernel):
                 xr.relu_()  # halted rows are >= 0 already: ReLU keeps them
         refresh_sums(X, S, g)
 
+    def _products(self, X: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+        """The ``(out, in)`` weights the native kernel multiplies with through oneDNN (packed where
+        :mod:`~sact.sparse.dnn` applies), or ``None`` for ``at::mm`` with the ``m`` matrices."""
+        if not use_onednn(X):
+            return None
+        return self.packed if dnn.usable(X) else (self.wt1, self.wt2, self.wt3)
+
     def run_sparse(self, X: Tensor, S: Tensor, rows: RowSet) -> None:
         g = rows.geo
         width = self.m1.shape[1]
@@ -152,7 +175,7 @@ class _BottleneckRows(_UnitKernel):
                                    self.b3, g.hw, g.chunk, NATIVE_MIN_ROWS,
                                    pre_scale=self.s0 if self.s0.numel() else None,
                                    pre_shift=self.t0 if self.t0.numel() else None, final_relu=self.final_relu,
-                                   wt=(self.wt1, self.wt2, self.wt3) if use_onednn(X) else None)
+                                   wt=self._products(X))
             return
         t1.index_copy_(0, dil, linear(self._conv1_input(X.index_select(0, dil)), self.wt1, self.b1, relu=True))
         idx, nbr = rows.idx, rows.nbr
@@ -459,15 +482,27 @@ class RowBottleneck0(nn.Module):
         self.wt1, self.b1 = w1.to(dt).flatten(1).contiguous(), b1.to(dt)  # (out, in) 1x1 weights
         self.w2, self.b2 = w2.to(dt).contiguous(memory_format=torch.channels_last), b2.to(dt)
         self.wt3, self.b3 = w3.to(dt).flatten(1).contiguous(), b3.to(dt)
+        self.dn1 = PackedConv(w1.to(dt), self.b1)
+        self.dn2 = PackedConv(w2.to(dt), self.b2, stride=self.stride, padding=1)
+        self.dn3 = PackedConv(w3.to(dt), self.b3)
+        self.dnd = None
         if u.downsample is not None:
             wd, bd = fold_conv_bn(u.downsample[0], u.downsample[1])
             self.wtd, self.bd = wd.to(dt).flatten(1).contiguous(), bd.to(dt)
+            self.dnd = PackedConv(wd.to(dt), self.bd, stride=u.downsample[0].stride[0])
 
     def forward(self, x: Tensor, *, poison: bool = False) -> Tensor:
         """``x`` ``[B, C_in, H, W]`` -> rows ``(B*H'*W' + 1, C)`` (last row zero)."""
         u = self.unit
         b, cin, h, w = x.shape
         x = x.contiguous(memory_format=torch.channels_last)
+        if dnn.usable(x):
+            # oneDNN with packed weights: bias and ReLU fused, conv3 + residual + ReLU added into the buffer in place
+            t = self.dn2(self.dn1(x, relu=True), relu=True)
+            out, v = _row_buffer(b, t.shape[-2], t.shape[-1], self.wt3.shape[0], x, poison)
+            v.copy_(x if self.dnd is None else self.dnd(x))
+            self.dn3.add_(v, t, relu=True)
+            return out
         rows_in = x.permute(0, 2, 3, 1).reshape(b * h * w, cin)
         width = self.wt1.shape[0]
         t = linear(rows_in, self.wt1, self.b1, relu=True)
@@ -529,9 +564,14 @@ class RowPreActBottleneck0(nn.Module):
         self.wt1, self.b1 = w1.to(dt).flatten(1).contiguous(), b1.to(dt)  # (out, in) 1x1 weights
         self.w2, self.b2 = w2.to(dt).contiguous(memory_format=torch.channels_last), b2.to(dt)
         self.wt3, self.b3 = w3.to(dt).flatten(1).contiguous(), b3.to(dt)
+        self.dn1 = PackedConv(w1.to(dt), self.b1)
+        self.dn2 = PackedConv(w2.to(dt), self.b2, stride=self.stride, padding=1)
+        self.dn3 = PackedConv(w3.to(dt), self.b3)
+        self.dns = None
         if u.shortcut is not None:
             ws, bs = fold_conv_bn(u.shortcut, None)
             self.wts, self.bs = ws.to(dt).flatten(1).contiguous(), bs.to(dt)
+            self.dns = PackedConv(ws.to(dt), self.bs, stride=self.stride)
 
     def forward(self, x: Tensor, *, poison: bool = False) -> Tensor:
         """``x`` ``[B, C_in, H, W]`` -> rows ``(B*H'*W' + 1, C)`` (last row zero)."""
@@ -540,6 +580,14 @@ class RowPreActBottleneck0(nn.Module):
         s = self.stride
         x = x.contiguous(memory_format=torch.channels_last)
         p = x.permute(0, 2, 3, 1).reshape(b * h * w, cin).mul(self.s0).add_(self.t0).relu_()  # pre-activation rows
+        if dnn.usable(x):
+            # oneDNN with packed weights (see RowBottleneck0.forward); no ReLU after the sum
+            pv = p.view(b, h, w, cin).permute(0, 3, 1, 2)
+            t = self.dn2(self.dn1(pv, relu=True), relu=True)
+            out, v = _row_buffer(b, t.shape[-2], t.shape[-1], self.wt3.shape[0], x, poison)
+            v.copy_(x[:, :, ::s, ::s] if self.dns is None else self.dns(pv))
+            self.dn3.add_(v, t)
+            return out
         width = self.wt1.shape[0]
         t = linear(p, self.wt1, self.b1, relu=True)
         t = F.conv2d(t.view(b, h, w, width).permute(0, 3, 1, 2), self.w2, self.b2, stride=s, padding=1)
@@ -555,6 +603,15 @@ class RowPreActBottleneck0(nn.Module):
         return _with_pad_row(linear_add(t, shortcut, self.wt3, self.b3), poison)
 
 
+def _row_buffer(b: int, h: int, w: int, c: int, like: Tensor, poison: bool) -> tuple[Tensor, Tensor]:
+    """A fresh ``(b*h*w + 1, c)`` row buffer (last row zero) and the channels-last ``[b, c, h, w]`` view of its rows."""
+    out = like.new_empty(b * h * w + 1, c)
+    if poison:
+        out.fill_(float("nan"))
+    out[-1].zero_()
+    return out, rows_view(out, b, h, w)
+
+
 def _with_pad_row(y: Tensor, poison: bool) -> Tensor:
     """``(n, C)`` rows -> a fresh ``(n + 1, C)`` row buffer whose last row is zero."""
     out = y.new_empty(y.shape[0] + 1, y.shape[1])
@@ -563,3 +620,49 @@ def _with_pad_row(y: Tensor, poison: bool) -> Tensor:
     out[:-1].copy_(y)
     out[-1].zero_()
     return out
+
+
+class ResNetStem(nn.Module):
+    """The torchvision stem of :class:`~sact.models.resnet.ResNet` (``maxpool(relu(bn1(conv1(x))))``), BN folded.
+
+    On float32 CPU inputs the 7x7 convolution runs with its weight packed and the ReLU fused
+    (:class:`~sact.sparse.dnn.PackedConv`): about half the time of the three eager modules at batch 1
+    (``benchmarks/results/sparse_speed_runtimes_dnn_profile_2threads.md``, "stem/head").
+    Anything else runs the model's own :meth:`forward_stem`. Called as ``model(x, stem=...)``.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        keep_ref(self, "model", model)
+        self.conv = None
+        self.refresh()
+
+    @staticmethod
+    def supports(model: nn.Module) -> bool:
+        if not (isinstance(model, ResNet) and type(model).forward_stem is ResNet.forward_stem):
+            return False
+        c, pool = model.conv1, model.maxpool
+        return (
+            type(c) is nn.Conv2d and c.groups == 1 and c.dilation == (1, 1) and c.padding_mode == "zeros"
+            and c.stride[0] == c.stride[1] and c.padding[0] == c.padding[1] and foldable_bn(model.bn1)
+            and type(model.relu) is nn.ReLU
+            and type(pool) is nn.MaxPool2d and not pool.ceil_mode and not pool.return_indices and pool.dilation in (1, (1, 1))
+        )
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Re-fold the stem's current weights."""
+        m = self.model
+        w, b = fold_conv_bn(m.conv1, m.bn1)
+        dt = m.conv1.weight.dtype
+        self.conv = PackedConv(w.to(dt), b.to(dt), stride=m.conv1.stride[0], padding=m.conv1.padding[0])
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``[B, C_in, H, W]`` -> (features, FLOPs ``[B]``), as :meth:`ResNet.forward_stem <sact.models.resnet.ResNet.forward_stem>`."""
+        m = self.model
+        if not dnn.usable(x) or x.shape[1:2] != (m.in_chans,) or self.conv.weight.device != x.device:
+            return m.forward_stem(x)
+        y = self.conv(x, relu=True)
+        flops = conv_flops(m.conv1, torch.full((x.shape[0],), y.shape[-2] * y.shape[-1], device=x.device))
+        p = m.maxpool
+        return F.max_pool2d(y, p.kernel_size, p.stride, p.padding), flops
