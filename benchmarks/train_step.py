@@ -7,8 +7,8 @@ the per-round ratios ACT/vanilla and SACT/vanilla are reported as medians with t
 spread (interquartile range, min-max) over the rounds. ACT and SACT run with the fused
 halting unit (:mod:`sact.halting_fused`, turned on here; on its native kernels where they
 build, ``SACT_NATIVE=0`` for its torch ops) and, as
-``act_ref`` / ``sact_ref`` in the same rounds, with the torch-op path, the default
-(``--no-reference`` leaves those out). ``--compile`` adds the same steps
+``act_ref`` / ``sact_ref`` in the same rounds, with the torch-op path (the default on NCHW
+features; on channels-last ones the fused unit is the default; ``--no-reference`` leaves those out). ``--compile`` adds the same steps
 with the models under ``torch.compile``. Prints the environment and writes
 ``train_step[_TAG].{json,md}`` to ``--out``; ``--ops`` prints torch.profiler's operator tables.
 

@@ -339,21 +339,24 @@ def test_only_built_in_branches_on_the_cpu_in_training():
         assert not halting_fused.applies(model.layer1.train(), x)
 
 
-def test_by_default_only_the_native_kernels_on_channels_last_features():
-    """auto: where it measured faster, the native kernels on channels-last float features."""
+def test_by_default_only_the_native_kernels():
+    """auto: where it measured faster, the native kernels on float32 / float64 features (NCHW or channels-last)."""
     model = sact.create_model("resnet20_cifar", mode="sact", base_channels=4).train()
     x = torch.zeros(2, 4, 8, 8)
     cl = x.contiguous(memory_format=torch.channels_last)
     with halting_fused.use(None):
         assert halting_fused.enabled()
-        assert not halting_fused.applies(model.layer1, x)  # NCHW: the torch path
         assert not halting_fused.applies(model.layer1, cl.to(torch.bfloat16))  # autocast features: the torch path
         with native_kernels(False):
             assert not halting_fused.applies(model.layer1, cl)
+            assert not halting_fused.applies(model.layer1, x)
         if sact.native.available():
             assert halting_fused.applies(model.layer1, cl)
+            assert halting_fused.applies(model.layer1, x)
+            assert halting_fused.applies(model.layer1, x.double())
     with halting_fused.use(True):
-        assert halting_fused.applies(model.layer1, x)  # forced: the torch-op fused unit on NCHW too
+        with native_kernels(False):
+            assert halting_fused.applies(model.layer1, x)  # forced: the torch-op fused unit without native kernels
 
     class MyBranch(SACTHalting):
         pass
@@ -365,9 +368,12 @@ def test_by_default_only_the_native_kernels_on_channels_last_features():
 
 
 def test_environment_switch():
-    code = "import sact.halting_fused as h; print(h.enabled())"
+    code = "import sact.halting_fused as h; print(h._state['setting'])"
     env = {k: v for k, v in os.environ.items() if k != "SACT_FUSED_HALTING"}
-    for value, expected in ((None, "False"), ("auto", "True"), ("1", "True"), ("0", "False")):  # unset: off
+    # unset: auto (the default); an unknown value warns and means auto
+    for value, expected in ((None, "None"), ("auto", "None"), ("1", "True"), ("0", "False"), ("on", "None")):
         run_env = env if value is None else {**env, "SACT_FUSED_HALTING": value}
-        out = subprocess.run([sys.executable, "-c", code], env=run_env, capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-W", "always", "-c", code], env=run_env, capture_output=True, text=True,
+                             check=True)
         assert out.stdout.strip() == expected, value
+        assert ("not one of auto, 1, 0" in out.stderr) == (value == "on"), out.stderr

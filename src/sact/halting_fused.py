@@ -32,18 +32,19 @@ features' dtype.
 
 :class:`sact.stage.DenseRun` uses it for training on the CPU when the stage's branches are the
 built-in :class:`~sact.halting.ACTHalting` / :class:`~sact.halting.SACTHalting` with plain
-``nn.BatchNorm2d`` (see :func:`applies`). Off by default (``SACT_FUSED_HALTING=0``);
-``SACT_FUSED_HALTING=auto`` (:func:`set_enabled` ``(None)``) uses it only where it was measured
-faster than the torch-op path (the reference it is tested against): the native kernels on
-channels-last float32 / float64 features, the CPU training default (docs/training.md, "Cost of a
-training step"); ``SACT_FUSED_HALTING=1`` (``set_enabled(True)``) wherever it applies (the
-torch-op version where the native kernels cannot run).
+``nn.BatchNorm2d`` (see :func:`applies`). By default (``SACT_FUSED_HALTING`` unset or ``auto``,
+:func:`set_enabled` ``(None)``) it runs where it was measured faster than the torch-op path (the
+reference it is tested against): on its native kernels, i.e. CPU training on float32 / float64
+features, channels-last or NCHW (docs/training.md, "Cost of a training step"); elsewhere
+(autocast's bfloat16 features, other devices, no native kernels) the torch-op path runs. ``SACT_FUSED_HALTING=1`` (``set_enabled(True)``) uses it wherever it applies
+(the torch-op version where the native kernels cannot run), ``SACT_FUSED_HALTING=0`` never.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -56,11 +57,21 @@ from .halting import ACTHalting, SACTHalting, full_precision
 
 __all__ = ["enabled", "set_enabled", "use", "applies", "halting_unit", "step_backward"]
 
-# off by default until the demo's numbers are checked against their seed spread with it (docs/training.md,
-# "Cost of a training step"); SACT_FUSED_HALTING=auto: the native kernels on channels-last features, where
-# they measured faster than the torch-op path; 1 / 0: always / never
-_SETTINGS = {"1": True, "0": False, "auto": None}
-_state = {"setting": _SETTINGS.get(os.environ.get("SACT_FUSED_HALTING", "0"), False)}
+# SACT_FUSED_HALTING: auto (the default): the native kernels on float32 / float64 CPU features, where they measured
+# faster than the torch-op path (docs/training.md, "Cost of a training step"; the demo trains to numbers within
+# its seed spread with it, benchmarks/results/demo_seeds_fused.md); 1 / 0: always / never
+_SETTINGS = {"1": True, "0": False, "auto": None, "": None}
+
+
+def _from_environment() -> bool | None:
+    value = os.environ.get("SACT_FUSED_HALTING", "auto").strip().lower()
+    if value not in _SETTINGS:
+        warnings.warn(f"SACT_FUSED_HALTING={value!r} is not one of auto, 1, 0: using auto", stacklevel=2)
+        return None
+    return _SETTINGS[value]
+
+
+_state = {"setting": _from_environment()}
 
 
 def enabled() -> bool:
@@ -135,14 +146,13 @@ def applies(stage: nn.Module, x: Tensor) -> bool:
     Enabled, a training-mode ACT / SACT stage, features on the CPU in a float dtype, built-in
     branches (plain BN, identity / ReLU / leaky-ReLU activations), and a batch of more than one
     image (a one-image training batch is an error that the torch path reports); by default
-    (``auto``) also channels-last float32 / float64 features and the native kernels usable.
+    (``auto``) also float32 / float64 features and the native kernels usable.
     """
     setting = _state["setting"]
     if setting is False or not (stage.training and stage.mode in ("act", "sact") and x.device.type == "cpu"
                                 and x.is_floating_point() and x.shape[0] > 1):
         return False
-    if setting is None and not (x.dtype in (torch.float32, torch.float64) and x.dim() == 4 and _channels_last(x)
-                                and native.use_for(x)):
+    if setting is None and not (x.dtype in (torch.float32, torch.float64) and x.dim() == 4 and native.use_for(x)):
         return False
     return all(_branch_ok(b) for b in stage.halting)
 
