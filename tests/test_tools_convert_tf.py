@@ -349,8 +349,10 @@ def test_convert_and_match_tensorflow(tmp_path, kind, mode):
     expected = sact.data.imagenet_preprocess() if kind == "imagenet" else sact.data.cifar_preprocess()
     assert sact.data.Preprocess.from_dict(meta["preprocess"]) == expected
     assert_matches_tf(loaded, x, tf_out, mode)
-    # the sparse engine (row kernels only, no dense fallback) reproduces the reference too
+    # the sparse engine reproduces the reference too: row kernels only (no dense path), and the dense
+    # path everywhere (float32: unit 0 and the units' convolutions on oneDNN's packed weights, sparse.dnn)
     assert_matches_tf(sact.to_sparse(loaded, dense_above=1.0, poison=True), x, tf_out, mode)
+    assert_matches_tf(sact.to_sparse(loaded, dense_above=-1.0, poison=True), x, tf_out, mode)
 
 
 def test_imagenet_names_and_layouts(tmp_path):
