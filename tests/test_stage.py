@@ -183,3 +183,24 @@ def test_halting_stays_float32_under_bf16_autocast(mode):
     assert torch.equal(got.num_units, ref.num_units)
     assert torch.equal(got.ponder_map, ref.ponder_map)
     torch.testing.assert_close(got.halting_distribution.float(), ref.halting_distribution, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["resnet20_cifar", "resnet50"])
+def test_flops_from_num_units_equals_the_per_unit_masks(name):
+    """One dilation of the unit counts gives every unit's dilated set (a max commutes with a threshold)."""
+    import sact
+    from sact.flops import dilate_mask
+
+    torch.manual_seed(0)
+    kw = {"base_channels": 4} if name.endswith("_cifar") else {"base_width": 4}
+    stage = sact.create_model(name, mode="sact", num_classes=3, **kw).stages[1]
+    u = stage.num_units
+    x = torch.zeros(3, stage.units[0].conv1.in_channels, 12, 10)
+    h, w = 6, 5  # the stage's map after its stride-2 unit 0
+    for num_units in (torch.randint(1, u + 1, (3, h, w)), torch.ones(3, h, w, dtype=torch.long),
+                      torch.full((3, h, w), u, dtype=torch.long)):
+        masks = num_units.unsqueeze(0) > torch.arange(u).view(-1, 1, 1, 1)  # [U, B, H, W]
+        active = masks.view(u, 3, -1).sum(2)
+        dilated = dilate_mask(masks.view(u * 3, 1, h, w).float()).view(u, 3, -1).sum(2).long()
+        expect = stage.flops_from_counts(x, active, dilated, h * w)
+        assert torch.equal(stage.flops_from_num_units(x, num_units, h * w), expect)

@@ -515,10 +515,12 @@ class AdaptiveStage(nn.Module):
             from .flops import dilate_mask
 
             steps = torch.arange(self.num_units, device=num_units.device).view(-1, 1, 1, 1)
-            masks = num_units.unsqueeze(0) > steps  # [U, B, H, W]: where unit n ran (row 0: everywhere)
-            u, b, h, w = masks.shape
-            active = masks.view(u, b, -1).sum(2)
-            dilated = dilate_mask(masks.view(u * b, 1, h, w).to(torch.float32)).view(u, b, -1).sum(2).long()
+            u, (b, h, w) = self.num_units, num_units.shape
+            active = (num_units.unsqueeze(0) > steps).view(u, b, -1).sum(2)  # where unit n ran (row 0: everywhere)
+            # the 3x3 dilation of {num_units > n} is {dilate(num_units) > n} (a max commutes with a threshold):
+            # one max-pool of the unit counts instead of one per unit
+            reach = dilate_mask(num_units.unsqueeze(1).to(torch.float32)).squeeze(1)  # [B, H, W]
+            dilated = (reach.unsqueeze(0) > steps).view(u, b, -1).sum(2)
             return self.flops_from_counts(x, active, dilated, hw)
         rd, ra, re, hr, hi = self._flop_rates()
         # cum[k]: FLOPs of units 1..k and halting branches 0..k (an image that ran k + 1 units)
