@@ -104,6 +104,37 @@ def test_engine_with_packed_weights_equals_dense_and_plain_ops(name, bias, monke
 
 
 @needs_dnn
+@pytest.mark.parametrize("name", ["resnet50", "resnet50_v2"])
+def test_dense_path_with_halted_rows_on_packed_weights(name, monkeypatch):
+    """dense_above=-1: every unit takes the dense path, also with halted rows (conv3's result added at the
+    active rows only): equal to the dense model and to the plain ops."""
+    model = small_model(name, "sact", dtype=torch.float32, halting_bias=0.0, seed=7)
+    x = torch.randn(2, 3, 33, 37)
+    with torch.no_grad():
+        dense = model(x)
+    scale = float(dense.logits.abs().max())
+    sparse = to_sparse(model, dense_above=-1.0, poison=True)
+    partial = []
+    real = dnn.PackedConv.__call__
+
+    def spy(self, t, *, relu=False):
+        partial.extend(k for e in sparse.stage_executors() for k in e.unit_kernels if getattr(k, "dn3", None) is self)
+        return real(self, t, relu=relu)
+
+    monkeypatch.setattr(dnn.PackedConv, "__call__", spy)
+    fast = sparse(x)
+    assert any(s.num_units.min() < s.num_units.max() for s in fast.stages)  # some rows halted
+    assert partial  # conv3 ran out of place: the dense path with halted rows, on packed weights
+    old = dnn.set_enabled(False)
+    try:
+        plain = sparse(x)
+    finally:
+        dnn.set_enabled(old)
+    assert_same(dense, fast, atol=1e-5 * scale)
+    assert_same(plain, fast, atol=1e-5 * scale)
+
+
+@needs_dnn
 def test_refresh_repacks_the_weights():
     model = small_model("resnet50", "sact", dtype=torch.float32, halting_bias=-30.0, seed=5)
     x = torch.randn(1, 3, 33, 33)

@@ -138,12 +138,19 @@ class _BottleneckRows(_UnitKernel):
         g = rows.geo
         width = self.m1.shape[1]
         xr = X[: g.n]
-        if rows.all_active and dnn.usable(X):
-            # oneDNN with packed weights, bias and ReLU fused; conv3 adds into the buffer in place
+        if dnn.usable(X):
+            # oneDNN with packed weights, bias and ReLU fused; with every row active conv3 adds into the
+            # buffer in place, else its result is added at the active rows only
             v = rows_view(X, g.batch, g.height, g.width)
             p = v if self.s0.numel() == 0 else rows_view(self._conv1_input(xr), g.batch, g.height, g.width)
             t = self.dn2(self.dn1(p, relu=True), relu=True)
-            self.dn3.add_(v, t, relu=self.final_relu)
+            if rows.all_active:
+                self.dn3.add_(v, t, relu=self.final_relu)
+            else:
+                y = self.dn3(t).permute(0, 2, 3, 1).reshape(g.n, -1)  # channels-last: a view of its rows
+                xr.addcmul_(y, rows.active.to(y.dtype).unsqueeze(1))
+                if self.final_relu:
+                    xr.relu_()  # halted rows are >= 0 already: ReLU keeps them
             refresh_sums(X, S, g)
             return
         t = linear(self._conv1_input(xr), self.wt1, self.b1, relu=True)  # (N, width)
