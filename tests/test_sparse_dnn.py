@@ -16,6 +16,18 @@ torch.set_num_threads(1)
 needs_dnn = pytest.mark.skipif(not dnn.available(), reason="torch without oneDNN's fused convolution ops")
 
 
+def assert_same_as_dense_and_plain_ops(sparse, x, dense, fast) -> None:
+    """``fast`` (the engine's output with the packed paths) equals the dense model's and the plain ops' output."""
+    old = dnn.set_enabled(False)
+    try:
+        plain = sparse(x)
+    finally:
+        dnn.set_enabled(old)
+    scale = float(dense.logits.abs().max())
+    assert_same(dense, fast, atol=1e-5 * scale)
+    assert_same(plain, fast, atol=1e-5 * scale)
+
+
 @needs_dnn
 @pytest.mark.parametrize("stride,padding,k", [(1, 0, 1), (2, 0, 1), (1, 1, 3), (2, 1, 3)])
 def test_packed_conv_equals_conv2d(stride, padding, k):
@@ -85,16 +97,9 @@ def test_engine_with_packed_weights_equals_dense_and_plain_ops(name, bias, monke
     monkeypatch.setattr(native, "bottleneck_rows", spy)
     with torch.no_grad():
         dense = model(x)
-    scale = float(dense.logits.abs().max())
     sparse = to_sparse(model, poison=True)
     fast = sparse(x)
-    old = dnn.set_enabled(False)
-    try:
-        plain = sparse(x)
-    finally:
-        dnn.set_enabled(old)
-    assert_same(dense, fast, atol=1e-5 * scale)
-    assert_same(plain, fast, atol=1e-5 * scale)
+    assert_same_as_dense_and_plain_ops(sparse, x, dense, fast)
     kernels = [k for e in sparse.stage_executors() for k in [e.unit0, *e.unit_kernels]]
     assert any(isinstance(k, (RowBottleneck0, RowPreActBottleneck0)) and k.dn1._packs for k in kernels)
     if bias == -30.0:  # nothing halts: every later unit runs the dense path
@@ -112,7 +117,6 @@ def test_dense_path_with_halted_rows_on_packed_weights(name, monkeypatch):
     x = torch.randn(2, 3, 33, 37)
     with torch.no_grad():
         dense = model(x)
-    scale = float(dense.logits.abs().max())
     sparse = to_sparse(model, dense_above=-1.0, poison=True)
     partial = []
     real = dnn.PackedConv.__call__
@@ -125,13 +129,7 @@ def test_dense_path_with_halted_rows_on_packed_weights(name, monkeypatch):
     fast = sparse(x)
     assert any(s.num_units.min() < s.num_units.max() for s in fast.stages)  # some rows halted
     assert partial  # conv3 ran out of place: the dense path with halted rows, on packed weights
-    old = dnn.set_enabled(False)
-    try:
-        plain = sparse(x)
-    finally:
-        dnn.set_enabled(old)
-    assert_same(dense, fast, atol=1e-5 * scale)
-    assert_same(plain, fast, atol=1e-5 * scale)
+    assert_same_as_dense_and_plain_ops(sparse, x, dense, fast)
 
 
 @needs_dnn
