@@ -353,10 +353,19 @@ def test_by_default_only_the_native_kernels():
         if sact.native.available():
             assert halting_fused.applies(model.layer1, cl)
             assert halting_fused.applies(model.layer1, x)
-            assert halting_fused.applies(model.layer1, x.double())
+            assert not halting_fused.applies(model.layer1, x.double())  # float32 branch, float64 features
+            model64 = sact.create_model("resnet20_cifar", mode="sact", base_channels=4).double().train()
+            assert halting_fused.applies(model64.layer1, x.double())
     with halting_fused.use(True):
         with native_kernels(False):
             assert halting_fused.applies(model.layer1, x)  # forced: the torch-op fused unit without native kernels
+    # 5x5 taps: the fused unit reproduces them (its torch ops), the native kernels do not, so auto leaves them
+    wide = sact.stage.AdaptiveStage(list(model.layer1.units), mode="sact",
+                                    halting_factory=lambda m, c: SACTHalting(c, kernel_size=5)).train()
+    with halting_fused.use(True):
+        assert halting_fused.applies(wide, x)
+    with halting_fused.use(None):
+        assert not halting_fused.applies(wide, x)
 
     class MyBranch(SACTHalting):
         pass

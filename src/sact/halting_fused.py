@@ -34,10 +34,12 @@ features' dtype.
 built-in :class:`~sact.halting.ACTHalting` / :class:`~sact.halting.SACTHalting` with plain
 ``nn.BatchNorm2d`` (see :func:`applies`). By default (``SACT_FUSED_HALTING`` unset or ``auto``,
 :func:`set_enabled` ``(None)``) it runs where it was measured faster than the torch-op path (the
-reference it is tested against): on its native kernels, i.e. CPU training on float32 / float64
-features, channels-last or NCHW (docs/training.md, "Cost of a training step"); elsewhere
-(autocast's bfloat16 features, other devices, no native kernels) the torch-op path runs. ``SACT_FUSED_HALTING=1`` (``set_enabled(True)``) uses it wherever it applies
-(the torch-op version where the native kernels cannot run), ``SACT_FUSED_HALTING=0`` never.
+reference it is tested against): where its native kernels run every branch of the stage
+(:func:`_native_ok`: CPU training on float32 / float64 features, channels-last or NCHW, 3x3 taps;
+docs/training.md, "Cost of a training step"); elsewhere (autocast's bfloat16 features, other
+devices, no native kernels) the torch-op path runs. ``SACT_FUSED_HALTING=1``
+(``set_enabled(True)``) uses it wherever it applies (the torch-op version where the native
+kernels cannot run), ``SACT_FUSED_HALTING=0`` never.
 """
 
 from __future__ import annotations
@@ -146,15 +148,13 @@ def applies(stage: nn.Module, x: Tensor) -> bool:
     Enabled, a training-mode ACT / SACT stage, features on the CPU in a float dtype, built-in
     branches (plain BN, identity / ReLU / leaky-ReLU activations), and a batch of more than one
     image (a one-image training batch is an error that the torch path reports); by default
-    (``auto``) also float32 / float64 features and the native kernels usable.
+    (``auto``) also the native kernels running every branch (:func:`_native_ok`).
     """
     setting = _state["setting"]
     if setting is False or not (stage.training and stage.mode in ("act", "sact") and x.device.type == "cpu"
                                 and x.is_floating_point() and x.shape[0] > 1):
         return False
-    if setting is None and not (x.dtype in (torch.float32, torch.float64) and x.dim() == 4 and native.use_for(x)):
-        return False
-    return all(_branch_ok(b) for b in stage.halting)
+    return all(_branch_ok(b) and (setting is True or _native_ok(b, x)) for b in stage.halting)
 
 
 # ---------------------------------------------------------------------------------------
@@ -406,10 +406,15 @@ def _native_ops():
 
 
 def _native(branch: nn.Module | None, x: Tensor, state: HaltingState) -> bool:
-    """Whether :class:`_NativeHaltingUnit` runs the unit: the native kernels built and enabled
-    (:mod:`sact.native`), the features, the state and the branch in one dtype (float32 / float64;
-    autocast's bfloat16 features take the torch ops), the branch's BNs in training mode, 3x3 taps."""
-    if x.dtype not in (torch.float32, torch.float64) or state.cumsum.dtype != x.dtype or not native.use_for(x):
+    """Whether :class:`_NativeHaltingUnit` runs the unit: :func:`_native_ok` and the state in the features' dtype."""
+    return state.cumsum.dtype == x.dtype and _native_ok(branch, x)
+
+
+def _native_ok(branch: nn.Module | None, x: Tensor) -> bool:
+    """Whether the native kernels can run ``branch`` on the features ``x``: built and enabled
+    (:mod:`sact.native`), the features and the branch in one dtype (float32 / float64; autocast's
+    bfloat16 features take the torch ops), the branch's BNs in training mode, 3x3 taps."""
+    if x.dtype not in (torch.float32, torch.float64) or not native.use_for(x):
         return False
     if branch is None:
         return True

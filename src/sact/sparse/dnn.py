@@ -70,7 +70,8 @@ class PackedConv:
     """``conv(x) + bias`` with the weight packed for oneDNN once per input shape (the last few kept).
 
     Args:
-        weight: ``[O, I, kh, kw]`` (batch norm folded in), the features' dtype.
+        weight: ``[O, I, kh, kw]`` (batch norm folded in), the features' dtype; kept as given (a
+            kernel's own weight buffer or a view of it: no copy), packed copies are made from it.
         bias: ``[O]``.
         stride, padding: as in ``F.conv2d`` (square).
 
@@ -83,8 +84,8 @@ class PackedConv:
     MAX_SHAPES = 4
 
     def __init__(self, weight: Tensor, bias: Tensor, *, stride: int = 1, padding: int = 0) -> None:
-        self.weight = weight.contiguous()
-        self.bias = bias.contiguous()
+        self.weight = weight
+        self.bias = bias
         self.stride = stride
         self.padding = padding
         self._packs: OrderedDict = OrderedDict()

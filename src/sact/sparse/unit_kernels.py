@@ -122,10 +122,11 @@ class _BottleneckRows(_UnitKernel):
         self.m3, self.b3 = conv_as_matrix(c3[0]).to(dt), c3[1].to(dt)
         self.wt1, self.wt3 = self.m1.t().contiguous(), self.m3.t().contiguous()  # (out, in) for oneDNN
         self.wt2 = self.m2.t().contiguous()
-        # the same weights packed for oneDNN: the dense path's convolutions, the sparse path's products
-        self.dn1 = PackedConv(c1[0].to(dt), self.b1)
-        self.dn2 = PackedConv(c2[0].to(dt), self.b2, padding=1)
-        self.dn3 = PackedConv(c3[0].to(dt), self.b3)
+        # the same weights packed for oneDNN: the dense path's convolutions (on the buffers above), the sparse
+        # path's products
+        self.dn1 = PackedConv(_as_1x1(self.wt1), self.b1)
+        self.dn2 = PackedConv(self.w2, self.b2, padding=1)
+        self.dn3 = PackedConv(_as_1x1(self.wt3), self.b3)
         self.packed = tuple(packed_linear_weight(w) for w in (self.wt1, self.wt2, self.wt3))
 
     def _conv1_input(self, x: Tensor) -> Tensor:
@@ -489,14 +490,14 @@ class RowBottleneck0(nn.Module):
         self.wt1, self.b1 = w1.to(dt).flatten(1).contiguous(), b1.to(dt)  # (out, in) 1x1 weights
         self.w2, self.b2 = w2.to(dt).contiguous(memory_format=torch.channels_last), b2.to(dt)
         self.wt3, self.b3 = w3.to(dt).flatten(1).contiguous(), b3.to(dt)
-        self.dn1 = PackedConv(w1.to(dt), self.b1)
-        self.dn2 = PackedConv(w2.to(dt), self.b2, stride=self.stride, padding=1)
-        self.dn3 = PackedConv(w3.to(dt), self.b3)
+        self.dn1 = PackedConv(_as_1x1(self.wt1), self.b1)
+        self.dn2 = PackedConv(self.w2, self.b2, stride=self.stride, padding=1)
+        self.dn3 = PackedConv(_as_1x1(self.wt3), self.b3)
         self.dnd = None
         if u.downsample is not None:
             wd, bd = fold_conv_bn(u.downsample[0], u.downsample[1])
             self.wtd, self.bd = wd.to(dt).flatten(1).contiguous(), bd.to(dt)
-            self.dnd = PackedConv(wd.to(dt), self.bd, stride=u.downsample[0].stride[0])
+            self.dnd = PackedConv(_as_1x1(self.wtd), self.bd, stride=u.downsample[0].stride[0])
 
     def forward(self, x: Tensor, *, poison: bool = False) -> Tensor:
         """``x`` ``[B, C_in, H, W]`` -> rows ``(B*H'*W' + 1, C)`` (last row zero)."""
@@ -506,7 +507,8 @@ class RowBottleneck0(nn.Module):
         if dnn.usable(x):
             # oneDNN with packed weights: bias and ReLU fused, conv3 + residual + ReLU added into the buffer in place
             t = self.dn2(self.dn1(x, relu=True), relu=True)
-            out, v = _row_buffer(b, t.shape[-2], t.shape[-1], self.wt3.shape[0], x, poison)
+            out = _row_buffer(t.shape[0] * t.shape[-2] * t.shape[-1], self.wt3.shape[0], x, poison)
+            v = rows_view(out, t.shape[0], t.shape[-2], t.shape[-1])
             v.copy_(x if self.dnd is None else self.dnd(x))
             self.dn3.add_(v, t, relu=True)
             return out
@@ -571,14 +573,14 @@ class RowPreActBottleneck0(nn.Module):
         self.wt1, self.b1 = w1.to(dt).flatten(1).contiguous(), b1.to(dt)  # (out, in) 1x1 weights
         self.w2, self.b2 = w2.to(dt).contiguous(memory_format=torch.channels_last), b2.to(dt)
         self.wt3, self.b3 = w3.to(dt).flatten(1).contiguous(), b3.to(dt)
-        self.dn1 = PackedConv(w1.to(dt), self.b1)
-        self.dn2 = PackedConv(w2.to(dt), self.b2, stride=self.stride, padding=1)
-        self.dn3 = PackedConv(w3.to(dt), self.b3)
+        self.dn1 = PackedConv(_as_1x1(self.wt1), self.b1)
+        self.dn2 = PackedConv(self.w2, self.b2, stride=self.stride, padding=1)
+        self.dn3 = PackedConv(_as_1x1(self.wt3), self.b3)
         self.dns = None
         if u.shortcut is not None:
             ws, bs = fold_conv_bn(u.shortcut, None)
             self.wts, self.bs = ws.to(dt).flatten(1).contiguous(), bs.to(dt)
-            self.dns = PackedConv(ws.to(dt), self.bs, stride=self.stride)
+            self.dns = PackedConv(_as_1x1(self.wts), self.bs, stride=self.stride)
 
     def forward(self, x: Tensor, *, poison: bool = False) -> Tensor:
         """``x`` ``[B, C_in, H, W]`` -> rows ``(B*H'*W' + 1, C)`` (last row zero)."""
@@ -591,7 +593,8 @@ class RowPreActBottleneck0(nn.Module):
             # oneDNN with packed weights (see RowBottleneck0.forward); no ReLU after the sum
             pv = p.view(b, h, w, cin).permute(0, 3, 1, 2)
             t = self.dn2(self.dn1(pv, relu=True), relu=True)
-            out, v = _row_buffer(b, t.shape[-2], t.shape[-1], self.wt3.shape[0], x, poison)
+            out = _row_buffer(t.shape[0] * t.shape[-2] * t.shape[-1], self.wt3.shape[0], x, poison)
+            v = rows_view(out, t.shape[0], t.shape[-2], t.shape[-1])
             v.copy_(x[:, :, ::s, ::s] if self.dns is None else self.dns(pv))
             self.dn3.add_(v, t)
             return out
@@ -610,22 +613,24 @@ class RowPreActBottleneck0(nn.Module):
         return _with_pad_row(linear_add(t, shortcut, self.wt3, self.b3), poison)
 
 
-def _row_buffer(b: int, h: int, w: int, c: int, like: Tensor, poison: bool) -> tuple[Tensor, Tensor]:
-    """A fresh ``(b*h*w + 1, c)`` row buffer (last row zero) and the channels-last ``[b, c, h, w]`` view of its rows."""
-    out = like.new_empty(b * h * w + 1, c)
+def _as_1x1(wt: Tensor) -> Tensor:
+    """``(out, in)`` -> ``[out, in, 1, 1]``, a view (a 1x1 convolution's weight)."""
+    return wt[:, :, None, None]
+
+
+def _row_buffer(n: int, c: int, like: Tensor, poison: bool) -> Tensor:
+    """A fresh ``(n + 1, c)`` row buffer of ``like``'s dtype whose last row is zero (NaN elsewhere when poisoning)."""
+    out = like.new_empty(n + 1, c)
     if poison:
         out.fill_(float("nan"))
     out[-1].zero_()
-    return out, rows_view(out, b, h, w)
+    return out
 
 
 def _with_pad_row(y: Tensor, poison: bool) -> Tensor:
     """``(n, C)`` rows -> a fresh ``(n + 1, C)`` row buffer whose last row is zero."""
-    out = y.new_empty(y.shape[0] + 1, y.shape[1])
-    if poison:
-        out.fill_(float("nan"))
+    out = _row_buffer(y.shape[0], y.shape[1], y, poison)
     out[:-1].copy_(y)
-    out[-1].zero_()
     return out
 
 
@@ -653,7 +658,8 @@ class ResNetStem(nn.Module):
             type(c) is nn.Conv2d and c.groups == 1 and c.dilation == (1, 1) and c.padding_mode == "zeros"
             and c.stride[0] == c.stride[1] and c.padding[0] == c.padding[1] and foldable_bn(model.bn1)
             and type(model.relu) is nn.ReLU
-            and type(pool) is nn.MaxPool2d and not pool.ceil_mode and not pool.return_indices and pool.dilation in (1, (1, 1))
+            and type(pool) is nn.MaxPool2d and not pool.ceil_mode and not pool.return_indices
+            and pool.dilation in (1, (1, 1))
         )
 
     @torch.no_grad()
@@ -665,7 +671,8 @@ class ResNetStem(nn.Module):
         self.conv = PackedConv(w.to(dt), b.to(dt), stride=m.conv1.stride[0], padding=m.conv1.padding[0])
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """``[B, C_in, H, W]`` -> (features, FLOPs ``[B]``), as :meth:`ResNet.forward_stem <sact.models.resnet.ResNet.forward_stem>`."""
+        """``[B, C_in, H, W]`` -> (features, FLOPs ``[B]``), as
+        :meth:`ResNet.forward_stem <sact.models.resnet.ResNet.forward_stem>`."""
         m = self.model
         if not dnn.usable(x) or x.shape[1:2] != (m.in_chans,) or self.conv.weight.device != x.device:
             return m.forward_stem(x)

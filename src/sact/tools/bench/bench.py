@@ -488,7 +488,7 @@ def measure_row(wl: Workload, v: _Variants, x: Tensor, *, options: BenchOptions)
 
 
 def _label(row: dict) -> str:
-    """``none``, ``object 0.45`` or ``learned``: a row's halting, as a contender's name."""
+    """``none``, ``object 0.45`` or ``learned``: the halting of a row (or of a sparse contender entry)."""
     return f"object {row['flop_target']:.2f}" if row["halting"] == "object" else row["halting"]
 
 
@@ -733,14 +733,14 @@ def _runtimes_markdown(doc: dict) -> str:
         for s in g["sparse"]:
             name = s["name"]
             lines.append(
-                f"| {g['model']} | {g['image']} | {g['batch']} | {name[len('sparse '):]} | {_f(s['flop_ratio'])} | "
+                f"| {g['model']} | {g['image']} | {g['batch']} | {_label(s)} | {_f(s['flop_ratio'])} | "
                 f"{ms_plain} | {_f(c[name]['ms']['median'], '.2f')} | {_ratio_cell(s['vs_best'])} vs "
                 f"{_SHORT.get(g['best'], g['best'])} | {_e_cell(s['vs_best'])} | {gf_plain} | "
                 f"{_f(c[name]['gflops'], '.0f')} | {checks or '-'} | {_load_cell(g)} |")
     for g in doc["runtime_rows"]:
         if not g.get("units"):
             continue
-        labels = [s["name"][len("sparse "):] for s in g["sparse"]]
+        labels = [_label(s) for s in g["sparse"]]
         lines += ["", f"#### Per unit: the engine against OpenVINO, {g['model']} {g['image']} px, batch {g['batch']}",
                   "", "Medians over the profiled calls, ms. Engine: unit + halting branch + accumulation "
                   "(`N loop`: the stage loop's bookkeeping; unit 0 includes the executor's setup), in parentheses "
@@ -807,7 +807,7 @@ def _summary_line(r: dict) -> str:
 def _runtimes_summary(g: dict) -> str:
     c = g["contenders"]
     plain = ", ".join(f"{n} {c[n]['ms']['median']:.2f} ms" for n in c if c[n]["kind"] != "sparse")
-    sparse = ", ".join(f"{s['name'][7:]} {c[s['name']]['ms']['median']:.2f} ms ({s['vs_best']['ratio']['median']:.2f}x)"
+    sparse = ", ".join(f"{_label(s)} {c[s['name']]['ms']['median']:.2f} ms ({s['vs_best']['ratio']['median']:.2f}x)"
                        for s in g["sparse"])
     bad = [k for k, v in g["output_checks"].items() if not v["ok"]]
     return (f"{g['model']:>15s} {g['image']:>3d}px b{g['batch']:<2d} vs runtimes: {plain}; sparse {sparse}; best "
