@@ -3,10 +3,11 @@
 OpenVINO and ONNX Runtime run a ResNet's convolutions with weights reordered *once* into
 the blocked layout their kernels read, and fuse the bias, the ReLU and the residual addition
 into the convolution. ``F.conv2d`` on a channels-last tensor and ``mkldnn._linear_pointwise``
-with a plain weight reorder the weight on every call: measured here (1 thread, batch 1), a
-512->512 3x3 convolution on a 7x7 map costs 1.6 ms through ``F.conv2d`` and 0.8 ms with the
-weight packed; an ``(8 x 4608) @ (4608 x 512)`` row product (stage 4's conv2 on a few active
-rows) 0.34 ms plain and 0.18 ms packed (``benchmarks/dnn_kernels.py``).
+with a plain weight reorder the weight on every call: measured here (2 threads, batch 1;
+``python benchmarks/dnn_kernels.py --threads 2 --rounds 7 --tag 2threads``), a 512->512 3x3
+convolution on a 7x7 map costs 0.76 ms through ``F.conv2d`` and 0.41 ms with the weight packed;
+an ``(8 x 4608) @ (4608 x 512)`` row product (stage 4's conv2 on a few active rows) 0.18 ms
+plain and 0.11 ms packed.
 
 :class:`PackedConv` is a convolution with its (BN-folded) bias whose weight is packed once
 per input shape, run through ``torch.ops.mkldnn._convolution_pointwise`` with the ReLU fused,

@@ -638,8 +638,9 @@ class ResNetStem(nn.Module):
     """The torchvision stem of :class:`~sact.models.resnet.ResNet` (``maxpool(relu(bn1(conv1(x))))``), BN folded.
 
     On float32 CPU inputs the 7x7 convolution runs with its weight packed and the ReLU fused
-    (:class:`~sact.sparse.dnn.PackedConv`): about half the time of the three eager modules at batch 1
-    (``benchmarks/results/sparse_speed_runtimes_dnn_profile_2threads.md``, "stem/head").
+    (:class:`~sact.sparse.dnn.PackedConv`): the engine's "stem/head" time of ResNet-50 at batch 1 went
+    from 2.07 ms (``sparse_speed_runtimes_profile_2threads.md``) to 1.66 ms
+    (``sparse_speed_runtimes_dnn_profile_2threads.md``; OpenVINO 0.92 ms).
     Anything else runs the model's own :meth:`forward_stem`. Called as ``model(x, stem=...)``.
     """
 
